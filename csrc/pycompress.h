@@ -2,10 +2,42 @@
 #pragma once
 #include <cstdint>
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 namespace pycompress {
 
 // Bytes of the packed clamp/keep mask for n elements: whole 32-bit words, so a CUDA warp ballot can
 // store a word per 32 elements. Bit (i % 8) of byte (i / 8) belongs to element i (little endian).
 inline int64_t packed_mask_bytes(int64_t n) { return ((n + 31) / 32) * 4; }
+
+// Cheap memory-safety checks shared by the fake-quantize kernels of every backend (the Python layer
+// has validated the values). Returns C = inv_scale.numel().
+inline int64_t check_fake_quantize_args(const at::Tensor& x, const at::Tensor& inv_scale, const at::Tensor& scale,
+                                        const at::Tensor& zero_point, int64_t qmin, int64_t qmax, int64_t inner) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "fake_quantize: x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.is_contiguous(), "fake_quantize: x must be contiguous");
+  const int64_t C = inv_scale.numel();
+  TORCH_CHECK(C >= 1, "fake_quantize: inv_scale must have at least one element");
+  const at::Tensor* params[3] = {&inv_scale, &scale, &zero_point};
+  const char* names[3] = {"inv_scale", "scale", "zero_point"};
+  for (int k = 0; k < 3; ++k) {
+    const at::Tensor& p = *params[k];
+    TORCH_CHECK(p.scalar_type() == at::kFloat, "fake_quantize: ", names[k], " must be float32");
+    TORCH_CHECK(p.is_contiguous() && p.numel() == C, "fake_quantize: ", names[k], " must be contiguous with ", C,
+                " elements");
+    TORCH_CHECK(p.device() == x.device(), "fake_quantize: ", names[k], " must be on ", x.device());
+  }
+  TORCH_CHECK(inner >= 1, "fake_quantize: inner must be >= 1, got ", inner);
+  // The kernels compare in fp32: the bounds must be exact fp32 integers.
+  TORCH_CHECK(qmin <= qmax && qmin >= -(int64_t(1) << 24) && qmax <= (int64_t(1) << 24),
+              "fake_quantize: need -2^24 <= qmin <= qmax <= 2^24, got ", qmin, ", ", qmax);
+  const int64_t n = x.numel();
+  TORCH_CHECK(n == 0 || (inner <= n / C && n % (C * inner) == 0), "fake_quantize: ", n,
+              " elements cannot be viewed as [outer, ", C, ", ", inner, "]");
+  return C;
+}
 
 }  // namespace pycompress

@@ -1,0 +1,337 @@
+"""`pycompress bench ops`: microbenchmarks of every op in every available backend.
+
+For each case the table gives the backend, shape, dtype, median time, achieved GB/s (counted
+bytes / time), that bandwidth as a fraction of a device copy of the same tensor measured in the
+same run, and the speedup over the stock torch op timed in the same run. Before a backend is timed
+its output (and gradients) are checked against the reference backend on the same inputs; a
+mismatch marks the row FAILED and the command exits non-zero.
+
+Bytes counted per element (PERF.md): forward = read x + write out; forward + backward =
+16 B/elem in fp32 (x, out, grad_out, grad_x), whatever extra the implementation moves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .. import backends
+from ..ops import fake_quantize
+from ..ops.fake_quantize import value_checks
+
+DEFAULT_CPU_SIZE = 16 * 2**20  # PERF.md's CPU table
+DEFAULT_GPU_SIZE = 2**28  # 268M elements: a few GB, well past every cache
+GPU_CHANNELS = 4096
+CPU_CHANNELS = 4096
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    case: str
+    backend: str
+    shape: str
+    dtype: str
+    median_ms: float
+    gbps: float
+    frac_copy: float
+    speedup_vs_torch: Optional[float]
+    check: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5, budget_s: float = 1.0) -> float:
+    """Median wall time in ms: CUDA events via triton.testing.do_bench on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+        except ImportError:
+            pass
+    fn()  # warm-up (allocations, first-call dispatch)
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark case: how to run it with a backend, with torch, and how many bytes it moves."""
+
+    op: str
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    bytes_per_elem: float
+    make: Callable[[], dict]  # inputs
+    run: Callable[[dict, str], object]  # (inputs, backend) -> output (tensor or tuple)
+    torch_run: Optional[Callable[[dict], object]]
+
+
+def _fq_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
+    es = torch.empty((), dtype=dtype).element_size()
+    channels = GPU_CHANNELS if device.type == "cuda" else CPU_CHANNELS
+    rows = max(1, n // channels)
+    qmin, qmax = 0, 255
+
+    def x_of(shape):
+        # never time on zeros: a realistic spread with a few percent clamped
+        return (torch.randn(shape, device=device) * 2.5).to(dtype)
+
+    def per_tensor():
+        return {"x": x_of((n,)), "scale": 0.02, "zp": 128}
+
+    def per_channel():
+        return {
+            "x": x_of((channels, rows)),
+            "scale": torch.rand(channels, device=device) * 0.02 + 0.01,
+            "zp": torch.randint(100, 156, (channels,), device=device, dtype=torch.int32),
+        }
+
+    def fwd(inp, backend):
+        axis = None if isinstance(inp["scale"], float) else 0
+        return fake_quantize(inp["x"], inp["scale"], inp["zp"], qmin, qmax, axis, backend=backend)
+
+    def torch_fwd(inp):
+        x = inp["x"] if dtype == torch.float32 or device.type == "cuda" else inp["x"].float()
+        if isinstance(inp["scale"], float):
+            return torch.fake_quantize_per_tensor_affine(x, inp["scale"], inp["zp"], qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, inp["scale"], inp["zp"], 0, qmin, qmax)
+
+    def with_grad(inp):
+        inp = dict(inp)
+        inp["x"] = inp["x"].requires_grad_()
+        inp["g"] = torch.randn_like(inp["x"])
+        return inp
+
+    def fwd_bwd(inp, backend):
+        out = fwd(inp, backend)
+        return (out.detach(),) + torch.autograd.grad(out, inp["x"], inp["g"])
+
+    def torch_fwd_bwd(inp):
+        out = torch_fwd(inp)
+        return torch.autograd.grad(out, inp["x"], inp["g"])
+
+    def learnable(per_ch):
+        def make():
+            inp = with_grad(per_channel() if per_ch else per_tensor())
+            c = channels if per_ch else 1
+            shape = (c,) if per_ch else (1,)
+            inp["scale"] = (torch.rand(shape, device=device) * 0.02 + 0.01).requires_grad_()
+            inp["zp"] = torch.randint(100, 156, shape, device=device).float().requires_grad_()
+            return inp
+
+        return make
+
+    def lsq(inp, backend):
+        axis = 0 if inp["scale"].numel() > 1 else None
+        s = inp["scale"] if axis is not None else inp["scale"].reshape(())
+        z = inp["zp"] if axis is not None else inp["zp"].reshape(())
+        out = fake_quantize(inp["x"], s, z, qmin, qmax, axis, backend=backend)
+        return (out.detach(),) + torch.autograd.grad(out, (inp["x"], inp["scale"], inp["zp"]), inp["g"])
+
+    def torch_lsq(inp):
+        if inp["scale"].numel() > 1:
+            out = torch._fake_quantize_learnable_per_channel_affine(inp["x"], inp["scale"], inp["zp"], 0, qmin, qmax, 1.0)
+        else:
+            out = torch._fake_quantize_learnable_per_tensor_affine(inp["x"], inp["scale"], inp["zp"], qmin, qmax, 1.0)
+        return torch.autograd.grad(out, (inp["x"], inp["scale"], inp["zp"]), inp["g"])
+
+    fb_n = n // 4 if device.type == "cuda" else n  # PERF.md: fwd+bwd rows at 67M on the GPU
+    pt_fb = lambda: with_grad({"x": x_of((fb_n,)), "scale": 0.02, "zp": 128})  # noqa: E731
+    rows_fb = max(1, fb_n // channels)
+
+    def pc_fb():
+        return with_grad({
+            "x": x_of((channels, rows_fb)),
+            "scale": torch.rand(channels, device=device) * 0.02 + 0.01,
+            "zp": torch.randint(100, 156, (channels,), device=device, dtype=torch.int32),
+        })
+
+    def pt_lsq():
+        inp = learnable(False)()
+        inp["x"] = x_of((fb_n,)).requires_grad_()
+        inp["g"] = torch.randn_like(inp["x"])
+        return inp
+
+    def pc_lsq():
+        inp = learnable(True)()
+        inp["x"] = x_of((channels, rows_fb)).requires_grad_()
+        inp["g"] = torch.randn_like(inp["x"])
+        return inp
+
+    torch_ok = dtype == torch.float32 or device.type == "cuda"
+    return [
+        Case("fake_quantize", "fwd per-tensor", (n,), dtype, 2 * es, per_tensor, fwd, torch_fwd if torch_ok else None),
+        Case("fake_quantize", f"fwd per-channel ({channels} ch)", (channels, rows), dtype, 2 * es, per_channel, fwd,
+             torch_fwd if torch_ok else None),
+        Case("fake_quantize", "fwd+bwd per-tensor", (fb_n,), dtype, 4 * es, pt_fb, fwd_bwd,
+             torch_fwd_bwd if dtype == torch.float32 else None),
+        Case("fake_quantize", f"fwd+bwd per-channel ({channels} ch)", (channels, rows_fb), dtype, 4 * es, pc_fb, fwd_bwd,
+             torch_fwd_bwd if dtype == torch.float32 else None),
+        Case("fake_quantize", "fwd+bwd learnable per-tensor", (fb_n,), dtype, 4 * es, pt_lsq, lsq,
+             torch_lsq if dtype == torch.float32 else None),
+        Case("fake_quantize", f"fwd+bwd learnable per-channel ({channels} ch)", (channels, rows_fb), dtype, 4 * es, pc_lsq,
+             lsq, torch_lsq if dtype == torch.float32 else None),
+    ]
+
+
+OPS = {"fake_quantize": _fq_cases}
+
+
+def _as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+def _check(got, want) -> str:
+    got, want = _as_tuple(got), _as_tuple(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape:
+            return f"FAILED: output {i} shape {tuple(a.shape)} != {tuple(b.shape)}"
+        if i < 2:  # outputs and grad_x: exact
+            if not torch.equal(torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)):
+                bad = int((a != b).sum())
+                return f"FAILED: output {i} differs from reference in {bad} elements"
+        else:  # per-channel sums: float summation order
+            tol = 1e-4 * max(1.0, float(b.abs().max()))
+            if not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=tol):
+                return f"FAILED: gradient {i} differs from reference by {float((a - b).abs().max()):.3g}"
+    return "ok"
+
+
+def _copy_ms(case: Case, inputs: dict, device: torch.device) -> float:
+    x = inputs["x"].detach()
+    dst = torch.empty_like(x)
+    return time_ms(lambda: dst.copy_(x), device)
+
+
+def run(
+    op: Optional[str] = None,
+    backend: Optional[str] = None,
+    size: Optional[int] = None,
+    device: Optional[str] = None,
+    dtypes: tuple = (torch.float32,),
+    case_filter: Optional[str] = None,
+    printer: Callable[[str], None] = print,
+) -> tuple[list[Row], dict]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n = size or (DEFAULT_GPU_SIZE if dev.type == "cuda" else DEFAULT_CPU_SIZE)
+    if op is not None and op not in OPS:
+        raise ValueError(f"unknown op {op!r}; benchmarked ops: {', '.join(OPS)}")
+    meta = _machine(dev)
+    printer(f"# pycompress bench ops on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}), {n} elements")
+    rows: list[Row] = []
+    for op_name in [op] if op else list(OPS):
+        names = _backends_for(op_name, backend, dev)
+        for dtype in dtypes:
+            for case in OPS[op_name](dev, n, dtype):
+                if case_filter and case_filter not in case.name:
+                    continue
+                rows += _bench_case(case, names, dev, printer)
+    return rows, meta
+
+
+def _backends_for(op: str, backend: Optional[str], dev: torch.device) -> list[str]:
+    avail = backends.available(op)
+    if backend:
+        # The explicit check happens per case through the op's own selection, so the error names why.
+        return [backend]
+    names = []
+    for b in avail:
+        if b == "cuda" and dev.type != "cuda":
+            continue
+        if b == "cpu" and dev.type != "cpu":
+            continue
+        if b == "triton" and dev.type != "cuda":
+            continue  # the interpreter is for tests, not timing
+        names.append(b)
+    return names
+
+
+def _bench_case(case: Case, names: list[str], dev: torch.device, printer) -> list[Row]:
+    inputs = case.make()
+    numel = math.prod(case.shape)
+    nbytes = case.bytes_per_elem * numel
+    copy_ms = _copy_ms(case, inputs, dev)
+    copy_gbps = 2 * inputs["x"].element_size() * numel / copy_ms / 1e6
+    torch_ms = None
+    if case.torch_run:
+        try:
+            torch_ms = time_ms(lambda: case.torch_run(inputs), dev)
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. a dtype the stock op lacks
+            printer(f"  torch baseline unavailable: {exc}")
+    out = []
+    with value_checks(False):  # time the kernels, not the (optional) scale validation sync
+        reference = case.run(inputs, "reference")
+        for b in names:
+            try:
+                status = _check(case.run(inputs, b), reference)
+            except backends.BackendError as exc:
+                printer(f"  skip {b}: {exc}")
+                continue
+            ms = time_ms(lambda: case.run(inputs, b), dev)
+            gbps = nbytes / ms / 1e6
+            out.append(Row(case.op, case.name, b, "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
+                           ms, gbps, gbps / copy_gbps, (torch_ms / ms) if torch_ms else None, status))
+    del reference
+    out.append(Row(case.op, case.name, "torch", "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
+                   torch_ms or float("nan"), nbytes / torch_ms / 1e6 if torch_ms else float("nan"),
+                   (nbytes / torch_ms / 1e6) / copy_gbps if torch_ms else float("nan"), 1.0 if torch_ms else None, "-"))
+    out.append(Row(case.op, case.name, "copy", "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
+                   copy_ms, copy_gbps, 1.0, None, "-"))
+    printer(format_rows(out, header=False))
+    return out
+
+
+def format_rows(rows: list[Row], header: bool = True) -> str:
+    lines = []
+    if header or rows:
+        lines.append(f"\n## {rows[0].op}: {rows[0].case}" if rows else "")
+        lines.append("| backend | shape | dtype | median ms | GB/s | % of copy | vs torch | check |")
+        lines.append("|---|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        sp = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "-"
+        lines.append(
+            f"| {r.backend} | {r.shape} | {r.dtype} | {r.median_ms:.3f} | {r.gbps:.1f} | {100 * r.frac_copy:.1f}% | {sp} | {r.check} |"
+        )
+    return "\n".join(lines)
+
+
+def _machine(dev: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "not installed"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def write_json(path: str, rows: list[Row], meta: dict) -> None:
+    from ..utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"machine": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: a virtual environment in .venv with torch 2.14.1 and
+# torchvision 0.29.1, the test and runtime dependencies, and pycompress built in place (the C++
+# extension, plus the CUDA kernels when nvcc is found). Safe to run twice.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 ninja numpy pyyaml tqdm pytest \
+  2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c "import torch" # fail loudly if the install above did not work
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+# Build against the torch just installed (no build isolation); ninja rebuilds only what changed.
+MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
+  2>&1 | grep -v '^WARNING: Location' || true
+PYCOMPRESS_REQUIRE_EXT=1 .venv/bin/python -c "import pycompress, pycompress._ext as e; print('pycompress built; CUDA kernels compiled:', e.cuda_built())"
