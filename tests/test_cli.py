@@ -1,0 +1,72 @@
+"""The command line: info and bench ops."""
+import json
+
+import pytest
+
+from pycompress import backends
+from pycompress.cli import main
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in backends.BACKENDS:
+        assert f"backend {name}" in out
+    assert "op fake_quantize" in out
+
+
+def test_bench_ops_checks_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "ops", "--op", "fake_quantize", "--size", "8192", "--device", "cpu", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| backend | shape | dtype | median ms | GB/s | % of copy | vs torch | check |" in out
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    cases = {r["case"] for r in rows}
+    assert {"fwd per-tensor", "fwd+bwd learnable per-tensor"} <= cases
+    timed = [r for r in rows if r["backend"] not in ("torch", "copy")]
+    assert {r["backend"] for r in timed} >= {"reference"}
+    assert all(r["check"] == "ok" for r in timed)
+    assert all(r["median_ms"] > 0 for r in rows if r["backend"] != "torch" or r["speedup_vs_torch"])
+    assert data["machine"]["torch"]
+
+
+def test_bench_ops_reports_a_mismatch(monkeypatch, capsys):
+    import pycompress.bench.ops as bench_ops
+
+    real = bench_ops._fq_cases
+
+    def broken(device, n, dtype):
+        cases = real(device, n, dtype)[:1]
+        run = cases[0].run
+        cases[0].run = lambda inp, b: run(inp, b) + (1.0 if b != "reference" else 0.0)
+        return cases
+
+    monkeypatch.setitem(bench_ops.OPS, "fake_quantize", broken)
+    code = main(["bench", "ops", "--size", "4096", "--device", "cpu", "--backend", "reference"])
+    assert code == 0  # reference vs itself cannot mismatch
+    if "cpu" in backends.available("fake_quantize"):
+        assert main(["bench", "ops", "--size", "4096", "--device", "cpu", "--backend", "cpu"]) == 1
+        assert "MISMATCH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["bench", "ops", "--op", "nope", "--size", "64"], "unknown op"),
+        (["bench", "ops", "--backend", "fastest"], "--backend"),
+        (["bench", "ops", "--size", "0"], "positive integer"),
+    ],
+)
+def test_bench_ops_bad_arguments(argv, words, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    assert code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_bench_explicit_backend_that_cannot_run_is_skipped_with_reason(capsys):
+    assert main(["bench", "ops", "--size", "4096", "--device", "cpu", "--backend", "cuda", "--case", "fwd per-tensor"]) == 0
+    assert "skip cuda: backend 'cuda' cannot run fake_quantize" in capsys.readouterr().out
