@@ -41,7 +41,7 @@ def _extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: the kernels must round exactly like torch; a fused multiply-add would
     # change x * inv_scale before rounding.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     extra = {"cxx": cxx}
     libs = ["gomp"]
     if _want_cuda():
@@ -50,7 +50,7 @@ def _extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["cxx"] = cxx + ["-DPYCOMPRESS_WITH_CUDA"]
-        extra["nvcc"] = ["-O3", "-DPYCOMPRESS_WITH_CUDA", "--fmad=false", "-lineinfo", "-std=c++17"]
+        extra["nvcc"] = ["-O3", "-DPYCOMPRESS_WITH_CUDA", "--fmad=false", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "pycompress._C", sources, extra_compile_args=extra, libraries=libs, include_dirs=[os.path.join(ROOT, "csrc")]
         )

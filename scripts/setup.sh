@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh machine: a virtual environment in .venv with torch 2.14.1 and
+# Idempotent set-up on a fresh machine: Debian's Fashion-MNIST package, a virtual environment in .venv with torch 2.14.1 and
 # torchvision 0.29.1, the test and runtime dependencies, and pycompress built in place (the C++
 # extension, plus the CUDA kernels when nvcc is found). Safe to run twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Real data: Fashion-MNIST from Debian (files under /usr/share/datasets/fashion-mnist).
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
