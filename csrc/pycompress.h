@@ -41,3 +41,25 @@ inline int64_t check_fake_quantize_args(const at::Tensor& x, const at::Tensor& i
 }
 
 }  // namespace pycompress
+
+// Runs the lambda with scalar_t bound to the kernel dtypes (fp32, fp16, bf16); anything else is an
+// error naming the kernel.
+#define PYC_DISPATCH_FLOATS(dtype, NAME, ...)                                       \
+  [&] {                                                                             \
+    switch (dtype) {                                                                \
+      case at::kFloat: {                                                            \
+        using scalar_t = float;                                                     \
+        return __VA_ARGS__();                                                       \
+      }                                                                             \
+      case at::kHalf: {                                                             \
+        using scalar_t = c10::Half;                                                 \
+        return __VA_ARGS__();                                                       \
+      }                                                                             \
+      case at::kBFloat16: {                                                         \
+        using scalar_t = c10::BFloat16;                                             \
+        return __VA_ARGS__();                                                       \
+      }                                                                             \
+      default:                                                                      \
+        TORCH_CHECK(false, NAME, ": unsupported dtype ", dtype);                    \
+    }                                                                               \
+  }()

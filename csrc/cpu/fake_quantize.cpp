@@ -503,25 +503,6 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return t;
 }
 
-#define PYC_DISPATCH_FLOATS(dtype, NAME, ...)                                       \
-  [&] {                                                                             \
-    switch (dtype) {                                                                \
-      case at::kFloat: {                                                            \
-        using scalar_t = float;                                                     \
-        return __VA_ARGS__();                                                       \
-      }                                                                             \
-      case at::kHalf: {                                                             \
-        using scalar_t = c10::Half;                                                 \
-        return __VA_ARGS__();                                                       \
-      }                                                                             \
-      case at::kBFloat16: {                                                         \
-        using scalar_t = c10::BFloat16;                                             \
-        return __VA_ARGS__();                                                       \
-      }                                                                             \
-      default:                                                                      \
-        TORCH_CHECK(false, NAME, ": unsupported dtype ", dtype);                    \
-    }                                                                               \
-  }()
 
 }  // namespace
 

@@ -545,25 +545,6 @@ QP make_qp(const at::Tensor& inv_scale, const at::Tensor& scale, const at::Tenso
             static_cast<float>(qmin),     static_cast<float>(qmax),  C, inner};
 }
 
-#define PYC_CUDA_DISPATCH_FLOATS(dtype, NAME, ...)                         \
-  [&] {                                                                    \
-    switch (dtype) {                                                       \
-      case at::kFloat: {                                                   \
-        using scalar_t = float;                                            \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      case at::kHalf: {                                                    \
-        using scalar_t = at::Half;                                         \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      case at::kBFloat16: {                                                \
-        using scalar_t = at::BFloat16;                                     \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      default:                                                             \
-        TORCH_CHECK(false, NAME, ": unsupported dtype ", dtype);           \
-    }                                                                      \
-  }()
 
 template <typename T, bool PC, bool MASK>
 void launch_fwd(const T* x, T* out, uint32_t* mask, int64_t n, const QP& P, cudaStream_t stream) {
@@ -600,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_fwd_cuda(const at::Tensor& x, c
   const QP P = make_qp(inv_scale, scale, zero_point, C, C == 1 ? 1 : inner, qmin, qmax);
   uint32_t* mp = with_mask ? reinterpret_cast<uint32_t*>(mask.data_ptr<uint8_t>()) : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  PYC_CUDA_DISPATCH_FLOATS(x.scalar_type(), "fake_quantize_fwd_cuda", [&] {
+  PYC_DISPATCH_FLOATS(x.scalar_type(), "fake_quantize_fwd_cuda", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     if (C == 1) {
@@ -672,7 +653,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_bwd_learnable_cuda(
   const int64_t target_blocks = int64_t(sm_count()) * (2048 / kThreads) * 2;
   const auto dopts = x.options().dtype(at::kDouble);
 
-  PYC_CUDA_DISPATCH_FLOATS(x.scalar_type(), "fake_quantize_bwd_learnable_cuda", [&] {
+  PYC_DISPATCH_FLOATS(x.scalar_type(), "fake_quantize_bwd_learnable_cuda", [&] {
     using E = Elem<scalar_t>;
     constexpr int V = E::V;
     const scalar_t* gp = grad.data_ptr<scalar_t>();
