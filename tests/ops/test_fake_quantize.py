@@ -1,5 +1,4 @@
 """fake_quantize: reference vs torch, every backend vs reference, gradients, opcheck, bad input."""
-import math
 import os
 import subprocess
 import sys
