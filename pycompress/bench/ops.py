@@ -92,54 +92,48 @@ def _fq_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
     rows = max(1, n // channels)
     qmin, qmax = 0, 255
 
-    def x_of(shape):
-        # never time on zeros: a realistic spread with a few percent clamped
-        return (torch.randn(shape, device=device) * 2.5).to(dtype)
+    fb_n = n // 4 if device.type == "cuda" else n  # PERF.md: fwd+bwd rows at 67M on the GPU
+    rows_fb = max(1, fb_n // channels)
 
-    def per_tensor():
-        return {"x": x_of((n,)), "scale": 0.02, "zp": 128}
+    def inputs(shape, per_channel: bool, learnable: bool = False, grad: bool = False) -> Callable[[], dict]:
+        """A maker of one case's inputs: x of `shape` (never zeros: a realistic spread with a few
+        percent clamped), a per-tensor or per-channel (axis 0) scale and zero point, and for
+        backward cases x requiring grad plus an upstream gradient g."""
 
-    def per_channel():
-        return {
-            "x": x_of((channels, rows)),
-            "scale": torch.rand(channels, device=device) * 0.02 + 0.01,
-            "zp": torch.randint(100, 156, (channels,), device=device, dtype=torch.int32),
-        }
+        def make():
+            x = (torch.randn(shape, device=device) * 2.5).to(dtype)
+            c = (channels,) if per_channel else (1,)
+            if learnable:
+                scale = (torch.rand(c, device=device) * 0.02 + 0.01).requires_grad_()
+                zp = torch.randint(100, 156, c, device=device).float().requires_grad_()
+            elif per_channel:
+                scale = torch.rand(c, device=device) * 0.02 + 0.01
+                zp = torch.randint(100, 156, c, device=device, dtype=torch.int32)
+            else:
+                scale, zp = 0.02, 128
+            inp = {"x": x, "scale": scale, "zp": zp}
+            if grad:
+                inp["x"].requires_grad_()
+                inp["g"] = torch.randn_like(x)
+            return inp
+
+        return make
 
     def fwd(inp, backend):
         axis = None if isinstance(inp["scale"], float) else 0
         return fake_quantize(inp["x"], inp["scale"], inp["zp"], qmin, qmax, axis, backend=backend)
 
     def torch_fwd(inp):
-        x = inp["x"] if dtype == torch.float32 or device.type == "cuda" else inp["x"].float()
         if isinstance(inp["scale"], float):
-            return torch.fake_quantize_per_tensor_affine(x, inp["scale"], inp["zp"], qmin, qmax)
-        return torch.fake_quantize_per_channel_affine(x, inp["scale"], inp["zp"], 0, qmin, qmax)
-
-    def with_grad(inp):
-        inp = dict(inp)
-        inp["x"] = inp["x"].requires_grad_()
-        inp["g"] = torch.randn_like(inp["x"])
-        return inp
+            return torch.fake_quantize_per_tensor_affine(inp["x"], inp["scale"], inp["zp"], qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(inp["x"], inp["scale"], inp["zp"], 0, qmin, qmax)
 
     def fwd_bwd(inp, backend):
         out = fwd(inp, backend)
         return (out.detach(),) + torch.autograd.grad(out, inp["x"], inp["g"])
 
     def torch_fwd_bwd(inp):
-        out = torch_fwd(inp)
-        return torch.autograd.grad(out, inp["x"], inp["g"])
-
-    def learnable(per_ch):
-        def make():
-            inp = with_grad(per_channel() if per_ch else per_tensor())
-            c = channels if per_ch else 1
-            shape = (c,) if per_ch else (1,)
-            inp["scale"] = (torch.rand(shape, device=device) * 0.02 + 0.01).requires_grad_()
-            inp["zp"] = torch.randint(100, 156, shape, device=device).float().requires_grad_()
-            return inp
-
-        return make
+        return torch.autograd.grad(torch_fwd(inp), inp["x"], inp["g"])
 
     def lsq(inp, backend):
         axis = 0 if inp["scale"].numel() > 1 else None
@@ -155,42 +149,22 @@ def _fq_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
             out = torch._fake_quantize_learnable_per_tensor_affine(inp["x"], inp["scale"], inp["zp"], qmin, qmax, 1.0)
         return torch.autograd.grad(out, (inp["x"], inp["scale"], inp["zp"]), inp["g"])
 
-    fb_n = n // 4 if device.type == "cuda" else n  # PERF.md: fwd+bwd rows at 67M on the GPU
-    pt_fb = lambda: with_grad({"x": x_of((fb_n,)), "scale": 0.02, "zp": 128})  # noqa: E731
-    rows_fb = max(1, fb_n // channels)
-
-    def pc_fb():
-        return with_grad({
-            "x": x_of((channels, rows_fb)),
-            "scale": torch.rand(channels, device=device) * 0.02 + 0.01,
-            "zp": torch.randint(100, 156, (channels,), device=device, dtype=torch.int32),
-        })
-
-    def pt_lsq():
-        inp = learnable(False)()
-        inp["x"] = x_of((fb_n,)).requires_grad_()
-        inp["g"] = torch.randn_like(inp["x"])
-        return inp
-
-    def pc_lsq():
-        inp = learnable(True)()
-        inp["x"] = x_of((channels, rows_fb)).requires_grad_()
-        inp["g"] = torch.randn_like(inp["x"])
-        return inp
-
-    torch_ok = dtype == torch.float32 or device.type == "cuda"
+    # torch's CPU kernels lack fp16/bf16; its fwd+bwd baselines are timed in fp32 only
+    torch_fwd_ok = torch_fwd if dtype == torch.float32 or device.type == "cuda" else None
+    fp32_only = dtype == torch.float32
+    ch = f"({channels} ch)"
+    pt, pc, pt_fb, pc_fb = (n,), (channels, rows), (fb_n,), (channels, rows_fb)
     return [
-        Case("fake_quantize", "fwd per-tensor", (n,), dtype, 2 * es, per_tensor, fwd, torch_fwd if torch_ok else None),
-        Case("fake_quantize", f"fwd per-channel ({channels} ch)", (channels, rows), dtype, 2 * es, per_channel, fwd,
-             torch_fwd if torch_ok else None),
-        Case("fake_quantize", "fwd+bwd per-tensor", (fb_n,), dtype, 4 * es, pt_fb, fwd_bwd,
-             torch_fwd_bwd if dtype == torch.float32 else None),
-        Case("fake_quantize", f"fwd+bwd per-channel ({channels} ch)", (channels, rows_fb), dtype, 4 * es, pc_fb, fwd_bwd,
-             torch_fwd_bwd if dtype == torch.float32 else None),
-        Case("fake_quantize", "fwd+bwd learnable per-tensor", (fb_n,), dtype, 4 * es, pt_lsq, lsq,
-             torch_lsq if dtype == torch.float32 else None),
-        Case("fake_quantize", f"fwd+bwd learnable per-channel ({channels} ch)", (channels, rows_fb), dtype, 4 * es, pc_lsq,
-             lsq, torch_lsq if dtype == torch.float32 else None),
+        Case("fake_quantize", "fwd per-tensor", pt, dtype, 2 * es, inputs(pt, False), fwd, torch_fwd_ok),
+        Case("fake_quantize", f"fwd per-channel {ch}", pc, dtype, 2 * es, inputs(pc, True), fwd, torch_fwd_ok),
+        Case("fake_quantize", "fwd+bwd per-tensor", pt_fb, dtype, 4 * es, inputs(pt_fb, False, grad=True), fwd_bwd,
+             torch_fwd_bwd if fp32_only else None),
+        Case("fake_quantize", f"fwd+bwd per-channel {ch}", pc_fb, dtype, 4 * es, inputs(pc_fb, True, grad=True), fwd_bwd,
+             torch_fwd_bwd if fp32_only else None),
+        Case("fake_quantize", "fwd+bwd learnable per-tensor", pt_fb, dtype, 4 * es, inputs(pt_fb, False, True, True), lsq,
+             torch_lsq if fp32_only else None),
+        Case("fake_quantize", f"fwd+bwd learnable per-channel {ch}", pc_fb, dtype, 4 * es,
+             inputs(pc_fb, True, True, True), lsq, torch_lsq if fp32_only else None),
     ]
 
 
@@ -217,7 +191,7 @@ def _check(got, want) -> str:
     return "ok"
 
 
-def _copy_ms(case: Case, inputs: dict, device: torch.device) -> float:
+def _copy_ms(inputs: dict, device: torch.device) -> float:
     x = inputs["x"].detach()
     dst = torch.empty_like(x)
     return time_ms(lambda: dst.copy_(x), device)
@@ -270,7 +244,7 @@ def _bench_case(case: Case, names: list[str], dev: torch.device, printer) -> lis
     inputs = case.make()
     numel = math.prod(case.shape)
     nbytes = case.bytes_per_elem * numel
-    copy_ms = _copy_ms(case, inputs, dev)
+    copy_ms = _copy_ms(inputs, dev)
     copy_gbps = 2 * inputs["x"].element_size() * numel / copy_ms / 1e6
     torch_ms = None
     if case.torch_run:
@@ -297,16 +271,17 @@ def _bench_case(case: Case, names: list[str], dev: torch.device, printer) -> lis
                    (nbytes / torch_ms / 1e6) / copy_gbps if torch_ms else float("nan"), 1.0 if torch_ms else None, "-"))
     out.append(Row(case.op, case.name, "copy", "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
                    copy_ms, copy_gbps, 1.0, None, "-"))
-    printer(format_rows(out, header=False))
+    printer(format_rows(out))
     return out
 
 
-def format_rows(rows: list[Row], header: bool = True) -> str:
-    lines = []
-    if header or rows:
-        lines.append(f"\n## {rows[0].op}: {rows[0].case}" if rows else "")
-        lines.append("| backend | shape | dtype | median ms | GB/s | % of copy | vs torch | check |")
-        lines.append("|---|---|---|---:|---:|---:|---:|---|")
+def format_rows(rows: list[Row]) -> str:
+    """One case's rows as a markdown table under a heading naming the op and case."""
+    lines = [
+        f"\n## {rows[0].op}: {rows[0].case}",
+        "| backend | shape | dtype | median ms | GB/s | % of copy | vs torch | check |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         sp = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "-"
         lines.append(
