@@ -560,3 +560,38 @@ def test_micronet_applies_both_not_only_the_second():
     pol0 = D.MicroNetPolicy([("Invert", 0.0, 2), ("Posterize", 0.0, 2)], crop_padding=0,
                             flip=False, cutout=0)
     np.testing.assert_array_equal(np.asarray(pol0(img)), x)
+
+
+def test_cropflip_batch_is_a_padded_crop_or_its_mirror():
+    import torch
+
+    from pycompress.data import CropFlip
+    torch.manual_seed(0)
+    x = torch.randint(1, 255, (64, 6, 5, 2), dtype=torch.uint8)
+    aug = CropFlip((6, 5), padding=2, flip=True)
+    out = aug.batch(x)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    xp = torch.nn.functional.pad(x, (0, 0, 2, 2, 2, 2))
+    seen_offsets, flips = set(), 0
+    for i in range(64):
+        matches = [(oy, ox, f) for oy in range(5) for ox in range(5) for f in (False, True)
+                   if torch.equal(out[i], (lambda c: c.flip(1) if f else c)(xp[i, oy:oy + 6, ox:ox + 5]))]
+        assert matches, i
+        seen_offsets.add(matches[0][:2])
+        flips += matches[0][2]
+    assert len(seen_offsets) > 10 and 10 < flips < 54  # offsets and flips actually vary
+
+
+def test_getitems_matches_getitem_without_augmentation(tmp_path):
+    import numpy as np
+    import torch
+
+    from pycompress.data import DatasetInfo
+    from pycompress.data.datasets import ArrayImageDataset
+    info = DatasetInfo("t", "train", 3, 1, (4, 4), ["a", "b", "c"], (0.5,), (0.25,), None)
+    data = np.random.RandomState(0).randint(0, 255, (10, 4, 4)).astype(np.uint8)
+    ds = ArrayImageDataset(data, np.arange(10) % 3, info)
+    batch = ds.__getitems__([3, 1, 7])
+    for (xb, yb), i in zip(batch, [3, 1, 7]):
+        xi, yi = ds[i]
+        assert torch.equal(xb, xi) and yb == yi

@@ -9,6 +9,7 @@ from .augment import MICRONET_SUBPOLICIES, MicroNetPolicy, SubPolicy, apply_op
 from .datasets import (
     ENV_DATA_ROOT,
     DatasetInfo,
+    CropFlip,
     DatasetNotFoundError,
     IDXFormatError,
     build_dataset,
@@ -25,5 +26,5 @@ __all__ = [
     "MICRONET_SUBPOLICIES", "MicroNetPolicy", "SubPolicy", "apply_op", "ENV_DATA_ROOT",
     "DatasetInfo", "DatasetNotFoundError", "IDXFormatError", "build_dataset", "canonical_name",
     "denormalize", "names", "read_idx", "register", "write_idx", "make_loader", "make_loaders",
-    "seed_worker",
+    "seed_worker", "CropFlip",
 ]

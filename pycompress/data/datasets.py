@@ -228,6 +228,46 @@ def load_idx_pair(images_path: PathLike, labels_path: PathLike) -> Tuple[np.ndar
 
 # =========================================================================== dataset classes
 
+class CropFlip:
+    """Random crop with zero padding + optional horizontal flip (torchvision's
+    ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()``), for in-memory uint8 images.
+
+    ``__call__`` works on one PIL image (the torchvision transforms); :meth:`batch` does a whole
+    batch of uint8 N x H x W x C tensors at once with the same distribution (offsets uniform in
+    [0, 2 * padding], flip with probability 1/2, from torch's global RNG), which is what
+    :class:`ArrayImageDataset` uses through ``__getitems__``: ~30x cheaper than PIL per sample.
+    """
+
+    def __init__(self, size, padding: int, flip: bool):
+        self.size = tuple(size)
+        self.padding = int(padding)
+        self.flip = bool(flip)
+        T = _tv_transforms()
+        self._pil = _compose([T.RandomCrop(self.size, padding=self.padding),
+                              T.RandomHorizontalFlip() if self.flip else None])
+
+    def __call__(self, img):
+        return self._pil(img)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = x.shape
+        ch, cw = self.size
+        p = self.padding
+        xp = torch.nn.functional.pad(x, (0, 0, p, p, p, p)) if p else x
+        oy = torch.randint(0, h + 2 * p - ch + 1, (n,)).tolist()
+        ox = torch.randint(0, w + 2 * p - cw + 1, (n,)).tolist()
+        flips = (torch.rand(n) < 0.5).tolist() if self.flip else [False] * n
+        out = torch.empty((n, ch, cw, c), dtype=x.dtype)
+        # Plain slicing per image: cheaper than one advanced-indexing gather at these sizes.
+        for i in range(n):
+            crop = xp[i, oy[i]:oy[i] + ch, ox[i]:ox[i] + cw]
+            out[i] = crop.flip(1) if flips[i] else crop
+        return out
+
+    def __repr__(self) -> str:
+        return f"CropFlip(size={self.size}, padding={self.padding}, flip={self.flip})"
+
+
 class ArrayImageDataset(Dataset):
     """Images held in memory as a uint8 tensor N x H x W x C with int64 labels.
 
@@ -267,6 +307,20 @@ class ArrayImageDataset(Dataset):
         else:
             x = to_normalized_tensor(self.augment(self.pil(index)), self.info.mean, self.info.std)
         return x, int(self.targets[index])
+
+    def __getitems__(self, indices):
+        """Batched fetch (DataLoader calls this with a whole batch of indices): one vectorised
+        augmentation and normalisation instead of one PIL round trip per image, when the
+        augmentation is a :class:`CropFlip` or there is none."""
+        if self.augment is not None and not isinstance(self.augment, CropFlip):
+            return [self[i] for i in indices]
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        x = self.data[idx]
+        if self.augment is not None:
+            x = self.augment.batch(x)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+        y = self.targets[idx]
+        return [(x[i], int(y[i])) for i in range(len(idx))]
 
 
 class ImageFileDataset(Dataset):
@@ -433,11 +487,7 @@ def _build_idx(name, pretty, subdirs, system_dirs, classes, mean, std, hint, spl
     h, w = images.shape[1:]
     info = DatasetInfo(name, split, len(classes), 1, (h, w), list(classes), mean, std, str(d),
                        {"images": str(ip), "labels": str(lp)})
-    aug = None
-    if augment:
-        T = _tv_transforms()
-        aug = _compose([T.RandomCrop((h, w), padding=padding),
-                        T.RandomHorizontalFlip() if flip else None])
+    aug = CropFlip((h, w), padding, flip) if augment else None
     return ArrayImageDataset(images, labels, info, aug), info
 
 
@@ -524,7 +574,7 @@ def _build_cifar(name, folder, files, label_key, meta, meta_key, num_classes, me
     if augment:
         T = _tv_transforms()
         if policy == "standard":
-            aug = _compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()])
+            aug = CropFlip((32, 32), 4, True)
         elif policy == "micronet":
             from .augment import MicroNetPolicy
             aug = MicroNetPolicy(generator=generator)  # includes crop 32 pad 4, flip, cutout 16
