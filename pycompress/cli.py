@@ -37,7 +37,138 @@ def _parser() -> argparse.ArgumentParser:
     ops.add_argument("--case", help="only cases whose name contains this text")
     ops.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
     ops.set_defaults(func=_bench_ops)
+
+    run = sub.add_parser("run", help="run a recipe (YAML) end to end into a run directory")
+    run.add_argument("recipe", help="recipe file, e.g. recipes/quickstart.yaml")
+    run.add_argument("--data-root", metavar="DIR", help="where datasets are (default: the known places, "
+                     "e.g. /usr/share/datasets/fashion-mnist, and $PYCOMPRESS_DATA)")
+    run.add_argument("--out", metavar="DIR", help="run directory (default: runs/<recipe name>)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the recipe's device")
+    run.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"],
+                     help="op backend for the whole run (overrides kernel_backend)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe value: STAGE.key=value or a top-level key, e.g. "
+                     "--set qat4.epochs=2 --set data.batch_size=64 (repeatable)")
+    run.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+
+    check = sub.add_parser("check", help="validate recipes without running anything")
+    check.add_argument("recipes", nargs="+", help="recipe files")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.set_defaults(func=_check)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (best.pt / checkpoint.pt of a run) on its test set")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data-root", metavar="DIR")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ev.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default="auto")
+    ev.add_argument("--batch-size", type=_positive_int, default=512)
+    ev.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    ev.set_defaults(func=_eval)
     return p
+
+
+def _err(cmd: str, exc: BaseException) -> int:
+    print(f"pycompress {cmd}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _run(args) -> int:
+    import torch
+
+    from pycompress.data import DatasetNotFoundError
+    from pycompress.recipe import RecipeError, RunError, load_recipe, run_recipe
+    from pycompress.train import CheckpointError, TrainingDiverged
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        return _err("run", exc)
+    try:
+        report = run_recipe(recipe, args.out, data_root=args.data_root, device=args.device,
+                            backend=args.backend, resume=args.resume,
+                            progress=False if args.no_progress else None)
+    except (RunError, RecipeError, DatasetNotFoundError, CheckpointError) as exc:
+        return _err("run", exc)
+    except TrainingDiverged as exc:
+        print(f"pycompress run: training diverged: {exc}", file=sys.stderr)
+        return 3
+    s = report.get("student")
+    if s:
+        print(f"student ({s['stage']}): top-1 {s['top1']:.2f}%, {s['params']:,} parameters, "
+              f"{s['size_bytes']:,} bytes ({s['compression']:.1f}x smaller than fp32); "
+              f"{report['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+def _check(args) -> int:
+    from pycompress.recipe import RecipeError, load_recipe
+
+    bad = 0
+    for path in args.recipes:
+        try:
+            r = load_recipe(path, args.overrides)
+        except RecipeError as exc:
+            print(f"FAIL {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        stages = ", ".join(f"{s.name} ({s.kind}" + (f", {s.epochs} ep" if s.epochs else "") + ")"
+                           for s in r.stages)
+        print(f"ok   {path}: {r.name}: {r.model.name} on {r.data.dataset}; stages: {stages}")
+    return 1 if bad else 0
+
+
+def _eval(args) -> int:
+    import json
+
+    import torch
+
+    from pycompress import backends
+    from pycompress.data import DatasetNotFoundError, build_dataset, make_loader
+    from pycompress.recipe import load_model
+    from pycompress.train import CheckpointError, evaluate
+    from pycompress.utils import atomic_write_text
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        return _err("eval", "--device cuda but no CUDA device is available")
+    try:
+        model, ckpt = load_model(args.checkpoint)
+        data = ckpt.get("data")
+        if not data:
+            raise CheckpointError(f"{args.checkpoint!r} does not record its dataset")
+        test_set, _ = build_dataset(data["dataset"], "test", data_root=args.data_root, augment=False,
+                                    **data.get("options", {}))
+        loader = make_loader(test_set, args.batch_size, shuffle=False)
+        if args.backend != "auto" and backends.status(args.backend) is not None:
+            return _err("eval", f"backend {args.backend!r} unavailable: {backends.status(args.backend)}")
+        with (backends.use(args.backend) if args.backend != "auto" else _null()):
+            ev = evaluate(model, loader, device)
+    except (CheckpointError, DatasetNotFoundError, ValueError) as exc:
+        return _err("eval", exc)
+    from pycompress.quant import model_size
+    size = model_size(model)
+    res = {"checkpoint": args.checkpoint, "dataset": data["dataset"], "top1": ev["top1"],
+           "top5": ev["top5"], "loss": ev["loss"], "samples": ev["samples"],
+           "size_bytes": int(size["bytes"]), "fp32_bytes": int(size["fp32_bytes"]),
+           "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch")}
+    print(f"{args.checkpoint}: {data['dataset']} test, {ev['samples']} images: top-1 {ev['top1']:.2f}%  "
+          f"top-5 {ev['top5']:.2f}%  loss {ev['loss']:.4f}  size {res['size_bytes']:,} bytes "
+          f"(fp32 {res['fp32_bytes']:,})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=2))
+    return 0
+
+
+def _null():
+    import contextlib
+    return contextlib.nullcontext()
 
 
 def _info(args) -> int:

@@ -14,13 +14,20 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 ninja numpy pyyaml tqdm pytest \
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 ninja numpy pyyaml tqdm matplotlib pytest \
   2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c "import torch" # fail loudly if the install above did not work
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 # Build against the torch just installed (no build isolation); ninja rebuilds only what changed.
-MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
-  2>&1 | grep -v '^WARNING: Location' || true
+# Skipped when the installed extension is newer than every C++/CUDA source and the build files.
+so=$(ls pycompress/_C*.so 2>/dev/null | head -1 || true)
+if [ -n "$so" ] && [ -x .venv/bin/pycompress ] && (cd / && "$OLDPWD/.venv/bin/python" -c "import pycompress") 2>/dev/null \
+   && [ -z "$(find csrc setup.py pyproject.toml -newer "$so" -type f 2>/dev/null | head -1)" ]; then
+  echo "pycompress extension up to date ($so)"
+else
+  MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
+    2>&1 | grep -v '^WARNING: Location' || true
+fi
 PYCOMPRESS_REQUIRE_EXT=1 .venv/bin/python -c "import pycompress, pycompress._ext as e; print('pycompress built; CUDA kernels compiled:', e.cuda_built())"

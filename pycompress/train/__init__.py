@@ -1,4 +1,7 @@
-"""Training utilities. For now: per-iteration learning-rate schedules (see :mod:`.schedules`)."""
+"""Training: the loop (:class:`Trainer`), optimizers, per-iteration LR schedules, metrics and
+atomic checkpoints."""
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
+from .metrics import plot_curves, topk_correct, write_metrics
 from .schedules import (
     SCHEDULERS,
     Constant,
@@ -9,14 +12,21 @@ from .schedules import (
     WarmupStep,
     build_scheduler,
 )
+from .trainer import (
+    OPTIMIZERS,
+    Hook,
+    Trainer,
+    TrainingDiverged,
+    build_optimizer,
+    evaluate,
+    param_groups,
+    validate_optimizer_spec,
+)
 
 __all__ = [
-    "SCHEDULERS",
-    "Constant",
-    "MultiStep",
-    "Step",
-    "WarmupCosine",
-    "WarmupLRScheduler",
-    "WarmupStep",
-    "build_scheduler",
+    "SCHEDULERS", "Constant", "MultiStep", "Step", "WarmupCosine", "WarmupLRScheduler",
+    "WarmupStep", "build_scheduler", "CheckpointError", "load_checkpoint", "save_checkpoint",
+    "seed_everything", "plot_curves", "topk_correct", "write_metrics", "OPTIMIZERS", "Hook",
+    "Trainer", "TrainingDiverged", "build_optimizer", "evaluate", "param_groups",
+    "validate_optimizer_spec",
 ]

@@ -1,0 +1,58 @@
+"""Quantization-aware training (QAT) with fake quantization.
+
+Layers chosen by a ``QuantSpec`` are swapped, in place, for ``QuantConv2d`` / ``QuantLinear``:
+
+    y = layer(Q_a(x), Q_w(W), bias),    Q(v) = s * clamp(rint(v / s), qmin, qmax)   (zero point 0)
+
+* Q_w: per output channel, symmetric signed grid [-2^(b-1), 2^(b-1) - 1],
+  s_c = max|W_c| / (2^(b-1) - 1) (mode "max", recomputed every forward; "frozen" computes it once;
+  "lsq" learns it with the LSQ gradient, starting from that value). A fully pruned channel gets
+  s_c = 1 and stays exactly 0.
+* Q_a: per tensor on the layer input; unsigned [0, 2^b - 1] with s = max(x) / (2^b - 1) when the
+  calibrated minimum is >= 0 (after a ReLU), else signed with s = max|x| / (2^(b-1) - 1) ("auto");
+  calibrated by max over a few batches, then "frozen" or learned ("lsq").
+* Backward: straight-through to W and x, zero where the value was clamped (see
+  pycompress.ops.fake_quantize, which runs on the backend chosen by pycompress.backends).
+
+Usage::
+
+    from pycompress import models, quant
+
+    model = models.build("mobilenet_student", in_channels=3, num_classes=11)
+    plan = quant.prepare_qat(model, {"weight_bits": 4, "act_bits": 4, "types": ["conv"],
+                                     "first": {"act_bits": None}})
+    quant.calibrate(model, train_loader, num_batches=4)     # activation scales
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)       # after prepare: LSQ scales are params
+    ...train...
+    torch.save({"plan": quant.qat_plan(model), "state_dict": model.state_dict()}, "ckpt.pt")
+
+    # restore: same structure on a fresh float model, then load
+    fresh = models.build("mobilenet_student", in_channels=3, num_classes=11)
+    quant.apply_plan(fresh, ckpt["plan"]); fresh.load_state_dict(ckpt["state_dict"])
+
+    quant.model_size(model)["mb"]          # storage at the quantized bit widths
+    quant.strip_qat(model, bake=True)      # plain nn.Conv2d / nn.Linear holding quantized values
+"""
+from .modules import QAT_LAYERS, QuantConv2d, QuantLinear
+from .qat import apply_plan, calibrate, is_qat, model_size, prepare_qat, qat_modules, qat_plan, strip_qat
+from .quantizer import LSQ_EPS, FakeQuantizer, scale_divisor, scale_from_range
+from .spec import QuantSpec
+
+__all__ = [
+    "FakeQuantizer",
+    "QuantConv2d",
+    "QuantLinear",
+    "QAT_LAYERS",
+    "QuantSpec",
+    "prepare_qat",
+    "qat_plan",
+    "apply_plan",
+    "calibrate",
+    "strip_qat",
+    "is_qat",
+    "qat_modules",
+    "model_size",
+    "scale_divisor",
+    "scale_from_range",
+    "LSQ_EPS",
+]

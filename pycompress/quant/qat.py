@@ -1,0 +1,359 @@
+"""Model-level QAT: prepare_qat, qat_plan / apply_plan, calibrate, strip_qat, model_size."""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .modules import QAT_LAYERS, QuantConv2d, QuantLinear, _is_parametrized, layer_type
+from .quantizer import FakeQuantizer
+from .spec import ACT_SCALES, WEIGHT_SCALES, QuantSpec
+
+__all__ = [
+    "prepare_qat",
+    "qat_plan",
+    "apply_plan",
+    "calibrate",
+    "strip_qat",
+    "is_qat",
+    "qat_modules",
+    "model_size",
+]
+
+_QAT_CLS = {"conv": QuantConv2d, "linear": QuantLinear}
+_PLAN_KEYS = ("type", "weight_bits", "act_bits", "weight_scale", "act_scale", "act_signed", "calib_batches")
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def qat_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """The QAT layers (QuantConv2d / QuantLinear) of model by qualified name, in named_modules() order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QAT_LAYERS)}
+
+
+def is_qat(model: nn.Module) -> bool:
+    """Whether model holds at least one QAT layer."""
+    return any(isinstance(m, QAT_LAYERS) for m in model.modules())
+
+
+def _name_quantizers(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantizer):
+            m.name = name
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module, name: str) -> None:
+    """Put new wherever old is registered (a module shared under several names is replaced everywhere)."""
+    if old is model:
+        raise ValueError(
+            f"the model itself is the layer {type(old).__name__}; wrap it (e.g. nn.Sequential(layer)) "
+            f"so it can be swapped in place"
+        )
+    found = False
+    for parent in model.modules():
+        for attr, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, attr, new)
+                found = True
+    if not found:  # pragma: no cover - named_modules found it, so a parent holds it
+        raise RuntimeError(f"could not find the parent of layer {name!r}")
+
+
+def _check_swappable(name: str, m: nn.Module) -> None:
+    if type(m) in (nn.Conv2d, nn.Linear) or isinstance(m, QAT_LAYERS):
+        return
+    why = (
+        "it has torch.nn.utils.parametrize parametrizations; remove them first"
+        if _is_parametrized(m)
+        else "only plain nn.Conv2d / nn.Linear layers are swapped"
+    )
+    raise ValueError(
+        f"layer {name!r} is a {type(m).__name__} (a subclass of {layer_type(m) == 'conv' and 'nn.Conv2d' or 'nn.Linear'}) "
+        f"and cannot be made a QAT layer: {why} (or leave it out with exclude: ['^{name}$'])"
+    )
+
+
+# ------------------------------------------------------------------------------------- plans
+
+
+def _resolve(model: nn.Module, spec: QuantSpec) -> Dict[str, Dict[str, Any]]:
+    selected: List[Tuple[str, str]] = []
+    for name, m in model.named_modules():
+        t = layer_type(m)
+        if t is not None and spec.selects(name, t):
+            selected.append((name, t))
+    if not selected:
+        raise ValueError(
+            f"prepare_qat: no layer matched the selection (types={spec.types}, include={spec.include}, "
+            f"exclude={spec.exclude}); nothing to quantize"
+        )
+    plan: Dict[str, Dict[str, Any]] = {}
+    for i, (name, t) in enumerate(selected):
+        bits = spec.bits_for(name, is_first=i == 0, is_last=i == len(selected) - 1)
+        if bits is None:
+            continue
+        plan[name] = {
+            "type": t,
+            **bits,
+            "weight_scale": spec.weight_scale,
+            "act_scale": spec.act_scale,
+            "act_signed": spec.act_signed,
+            "calib_batches": spec.calib_batches,
+        }
+    if not plan:
+        raise ValueError(
+            f"prepare_qat: {len(selected)} layer(s) matched, but every one is skipped or has neither "
+            f"weight_bits nor act_bits (first/last/overrides); nothing to quantize"
+        )
+    return plan
+
+
+def _check_plan(plan: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    if not isinstance(plan, Mapping):
+        raise ValueError(f"apply_plan: plan must be a mapping of layer name -> settings, got {type(plan).__name__}")
+    out = {}
+    for name, e in plan.items():
+        if not isinstance(e, Mapping):
+            raise ValueError(f"apply_plan: plan[{name!r}] must be a mapping, got {e!r}")
+        unknown = [k for k in e if k not in _PLAN_KEYS]
+        missing = [k for k in _PLAN_KEYS if k not in e]
+        if unknown or missing:
+            raise ValueError(
+                f"apply_plan: plan[{name!r}] has " + (f"unknown keys {unknown}" if unknown else f"missing keys {missing}")
+                + f"; expected {list(_PLAN_KEYS)}"
+            )
+        if e["type"] not in _QAT_CLS:
+            raise ValueError(f"apply_plan: plan[{name!r}].type must be 'conv' or 'linear', got {e['type']!r}")
+        if e["weight_scale"] not in WEIGHT_SCALES or e["act_scale"] not in ACT_SCALES:
+            raise ValueError(f"apply_plan: plan[{name!r}] has a bad weight_scale / act_scale: {dict(e)}")
+        out[str(name)] = dict(e)
+    return out
+
+
+def qat_plan(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """The per-layer plan of a prepared model (JSON-serialisable): name -> {type, weight_bits,
+    act_bits, weight_scale, act_scale, act_signed, calib_batches}. ``apply_plan`` rebuilds it."""
+    return {name: m.qconfig() for name, m in qat_modules(model).items()}
+
+
+def apply_plan(model: nn.Module, plan: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+    """Make model's QAT structure exactly ``plan`` (in place; returns model).
+
+    Float layers named in the plan are swapped for QAT layers, QAT layers are re-configured, and
+    QAT layers not in the plan go back to float. To restore a checkpoint::
+
+        model = build(...); apply_plan(model, saved_plan); model.load_state_dict(saved_state)
+    """
+    plan = _check_plan(plan)
+    modules = dict(model.named_modules())
+    for name in plan:
+        if name not in modules:
+            raise ValueError(f"apply_plan: the plan names layer {name!r}, which this model does not have")
+        t = layer_type(modules[name])
+        if t != plan[name]["type"]:
+            raise ValueError(
+                f"apply_plan: layer {name!r} is a {type(modules[name]).__name__}, the plan says {plan[name]['type']!r}"
+            )
+        _check_swappable(name, modules[name])
+    for name, m in qat_modules(model).items():
+        if name not in plan:
+            _replace(model, m, m.to_float(), name)
+    for name, entry in plan.items():
+        m = modules[name]
+        qconfig = {k: v for k, v in entry.items() if k != "type"}
+        if isinstance(m, QAT_LAYERS):
+            m.configure(**qconfig)
+        else:
+            _replace(model, m, _QAT_CLS[entry["type"]].from_float(m, **qconfig), name)
+    _name_quantizers(model)
+    return model
+
+
+def prepare_qat(model: nn.Module, spec: Union[QuantSpec, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Swap the layers spec selects for QAT layers, in place; returns the plan (see qat_plan).
+
+    On a model that is already QAT the spec describes the new complete state: selected layers are
+    re-configured (weights kept; a quantizer whose settings changed is rebuilt, so new activation
+    quantizers need ``calibrate`` again), QAT layers the spec no longer selects go back to float.
+    LSQ scales are Parameters created here: build the optimizer after prepare_qat.
+    """
+    if not isinstance(spec, QuantSpec):
+        spec = QuantSpec.from_dict(spec)
+    plan = _resolve(model, spec)
+    apply_plan(model, plan)
+    return qat_plan(model)
+
+
+def strip_qat(model: nn.Module, bake: bool = False) -> nn.Module:
+    """Swap every QAT layer back to its plain float layer, in place (returns model). The state-dict
+    keys become exactly the float model's. bake=True stores the fake-quantized weight values."""
+    for name, m in qat_modules(model).items():
+        _replace(model, m, m.to_float(bake=bake), name)
+    return model
+
+
+# ------------------------------------------------------------------------------------- calibration
+
+
+def _batch_input(batch) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(
+        f"calibrate: a batch must be a tensor or an (inputs, targets) tuple/list, got {type(batch).__name__}"
+    )
+
+
+def _model_device(model: nn.Module) -> Optional[torch.device]:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    num_batches: Optional[int] = None,
+    device=None,
+    *,
+    only_uncalibrated: bool = False,
+) -> Dict[str, Dict[str, Any]]:
+    """Calibrate the activation quantizers on a few batches; returns name -> {scale, signed, min, max}.
+
+    The quantizers observe (pass data through unchanged, record min / max) during forward passes in
+    eval mode under torch.no_grad() over up to ``num_batches`` batches (default: the largest
+    ``calib_batches`` of the QAT layers, else 4); each batch is a tensor or an (inputs, targets)
+    tuple/list, moved to ``device`` (default: the model's). Then each scale is set from the
+    observed range (mode "frozen": the buffer; "lsq": the initial value of the Parameter) and
+    "auto" signedness is decided. Every module's train/eval mode is restored afterwards. Weight
+    quantizers keep computing from the (possibly already quantized) weights meanwhile.
+
+    only_uncalibrated=True leaves quantizers that already have a scale alone (e.g. learned LSQ
+    scales kept by a re-prepare). Raises RuntimeError if no batch was seen; a quantizer whose layer
+    never ran stays uncalibrated, with a warning.
+    """
+    quantizers = [
+        (name, q) for name, q in model.named_modules()
+        if isinstance(q, FakeQuantizer) and q.kind == "act" and not (only_uncalibrated and q.is_calibrated)
+    ]
+    if not quantizers:
+        return {}
+    if num_batches is None:
+        num_batches = max((m.calib_batches for m in qat_modules(model).values()), default=4)
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"calibrate: num_batches must be an int >= 1 or None, got {num_batches!r}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    modes = [(m, m.training) for m in model.modules()]
+    for name, q in quantizers:
+        q.name = name
+        q.begin_calibration()
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in itertools.islice(iter(batches), num_batches):
+                x = _batch_input(batch)
+                model(x.to(device) if device is not None else x)
+                seen += 1
+    except BaseException:
+        for _, q in quantizers:
+            q.abort_calibration()
+        raise
+    finally:
+        for m, training in modes:
+            m.training = training
+    if seen == 0:
+        for _, q in quantizers:
+            q.abort_calibration()
+        raise RuntimeError("calibrate: no batches were seen (the batch iterable is empty); the quantizers are unchanged")
+    out = {}
+    for name, q in quantizers:
+        if not q.end_calibration():
+            warnings.warn(f"calibrate: activation quantizer {name!r} saw no data (its layer did not run); it stays uncalibrated")
+            continue
+        out[name] = {
+            "scale": float(q.scale.detach().reshape(-1)[0]),
+            "signed": q.is_signed,
+            "min": float(q.min_val.min()),
+            "max": float(q.max_val.max()),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------- size
+
+
+def _counted_tensors(m: nn.Module):
+    """(name, tensor) that a stored model needs: parameters and floating-point buffers (BN running
+    statistics; not integer bookkeeping such as num_batches_tracked), this module's own only."""
+    for name, p in m._parameters.items():
+        if p is not None:
+            yield name, p
+    for name, b in m._buffers.items():
+        if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
+            yield name, b
+
+
+def model_size(model: nn.Module) -> Dict[str, Any]:
+    """Bits needed to store the model, quantized and as fp32.
+
+    A quantized weight counts weight_bits per element plus one fp32 scale per output channel; an
+    activation quantizer one fp32 scale; every other parameter and floating-point buffer (biases,
+    BN, unquantized layers) 32 bits per element. fp32 size: every such tensor at 32 bits, no scales.
+    The quantizers' bookkeeping (observed ranges, flags) is not counted. In a QAT layer the weight is
+    counted once, whether it is stored as ``weight`` or as torch.nn.utils.prune's
+    ``weight_orig`` + ``weight_mask``. Sparsity is not exploited here.
+
+    Returns {"bits", "bytes", "mb", "fp32_bits", "fp32_bytes", "fp32_mb", "compression",
+    "layers": {name: {"params", "weight_bits", "act_bits", "bits", "fp32_bits"}}}; bytes are
+    ceil(bits / 8), MB are 10^6 bytes, compression = fp32_bits / bits.
+    """
+    layers: Dict[str, Dict[str, Any]] = {}
+    total = fp32_total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantizer):
+            continue  # counted by its layer
+        bits = fp32 = numel = 0
+        wb = ab = None
+        if isinstance(m, QAT_LAYERS):
+            w = m.weight
+            numel += w.numel()
+            fp32 += 32 * w.numel()
+            wq = m.weight_quant
+            if wq is not None:
+                wb = wq.bits
+                bits += wq.bits * w.numel() + 32 * wq.num_channels
+            else:
+                bits += 32 * w.numel()
+            if m.act_quant is not None:
+                ab = m.act_quant.bits
+                bits += 32
+            tensors = [(n, t) for n, t in _counted_tensors(m) if n not in ("weight", "weight_orig", "weight_mask")]
+        else:
+            tensors = list(_counted_tensors(m))
+        for _, t in tensors:
+            numel += t.numel()
+            bits += 32 * t.numel()
+            fp32 += 32 * t.numel()
+        if numel == 0 and bits == 0:
+            continue
+        layers[name] = {"params": numel, "weight_bits": wb, "act_bits": ab, "bits": bits, "fp32_bits": fp32}
+        total += bits
+        fp32_total += fp32
+    nbytes, fp32_bytes = math.ceil(total / 8), math.ceil(fp32_total / 8)
+    return {
+        "bits": total,
+        "bytes": nbytes,
+        "mb": nbytes / 1e6,
+        "fp32_bits": fp32_total,
+        "fp32_bytes": fp32_bytes,
+        "fp32_mb": fp32_bytes / 1e6,
+        "compression": fp32_total / total if total else 1.0,
+        "layers": layers,
+    }

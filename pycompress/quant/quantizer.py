@@ -1,0 +1,351 @@
+"""FakeQuantizer: fake-quantization of one tensor (a weight or an activation) for QAT.
+
+Math (zero point is always 0, so the grid is symmetric around 0):
+
+    grid     signed:   [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]
+             unsigned: [qmin, qmax] = [0, 2^b - 1]
+    forward  y = s_c * clamp(rint(x / s_c), qmin, qmax)         (pycompress.ops.fake_quantize)
+    backward dy/dx = 1 inside the clamp range, 0 outside (straight-through estimator);
+             for a learned scale (LSQ) dL/ds_c = g * sum over channel c of
+             (y - x)/s_c inside, qmin or qmax where clamped, with g = 1 / sqrt(n * max(qmax, 1)).
+
+Scale from a range (``scale_from_range``): with m = max|x_c| (signed) or max(x_c, 0) (unsigned),
+
+    s_c = m / qmax      with qmax = 2^(b-1) - 1 (signed; 1 for 1 bit, whose grid is [-1, 0]) or
+                        2^b - 1 (unsigned: MicroNet's activation scale max|x| / (2^b - 1))
+    s_c = 1.0           when m == 0 (an all-zero / fully pruned channel: every code is 0, so the
+                        output is exactly 0 and no NaN or inf can appear)
+
+Why qmax and not 2^(b-1) for signed grids (MicroNet's initial a_c = max|w_c| / 2^(b-1)): with
+2^(b-1), the largest positive value of every channel maps to 2^(b-1), is clamped to qmax, and so
+gets no straight-through gradient; in mode "max" that weight would never receive the task gradient.
+Dividing by qmax keeps every value inside the clamp range (the symmetric "narrow range"
+[-qmax, qmax] of TensorRT-style weight quantization; the code -2^(b-1) stays unused by "max").
+
+Scale modes:
+    "max"     recomputed from the tensor on every forward (detached, no gradient). For weights.
+    "frozen"  computed once (``init_from`` for weights, ``calibrate`` for activations), a buffer.
+    "lsq"     an ``nn.Parameter`` initialised like "frozen", then learned with the LSQ gradient.
+              The forward uses ``max(s, eps)`` (eps = 2^-23, torch.ao's choice) with a
+              straight-through gradient, so an optimizer step that pushes s below eps never
+              produces a non-positive scale and the parameter can still recover.
+
+n in the LSQ factor g is the number of elements per channel for a weight (LSQ's N_W) and the
+number of elements per sample (per channel, if per-channel) for an activation (LSQ's N_F).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..ops import fake_quantize, quant_range
+
+__all__ = ["FakeQuantizer", "scale_from_range", "scale_divisor", "LSQ_EPS", "MODES", "KINDS"]
+
+LSQ_EPS = 2.0**-23  # torch.finfo(torch.float32).eps, as torch.ao's _LearnableFakeQuantize
+_TINY = torch.finfo(torch.float32).tiny  # floor of computed scales: keeps 1/s finite in fp32
+MODES = ("max", "frozen", "lsq")
+KINDS = ("weight", "act")
+
+Signed = Union[bool, str]
+
+
+def scale_divisor(bits: int, signed: bool) -> int:
+    """The divisor of the range, the grid's qmax: 2^(b-1) - 1 signed (1 for 1 bit), 2^b - 1 unsigned."""
+    return max(2 ** (bits - 1) - 1, 1) if signed else 2**bits - 1
+
+
+def scale_from_range(min_val: torch.Tensor, max_val: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """fp32 scale per channel from observed min / max (see the module docstring); 1.0 where the range is 0."""
+    mn, mx = min_val.float(), max_val.float()
+    m = torch.maximum(-mn, mx) if signed else mx.clamp_min(0.0)
+    s = (m / scale_divisor(bits, signed)).clamp_min(_TINY)
+    return torch.where(m > 0, s, torch.ones_like(s))
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"FakeQuantizer: bits must be an int in 1..16, got {bits!r}")
+    return bits
+
+
+def _minmax(x: torch.Tensor, axis: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (min, max) of x per channel along axis, shape [C]; per tensor: shape [1]."""
+    if axis is None:
+        mn, mx = torch.aminmax(x.detach())
+        return mn.float().reshape(1), mx.float().reshape(1)
+    dims = [d for d in range(x.dim()) if d != axis]
+    xd = x.detach()
+    if not dims:
+        return xd.float(), xd.float()
+    return xd.amin(dim=dims).float(), xd.amax(dim=dims).float()
+
+
+class _ClampMinSTE(torch.autograd.Function):
+    """max(s, eps) in the forward, identity gradient: the scale used is never <= 0, and a learned
+    scale an optimizer pushed below eps still gets its gradient, so it can recover."""
+
+    @staticmethod
+    def forward(ctx, s, eps):
+        return s.clamp_min(eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes one tensor: ``y = s * clamp(rint(x / s), qmin, qmax)``, zero point 0.
+
+    Args:
+        bits: 1..16.
+        signed: True, False, or "auto" (decided at calibration: unsigned iff the observed minimum
+            is >= 0, e.g. after a ReLU; MicroNet's rule). "auto" needs mode "frozen" or "lsq".
+        axis: None for one scale per tensor, else the channel axis (one scale per channel).
+        num_channels: x.shape[axis] (the length of the per-channel scale); ignored when axis is None.
+        mode: "max" | "frozen" | "lsq" (see the module docstring).
+        kind: "weight" or "act"; decides the LSQ gradient factor and the error messages.
+        eps: the floor of a learned (lsq) scale.
+        name: the module's qualified name, used in error messages (prepare_qat / calibrate set it).
+
+    State (in the state dict): ``scale`` [C] (a Parameter in "lsq" mode, else a buffer; in "max"
+    mode the scale of the last forward), ``signed`` and ``calibrated`` (0-d bool), ``min_val`` /
+    ``max_val`` [C] (the range of the last calibration or ``init_from``). bits / mode / axis are
+    configuration, recorded by ``pycompress.quant.qat_plan``.
+
+    An activation quantizer is calibrated by ``pycompress.quant.calibrate`` (it observes min / max
+    over a few batches, passing data through unchanged, then sets the scale); a weight quantizer
+    is initialised from its weight with ``init_from`` (QuantConv2d / QuantLinear do it). Using a
+    "frozen" or "lsq" quantizer before that raises RuntimeError.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        *,
+        signed: Signed = True,
+        axis: Optional[int] = None,
+        num_channels: int = 1,
+        mode: str = "frozen",
+        kind: str = "act",
+        eps: float = LSQ_EPS,
+        name: str = "",
+        device=None,
+    ):
+        super().__init__()
+        self.bits = _check_bits(bits)
+        if signed not in (True, False, "auto") or (signed != "auto" and not isinstance(signed, bool)):
+            raise ValueError(f"FakeQuantizer: signed must be True, False or 'auto', got {signed!r}")
+        if mode not in MODES:
+            raise ValueError(f"FakeQuantizer: mode must be one of {MODES}, got {mode!r}")
+        if kind not in KINDS:
+            raise ValueError(f"FakeQuantizer: kind must be one of {KINDS}, got {kind!r}")
+        if mode == "max" and signed == "auto":
+            raise ValueError("FakeQuantizer: mode 'max' needs signed=True or False ('auto' is decided at calibration)")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise ValueError(f"FakeQuantizer: axis must be an int or None, got {axis!r}")
+        if axis is None:
+            num_channels = 1
+        elif isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"FakeQuantizer: num_channels must be an int >= 1, got {num_channels!r}")
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
+            raise ValueError(f"FakeQuantizer: eps must be a positive number, got {eps!r}")
+        self.signed_config: Signed = signed
+        self.axis = axis
+        self.num_channels = num_channels
+        self.mode = mode
+        self.kind = kind
+        self.eps = float(eps)
+        self.name = name
+        self.observing = False
+        self._obs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+        c = num_channels
+        ones = torch.ones(c, dtype=torch.float32, device=device)
+        if mode == "lsq":
+            self.scale = nn.Parameter(ones)
+        else:
+            self.register_buffer("scale", ones)
+        self.register_buffer("signed", torch.tensor(signed is True, device=device))
+        # "max" computes its scale from the tensor itself, so it never needs calibration.
+        self.register_buffer("calibrated", torch.tensor(mode == "max", device=device))
+        self.register_buffer("min_val", torch.full((c,), math.inf, dtype=torch.float32, device=device))
+        self.register_buffer("max_val", torch.full((c,), -math.inf, dtype=torch.float32, device=device))
+        if axis is not None:
+            self.register_buffer("zero_point", torch.zeros(c, dtype=torch.int32, device=device), persistent=False)
+        else:
+            self.zero_point = 0
+        # Python mirrors of the bool buffers: reading a CUDA buffer each forward would sync.
+        self._signed: Optional[bool] = None if signed == "auto" else bool(signed)
+        self._calibrated: bool = mode == "max"
+
+    # ------------------------------------------------------------------ configuration
+
+    def config(self) -> dict:
+        """The configuration (not the state): what it takes to build an identical quantizer."""
+        return {
+            "bits": self.bits,
+            "signed": self.signed_config,
+            "axis": self.axis,
+            "num_channels": self.num_channels,
+            "mode": self.mode,
+            "kind": self.kind,
+            "eps": self.eps,
+        }
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
+
+    @property
+    def is_signed(self) -> Optional[bool]:
+        """The signedness in use; None while "auto" is undecided."""
+        return self._signed
+
+    def qrange(self) -> tuple[int, int]:
+        if self._signed is None:
+            raise RuntimeError(self._not_ready_message())
+        return quant_range(self.bits, self._signed)
+
+    def extra_repr(self) -> str:
+        signed = self.signed_config if self.signed_config != "auto" else f"auto({self._signed})"
+        where = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis}, {self.num_channels})"
+        return f"bits={self.bits}, signed={signed}, {where}, mode={self.mode}, kind={self.kind}, calibrated={self._calibrated}"
+
+    def _label(self) -> str:
+        what = "activation quantizer" if self.kind == "act" else "weight quantizer"
+        return f"{what} {self.name!r}" if self.name else f"{what} (unnamed FakeQuantizer, {self.bits}-bit)"
+
+    def _not_ready_message(self) -> str:
+        if self.kind == "act":
+            return (
+                f"{self._label()} is not calibrated; run pycompress.quant.calibrate(model, batches) "
+                f"first (or load a checkpoint that holds its scale)"
+            )
+        return f"{self._label()} is not initialised; call .init_from(weight) (QuantConv2d/QuantLinear do it)"
+
+    # ------------------------------------------------------------------ state
+
+    def _set_state(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+        """Record a range and derive signedness and scale from it (the end of a calibration)."""
+        if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+            raise RuntimeError(
+                f"{self._label()}: the observed range is not finite (min {min_val.min().item()}, "
+                f"max {max_val.max().item()}); the data holds inf or NaN"
+            )
+        signed = self.signed_config if self.signed_config != "auto" else bool((min_val < 0).any())
+        scale = scale_from_range(min_val, max_val, self.bits, signed)
+        with torch.no_grad():
+            self.min_val.copy_(min_val)
+            self.max_val.copy_(max_val)
+            self.scale.copy_(scale)
+            self.signed.fill_(signed)
+            self.calibrated.fill_(True)
+        self._signed = signed
+        self._calibrated = True
+
+    def init_from(self, x: torch.Tensor) -> "FakeQuantizer":
+        """Set the range, signedness and scale from tensor x (a weight: all of it at once)."""
+        if x.numel() == 0:
+            raise ValueError(f"{self._label()}: init_from got an empty tensor")
+        self._check_channels(x)
+        mn, mx = _minmax(x, self.axis)
+        self._set_state(mn.to(self.min_val.device), mx.to(self.max_val.device))
+        return self
+
+    def copy_calibration_from(self, other: "FakeQuantizer") -> None:
+        """Take other's calibration (range, signedness and scale), e.g. when only the mode changes."""
+        if other._calibrated and other.num_channels == self.num_channels and torch.isfinite(other.min_val).all():
+            self._set_state(other.min_val.detach().clone(), other.max_val.detach().clone())
+            with torch.no_grad():  # keep a learned scale (clamped like the lsq forward does)
+                self.scale.copy_(other.scale.detach().float().clamp_min(other.eps))
+
+    def reset(self) -> None:
+        """Back to the uncalibrated state (a "max" quantizer stays usable)."""
+        with torch.no_grad():
+            self.min_val.fill_(math.inf)
+            self.max_val.fill_(-math.inf)
+            self.scale.fill_(1.0)
+            self.calibrated.fill_(self.mode == "max")
+            self.signed.fill_(self.signed_config is True)
+        self._calibrated = self.mode == "max"
+        self._signed = None if self.signed_config == "auto" else bool(self.signed_config)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._calibrated = bool(self.calibrated.item())
+        if self.signed_config == "auto":
+            self._signed = bool(self.signed.item()) if self._calibrated else None
+        else:
+            self._signed = bool(self.signed.item())
+
+    # ------------------------------------------------------------------ calibration
+
+    def begin_calibration(self) -> None:
+        """Observe mode: forward passes data through unchanged and records its min / max."""
+        self.observing = True
+        self._obs = None
+
+    def end_calibration(self) -> bool:
+        """Leave observe mode and set the scale from what was seen; False (state unchanged) if nothing was."""
+        self.observing = False
+        obs, self._obs = self._obs, None
+        if obs is None:
+            return False
+        self._set_state(*obs)
+        return True
+
+    def abort_calibration(self) -> None:
+        """Leave observe mode, discarding what was seen (the previous state stays)."""
+        self.observing = False
+        self._obs = None
+
+    def _observe(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        self._check_channels(x)
+        mn, mx = _minmax(x, self.axis)
+        mn, mx = mn.to(self.min_val.device), mx.to(self.max_val.device)
+        if self._obs is not None:
+            mn, mx = torch.minimum(self._obs[0], mn), torch.maximum(self._obs[1], mx)
+        self._obs = (mn, mx)
+
+    def _check_channels(self, x: torch.Tensor) -> None:
+        if self.axis is not None:
+            if not -x.dim() <= self.axis < x.dim() or x.shape[self.axis] != self.num_channels:
+                raise ValueError(
+                    f"{self._label()}: expects {self.num_channels} channels on axis {self.axis}, "
+                    f"got a tensor of shape {tuple(x.shape)}"
+                )
+
+    # ------------------------------------------------------------------ forward
+
+    def _grad_factor(self, x: torch.Tensor, qmax: int) -> float:
+        n = x.numel() // self.num_channels
+        if self.kind == "act" and x.dim() > 1 and (self.axis is None or self.axis % x.dim() != 0):
+            n //= max(x.shape[0], 1)
+        return 1.0 / math.sqrt(max(n, 1) * max(qmax, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        if not self._calibrated:
+            raise RuntimeError(self._not_ready_message())
+        qmin, qmax = quant_range(self.bits, self._signed)
+        grad_factor = 1.0
+        if self.mode == "max":
+            self._check_channels(x)
+            scale = scale_from_range(*_minmax(x, self.axis), self.bits, self._signed)
+            with torch.no_grad():
+                self.scale.copy_(scale)
+        elif self.mode == "frozen":
+            scale = self.scale
+        else:
+            scale = _ClampMinSTE.apply(self.scale, self.eps)
+            if scale.requires_grad:
+                grad_factor = self._grad_factor(x, qmax)
+        return fake_quantize(x, scale, self.zero_point, qmin, qmax, self.axis, grad_factor=grad_factor)

@@ -1,0 +1,183 @@
+"""QuantSpec: which layers prepare_qat quantizes, and how.
+
+Resolution for each layer, in ``model.named_modules()`` order:
+
+1. Selection: the layer's type is in ``types`` ("conv" = every nn.Conv2d, depthwise and grouped
+   included; "linear" = nn.Linear), its qualified name matches at least one ``include`` regex
+   (``re.search``; None = every layer) and no ``exclude`` regex.
+2. Bit widths: ``weight_bits`` / ``act_bits``, then every ``overrides`` entry whose ``pattern``
+   matches, in order (later entries win, only the keys an entry gives), then ``first`` for the
+   first selected layer and ``last`` for the last one ("skip" leaves that layer float; a dict
+   overrides its bits). First / last are applied after the overrides, so they always hold.
+3. A layer left with neither weight nor activation bits stays float.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+__all__ = ["QuantSpec", "LAYER_TYPES", "WEIGHT_SCALES", "ACT_SCALES"]
+
+LAYER_TYPES = ("conv", "linear")
+WEIGHT_SCALES = ("max", "lsq", "frozen")
+ACT_SCALES = ("frozen", "lsq")
+_BITS_KEYS = ("weight_bits", "act_bits")
+
+Position = Union[None, str, Dict[str, Optional[int]]]
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ValueError(f"QuantSpec: {key}: {msg}")
+
+
+def _check_bits(key: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16):
+        _fail(key, f"must be an int in 1..16 or null, got {value!r}")
+
+
+def _check_regex_list(key: str, value, allow_none: bool) -> Optional[List[str]]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        _fail(key, f"must be a list of regular expressions, got {value!r}")
+    for i, p in enumerate(value):
+        _check_regex(f"{key}[{i}]", p)
+    return list(value)
+
+
+def _check_regex(key: str, p) -> None:
+    if not isinstance(p, str):
+        _fail(key, f"must be a string (a regular expression), got {p!r}")
+    try:
+        re.compile(p)
+    except re.error as exc:
+        _fail(key, f"is not a valid regular expression ({exc}): {p!r}")
+
+
+def _check_bits_dict(key: str, d, extra: tuple = ()) -> dict:
+    if not isinstance(d, Mapping):
+        _fail(key, f"must be a mapping, got {d!r}")
+    allowed = extra + _BITS_KEYS
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        _fail(f"{key}.{unknown[0]}", f"unknown key; allowed: {', '.join(allowed)}")
+    for k in _BITS_KEYS:
+        if k in d:
+            _check_bits(f"{key}.{k}", d[k])
+    if not any(k in d for k in _BITS_KEYS):
+        _fail(key, "give weight_bits and/or act_bits")
+    return dict(d)
+
+
+def _check_position(key: str, value) -> Position:
+    if value is None or value == "skip":
+        return value
+    if isinstance(value, str):
+        _fail(key, f"must be null, 'skip' or a mapping with weight_bits / act_bits, got {value!r}")
+    return _check_bits_dict(key, value)
+
+
+@dataclass
+class QuantSpec:
+    """Layer selection and settings for prepare_qat (see the module docstring for the resolution order).
+
+    weight_bits / act_bits: int 1..16 or None (no quantizer). types: subset of {"conv", "linear"}.
+    include / exclude: regexes on qualified names (include None = all). first / last: None, "skip" or
+    {"weight_bits"?, "act_bits"?}. overrides: [{"pattern", "weight_bits"?, "act_bits"?}], later wins.
+    weight_scale: "max" | "lsq" | "frozen". act_scale: "frozen" | "lsq". act_signed: "auto" | True |
+    False. calib_batches: batches calibrate() uses by default.
+    """
+
+    weight_bits: Optional[int] = 8
+    act_bits: Optional[int] = 8
+    types: List[str] = field(default_factory=lambda: list(LAYER_TYPES))
+    include: Optional[List[str]] = None
+    exclude: List[str] = field(default_factory=list)
+    first: Position = None
+    last: Position = None
+    overrides: List[Dict[str, Any]] = field(default_factory=list)
+    weight_scale: str = "max"
+    act_scale: str = "frozen"
+    act_signed: Union[str, bool] = "auto"
+    calib_batches: int = 4
+
+    def __post_init__(self) -> None:
+        _check_bits("weight_bits", self.weight_bits)
+        _check_bits("act_bits", self.act_bits)
+        if isinstance(self.types, str) or not isinstance(self.types, (list, tuple)) or not self.types:
+            _fail("types", f"must be a non-empty list drawn from {list(LAYER_TYPES)}, got {self.types!r}")
+        for i, t in enumerate(self.types):
+            if t not in LAYER_TYPES:
+                _fail(f"types[{i}]", f"must be one of {list(LAYER_TYPES)}, got {t!r}")
+        self.types = list(dict.fromkeys(self.types))
+        self.include = _check_regex_list("include", self.include, allow_none=True)
+        if self.include is not None and not self.include:
+            _fail("include", "an empty list selects nothing; leave it out (or null) to include every layer")
+        self.exclude = _check_regex_list("exclude", self.exclude, allow_none=False)
+        self.first = _check_position("first", self.first)
+        self.last = _check_position("last", self.last)
+        if isinstance(self.overrides, (str, Mapping)) or not isinstance(self.overrides, (list, tuple)):
+            _fail("overrides", f"must be a list of mappings with pattern and weight_bits / act_bits, got {self.overrides!r}")
+        overrides = []
+        for i, o in enumerate(self.overrides):
+            key = f"overrides[{i}]"
+            o = _check_bits_dict(key, o, extra=("pattern",))
+            if "pattern" not in o:
+                _fail(key, "needs a 'pattern' (a regular expression on the layer name)")
+            _check_regex(f"{key}.pattern", o["pattern"])
+            overrides.append(o)
+        self.overrides = overrides
+        if self.weight_scale not in WEIGHT_SCALES:
+            _fail("weight_scale", f"must be one of {list(WEIGHT_SCALES)}, got {self.weight_scale!r}")
+        if self.act_scale not in ACT_SCALES:
+            _fail("act_scale", f"must be one of {list(ACT_SCALES)}, got {self.act_scale!r}")
+        if not (self.act_signed == "auto" or isinstance(self.act_signed, bool)):
+            _fail("act_signed", f"must be 'auto', true or false, got {self.act_signed!r}")
+        cb = self.calib_batches
+        if isinstance(cb, bool) or not isinstance(cb, int) or cb < 1:
+            _fail("calib_batches", f"must be an int >= 1, got {cb!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantSpec":
+        """Build from a plain dict (e.g. a recipe's YAML); unknown keys, bad types or values raise ValueError."""
+        if isinstance(d, QuantSpec):
+            return copy.deepcopy(d)
+        if not isinstance(d, Mapping):
+            raise ValueError(f"QuantSpec: expected a mapping of settings, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            _fail(str(unknown[0]), f"unknown key; allowed keys: {', '.join(known)}")
+        return cls(**copy.deepcopy(dict(d)))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain, JSON/YAML-serialisable dict; ``QuantSpec.from_dict(spec.to_dict()) == spec``."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+    # ---------------------------------------------------------------- resolution
+
+    def selects(self, name: str, layer_type: Optional[str]) -> bool:
+        """Whether a layer of this type and qualified name is selected (before first / last)."""
+        if layer_type not in self.types:
+            return False
+        if self.include is not None and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+    def bits_for(self, name: str, is_first: bool, is_last: bool) -> Optional[Dict[str, Optional[int]]]:
+        """{"weight_bits", "act_bits"} for a selected layer, or None if it stays float."""
+        bits = {"weight_bits": self.weight_bits, "act_bits": self.act_bits}
+        for o in self.overrides:
+            if re.search(o["pattern"], name):
+                bits.update({k: o[k] for k in _BITS_KEYS if k in o})
+        for applies, rule in ((is_first, self.first), (is_last, self.last)):
+            if not applies or rule is None:
+                continue
+            if rule == "skip":
+                return None
+            bits.update({k: rule[k] for k in _BITS_KEYS if k in rule})
+        if bits["weight_bits"] is None and bits["act_bits"] is None:
+            return None
+        return bits

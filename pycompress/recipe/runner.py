@@ -1,0 +1,433 @@
+"""Run a validated recipe: stages in order, each from the previous stage's best checkpoint, in a run
+directory that survives a crash.
+
+Run directory::
+
+    recipe.yaml                  the resolved recipe (defaults filled in, --set applied)
+    run.json                     progress: per stage status, result, timings (written atomically)
+    stages/NN-<name>/            checkpoint.pt, best.pt, metrics.csv|jsonl, curves.png
+    report.md, report.json       the final report
+
+``resume=True`` continues an interrupted run: finished stages are skipped (their best checkpoints
+are reused), the interrupted stage restarts from its last epoch checkpoint with everything restored
+(see :mod:`pycompress.train.trainer`), and the result equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import yaml
+
+from .. import backends
+from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
+from ..utils import atomic_write_text
+from .schema import TRAINING_KINDS, Recipe, RecipeError, StageSpec, dump_recipe
+
+RUN_FORMAT = "pycompress-run"
+
+
+class RunError(RuntimeError):
+    """The run cannot start or continue (an existing run directory, a changed recipe, ...)."""
+
+
+# ------------------------------------------------------------------------------ models from arch
+def model_arch(name: str, args: Dict[str, Any], in_channels: int, num_classes: int,
+               qat: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Everything needed to rebuild a model before loading its state dict."""
+    return {"model": name, "args": dict(args), "in_channels": int(in_channels),
+            "num_classes": int(num_classes), "qat": qat}
+
+
+def build_from_arch(arch: Dict[str, Any]) -> nn.Module:
+    from ..models import build
+    model = build(arch["model"], in_channels=arch["in_channels"], num_classes=arch["num_classes"],
+                  **arch.get("args", {}))
+    if arch.get("qat"):
+        from ..quant import apply_plan
+        apply_plan(model, arch["qat"])
+    return model
+
+
+def load_model(path: str, map_location: Any = "cpu"):
+    """Rebuild the model stored in a pycompress checkpoint: ``(model, checkpoint)``."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    if "arch" not in ckpt:
+        raise CheckpointError(f"{path!r} does not say how to rebuild its model (no 'arch' entry)")
+    model = build_from_arch(ckpt["arch"])
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+def _load_teacher_weights(model: nn.Module, path: str) -> None:
+    """A teacher from a pycompress checkpoint or a plain state_dict file."""
+    if not os.path.isfile(path):
+        raise RunError(f"teacher.checkpoint {path!r} does not exist")
+    try:
+        ckpt = load_checkpoint(path)
+        state = ckpt["model"]
+    except CheckpointError:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        raise RunError(f"teacher.checkpoint {path!r} does not fit the teacher model: {exc}") from None
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the network itself (quantizer scales excluded)."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if not any(part in ("weight_quant", "act_quant") for part in n.split(".")))
+
+
+# ------------------------------------------------------------------------------ the runner
+class Runner:
+    def __init__(self, recipe: Recipe, out_dir: str, *, data_root: Optional[str] = None,
+                 device: Optional[str] = None, backend: Optional[str] = None, resume: bool = False,
+                 progress: Optional[bool] = None, log: Optional[Callable[[str], None]] = None):
+        self.recipe = recipe
+        self.out = os.fspath(out_dir)
+        self.data_root = data_root
+        self.resume = resume
+        self.progress = progress
+        self.log = log or (lambda line: print(line, flush=True))
+        dev = device or recipe.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev == "cuda" and not torch.cuda.is_available():
+            raise RunError("device 'cuda' requested but no CUDA device is available (use --device cpu)")
+        self.device = torch.device(dev)
+        self.backend = backend or recipe.kernel_backend
+        if self.backend != "auto":
+            reason = backends.status(self.backend)
+            if reason is not None:
+                raise RunError(f"kernel backend {self.backend!r} is not available here: {reason}")
+        self.state: Dict[str, Any] = {}
+        self.current: Dict[str, Dict[str, Any]] = {}   # target -> {"arch", "path"}
+
+    # -------------------------------------------------------------------- run directory
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def stage_dir(self, index: int, stage: StageSpec) -> str:
+        return self._p("stages", f"{index:02d}-{stage.name}")
+
+    def _save_state(self) -> None:
+        atomic_write_text(self._p("run.json"), json.dumps(self.state, indent=2, default=str))
+
+    def _prepare_dir(self) -> None:
+        resolved = dump_recipe(self.recipe)
+        run_json = self._p("run.json")
+        if os.path.exists(run_json):
+            if not self.resume:
+                raise RunError(f"{self.out} already holds a run; pass --resume to continue it, or "
+                               "choose another --out")
+            with open(run_json, encoding="utf-8") as f:
+                self.state = json.load(f)
+            with open(self._p("recipe.yaml"), encoding="utf-8") as f:
+                before = yaml.safe_load(f)
+            now = yaml.safe_load(resolved)
+            if before != now:
+                diff = _diff(before, now)
+                raise RunError(f"cannot resume {self.out}: the recipe changed since the run started "
+                               f"({'; '.join(diff[:5])}). Resume with the same recipe and --set "
+                               "options, or start a new run with another --out")
+            self.log(f"resuming run in {self.out}")
+        else:
+            os.makedirs(self.out, exist_ok=True)
+            atomic_write_text(self._p("recipe.yaml"), resolved)
+            self.state = {"format": RUN_FORMAT, "recipe": self.recipe.name,
+                          "source": self.recipe.source,
+                          "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                          "stages": {}}
+            self._save_state()
+
+    # -------------------------------------------------------------------- data and models
+    def _data(self) -> None:
+        from ..data import build_dataset, make_loader
+        d = self.recipe.data
+        train_set, info = build_dataset(d.dataset, "train", data_root=self.data_root,
+                                        augment=d.augment, **d.options)
+        test_set, _ = build_dataset(d.dataset, "test", data_root=self.data_root, augment=False,
+                                    **d.options)
+        self.info = info
+        pin = self.device.type == "cuda"
+        self.train_loader = make_loader(train_set, d.batch_size, shuffle=True, seed=self.recipe.seed,
+                                        num_workers=d.num_workers, drop_last=len(train_set) > d.batch_size,
+                                        pin_memory=pin)
+        self.eval_loader = make_loader(test_set, d.eval_batch_size, shuffle=False,
+                                       seed=self.recipe.seed, num_workers=d.num_workers,
+                                       pin_memory=pin)
+        self.data_desc = {"dataset": d.dataset, "options": dict(d.options),
+                          "train_samples": len(train_set), "test_samples": len(test_set),
+                          "num_classes": info.num_classes, "in_channels": info.in_channels,
+                          "image_size": list(info.image_size)}
+
+    def _initial(self, target: str) -> Dict[str, Any]:
+        spec = self.recipe.model if target == "student" else self.recipe.teacher
+        arch = model_arch(spec.name, spec.args, self.info.in_channels, self.info.num_classes)
+        return {"arch": arch, "path": getattr(spec, "checkpoint", None), "fresh": True}
+
+    def _materialize(self, target: str) -> nn.Module:
+        cur = self.current[target]
+        # Fresh weights are seeded per target, so they do not depend on what ran before.
+        seed_everything(self.recipe.seed * 2 + (target == "teacher"))
+        model = build_from_arch(cur["arch"])
+        if cur["path"] is not None:
+            if cur.get("fresh"):           # teacher.checkpoint given in the recipe
+                _load_teacher_weights(model, cur["path"])
+            else:
+                model.load_state_dict(load_checkpoint(cur["path"])["model"])
+        return model
+
+    # -------------------------------------------------------------------- stages
+    def _run_evaluate(self, index: int, stage: StageSpec) -> Dict[str, Any]:
+        from ..train import evaluate
+        model = self._materialize(stage.target)
+        t0 = time.perf_counter()
+        ev = evaluate(model, self.eval_loader, self.device, progress=self.progress,
+                      desc=f"{stage.name}")
+        res = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "samples": ev["samples"],
+               "seconds": time.perf_counter() - t0}
+        res.update(_model_facts(model))
+        self.log(f"[{stage.name}] {stage.target}: top1 {ev['top1']:.2f} top5 {ev['top5']:.2f} "
+                 f"loss {ev['loss']:.4f} on {ev['samples']} test samples "
+                 f"({res['params']:,} params, {res['size_bytes']:,} bytes)")
+        return res
+
+    def _run_training(self, index: int, stage: StageSpec) -> Dict[str, Any]:
+        from ..train import Trainer
+        t0 = time.perf_counter()
+        sdir = self.stage_dir(index, stage)
+        ckpt_path = os.path.join(sdir, "checkpoint.pt")
+        resuming = os.path.exists(ckpt_path)
+        model = self._materialize(stage.target)
+        arch = dict(self.current[stage.target]["arch"])
+        if stage.quantize is not None:
+            from ..quant import QuantSpec, calibrate, prepare_qat, qat_plan
+            qspec = QuantSpec.from_dict(stage.quantize)
+            plan = prepare_qat(model, qspec)
+            self.log(f"[{stage.name}] QAT on {len(plan)} layers: "
+                     + ", ".join(f"{n} w{p.get('weight_bits')}/a{p.get('act_bits')}"
+                                 for n, p in list(plan.items())[:4])
+                     + (" ..." if len(plan) > 4 else ""))
+            model.to(self.device)
+            if not resuming:
+                # Calibration batches come from the train loader in a seeded order.
+                gen = getattr(self.train_loader, "generator", None)
+                if isinstance(gen, torch.Generator):
+                    gen.manual_seed(self.recipe.seed * 7 + index)
+                seed_everything(self.recipe.seed * 7 + index)
+                calibrate(model, self.train_loader, num_batches=qspec.calib_batches, device=self.device)
+            arch["qat"] = qat_plan(model)
+        distiller = None
+        if stage.distill is not None:
+            from ..distill import Distiller
+            distiller = Distiller(self._materialize("teacher"), stage.distill)
+        eval_loader = self.eval_loader
+        if stage.eval_batches is not None:
+            eval_loader = _Limited(self.eval_loader, stage.eval_batches)
+        trainer = Trainer(
+            model, self.train_loader, eval_loader, epochs=stage.epochs, optimizer=stage.optimizer,
+            schedule=stage.schedule, device=self.device, distiller=distiller, amp=stage.amp,
+            seed=self.recipe.seed, out_dir=sdir, log_format=stage.log_format, progress=self.progress,
+            max_steps_per_epoch=stage.max_steps_per_epoch, grad_clip=stage.grad_clip,
+            name=stage.name, log=self.log,
+            checkpoint_extra=lambda: {"arch": arch, "data": self.data_desc,
+                                      "recipe": self.recipe.name, "target": stage.target,
+                                      "kernel_backend": self.backend})
+        summary = trainer.fit(resume=resuming)
+        best_path = os.path.join(sdir, "best.pt")
+        self.current[stage.target] = {"arch": arch, "path": best_path, "fresh": False}
+        best_model, _ = load_model(best_path)
+        summary.update(_model_facts(best_model))
+        # epochs of earlier sessions (resume) + everything this session did (set-up, calibration)
+        summary["seconds"] = trainer.elapsed - trainer.session_elapsed + (time.perf_counter() - t0)
+        summary["best"] = os.path.relpath(best_path, self.out)  # the run directory may move
+        summary["arch"] = arch
+        return summary
+
+    def run(self) -> Dict[str, Any]:
+        ctx = backends.use(self.backend) if self.backend != "auto" else contextlib.nullcontext()
+        with ctx:
+            return self._run()
+
+    def _run(self) -> Dict[str, Any]:
+        self._prepare_dir()
+        t_start = time.perf_counter()
+        self._data()
+        self.current["student"] = self._initial("student")
+        if self.recipe.teacher is not None:
+            self.current["teacher"] = self._initial("teacher")
+        self.log(f"run {self.recipe.name!r}: {len(self.recipe.stages)} stages on {self.device}, "
+                 f"kernel backend {self.backend}, data {self.recipe.data.dataset} "
+                 f"({self.data_desc['train_samples']} train / {self.data_desc['test_samples']} test) "
+                 f"-> {self.out}")
+        for i, stage in enumerate(self.recipe.stages):
+            st = self.state["stages"].get(stage.name, {})
+            if st.get("status") == "done":
+                res = st["result"]
+                if stage.kind in TRAINING_KINDS:
+                    self.current[stage.target] = {"arch": res["arch"], "path": self._p(res["best"]),
+                                                  "fresh": False}
+                self.log(f"[{stage.name}] already done, skipped")
+                continue
+            self.state["stages"][stage.name] = {"index": i, "kind": stage.kind, "status": "running"}
+            self._save_state()
+            if stage.kind in TRAINING_KINDS:
+                res = self._run_training(i, stage)
+            else:
+                res = self._run_evaluate(i, stage)
+            self.state["stages"][stage.name] = {"index": i, "kind": stage.kind, "target": stage.target,
+                                                "status": "done", "result": res}
+            self._save_state()
+        self.state["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+        self.state["session_seconds"] = time.perf_counter() - t_start
+        self._save_state()
+        report = build_report(self.recipe, self.state, self.data_desc, str(self.device), self.backend)
+        write_report(self.out, report)
+        self.log(f"report: {self._p('report.md')}")
+        return report
+
+
+class _Limited:
+    """The first ``n`` batches of a loader."""
+
+    def __init__(self, loader, n: int):
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.n)
+
+    def __iter__(self):
+        for i, b in enumerate(self.loader):
+            if i >= self.n:
+                return
+            yield b
+
+
+def _model_facts(model: nn.Module) -> Dict[str, Any]:
+    from ..quant import is_qat, model_size
+    size = model_size(model)
+    return {"params": count_params(model), "size_bytes": int(size["bytes"]),
+            "fp32_bytes": int(size["fp32_bytes"]), "quantized": bool(is_qat(model))}
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            label = f"{path}[{i}]"
+            if isinstance(x, dict) and isinstance(x.get("name"), str):
+                label = f"{path}[{i}] {x['name']!r}"  # stages by name
+            out += _diff(x, y, label)
+        return out
+    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
+
+
+# ------------------------------------------------------------------------------ report
+def build_report(recipe: Recipe, state: Dict[str, Any], data: Dict[str, Any], device: str,
+                 backend: str) -> Dict[str, Any]:
+    stages = []
+    for s in recipe.stages:
+        st = state["stages"].get(s.name, {})
+        res = dict(st.get("result", {}))
+        res.pop("arch", None)
+        stages.append({"name": s.name, "kind": s.kind, "target": s.target, "status": st.get("status"),
+                       **res})
+    final = None
+    for s in reversed(stages):
+        if s["target"] == "student" and s.get("status") == "done":
+            final = s
+            break
+    teacher = next((s for s in reversed(stages) if s["target"] == "teacher"
+                    and s.get("status") == "done"), None)
+
+    def acc(s, key):
+        if s is None:
+            return None
+        return s.get(key) if s.get(key) is not None else s.get(f"best_{key}")
+
+    report = {
+        "recipe": recipe.name, "source": recipe.source, "description": recipe.description,
+        "data": data, "device": device, "kernel_backend": backend,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}",
+        "started": state.get("started"), "finished": state.get("finished"),
+        "total_seconds": sum(float(s.get("seconds") or 0.0) for s in stages),
+        "student": None if final is None else {
+            "top1": acc(final, "top1"), "top5": acc(final, "top5"), "params": final.get("params"),
+            "size_bytes": final.get("size_bytes"), "fp32_bytes": final.get("fp32_bytes"),
+            "compression": (final["fp32_bytes"] / final["size_bytes"]) if final and final.get("size_bytes") else None,
+            "quantized": final.get("quantized"), "stage": final["name"]},
+        "teacher": None if teacher is None else {
+            "top1": acc(teacher, "top1"), "top5": acc(teacher, "top5"),
+            "params": teacher.get("params"), "stage": teacher["name"]},
+        "stages": stages,
+    }
+    return report
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def write_report(out_dir: str, report: Dict[str, Any]) -> None:
+    atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, default=str))
+    lines = [f"# pycompress run: {report['recipe']}", ""]
+    if report.get("description"):
+        lines += [report["description"].strip(), ""]
+    d = report["data"]
+    lines += [f"- data: {d['dataset']} ({d['train_samples']} train / {d['test_samples']} test images, "
+              f"{d['num_classes']} classes)",
+              f"- device: {report['device']}, kernel backend: {report['kernel_backend']}, "
+              f"torch {report['torch']}, {report['machine']}",
+              f"- started {report['started']}, finished {report['finished']}, stage time "
+              f"{report['total_seconds'] / 60:.1f} min", ""]
+    s = report.get("student")
+    if s:
+        lines += ["## Result", "",
+                  "| model | top-1 (%) | top-5 (%) | parameters | size (bytes) | fp32 size | compression |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| student ({s['stage']}) | {_fmt(s['top1'])} | {_fmt(s['top5'])} | {s['params']:,} | "
+                  f"{s['size_bytes']:,} | {s['fp32_bytes']:,} | {_fmt(s['compression'], '.2f')}x |"]
+        t = report.get("teacher")
+        if t:
+            lines.append(f"| teacher ({t['stage']}) | {_fmt(t['top1'])} | {_fmt(t['top5'])} | "
+                         f"{t['params']:,} | | | |")
+        lines.append("")
+    lines += ["## Stages", "",
+              "| # | stage | kind | target | epochs | best top-1 | final top-1 | size (bytes) | time (s) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for i, st in enumerate(report["stages"]):
+        best = st.get("best_top1", st.get("top1"))
+        final = st.get("final_top1", st.get("top1"))
+        size = st.get("size_bytes")
+        lines.append(f"| {i} | {st['name']} | {st['kind']} | {st['target']} | {st.get('epochs', '-')} | "
+                     f"{_fmt(best)} | {_fmt(final)} | {'-' if size is None else f'{size:,}'} | "
+                     f"{_fmt(st.get('seconds'), '.1f')} |")
+    lines += ["", "Per-stage logs and curves: `stages/NN-<name>/metrics.*`, `curves.png`; best "
+              "checkpoints: `stages/NN-<name>/best.pt` (evaluate one with `pycompress eval`).", ""]
+    atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
+
+
+def run_recipe(recipe: Recipe, out_dir: Optional[str] = None, **kwargs) -> Dict[str, Any]:
+    """Run ``recipe`` into ``out_dir`` (default ``runs/<recipe name>``); returns the report."""
+    return Runner(recipe, out_dir or os.path.join("runs", recipe.name), **kwargs).run()
+
+
+__all__ = ["Runner", "RunError", "run_recipe", "build_from_arch", "load_model", "model_arch",
+           "build_report", "write_report", "count_params", "RecipeError", "save_checkpoint"]

@@ -1,0 +1,459 @@
+"""The recipe schema: YAML -> validated dataclasses, strictly.
+
+Everything is checked before anything runs: an unknown key (with a did-you-mean), a wrong type, a
+missing field or an impossible value raises :class:`RecipeError` naming the file, the stage and the
+key, e.g. ``recipes/x.yaml: stages[2] 'qat4': optimizer: 'lr' must be > 0, got -1``.
+
+Layout (see recipes/quickstart.yaml for a full example)::
+
+    name: quickstart            # run name (default: the file name)
+    seed: 0
+    kernel_backend: auto        # auto | reference | cpu | triton | cuda: pins the op backend
+    device: auto                # auto | cpu | cuda
+    data:    {dataset: fashion_mnist, batch_size: 128, eval_batch_size: 1000, augment: true,
+              num_workers: 0, options: {}}
+    model:   {name: mobilenet_student, args: {width_mult: 1.0}}
+    teacher: {name: lenet5, args: {}, checkpoint: null}     # optional
+    stages:
+      - name: teacher           # unique, [A-Za-z0-9_-]
+        kind: train             # train | distill | quantize | finetune | evaluate
+        target: teacher         # student (default) | teacher
+        epochs: 3
+        optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}
+        schedule: {name: warmup_cosine, warmup_epochs: 0.2}
+        distill: {kind: hinton, alpha: 0.5, temperature: 4}  # KD in any training stage
+        quantize: {weight_bits: 4, act_bits: 8}              # QAT in any student stage
+
+Stage kinds only differ in what they require: ``distill`` needs a ``distill`` section, ``quantize``
+a ``quantize`` section, ``evaluate`` takes no training settings. Each stage starts from the best
+checkpoint of the previous stage with the same target. New kinds (prune, bn_update, export) slot in
+as new sections and kinds.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+STAGE_KINDS = ("train", "distill", "quantize", "finetune", "evaluate")
+TRAINING_KINDS = ("train", "distill", "quantize", "finetune")
+TARGETS = ("student", "teacher")
+DEVICES = ("auto", "cpu", "cuda")
+LOG_FORMATS = ("csv", "jsonl")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message names the file, the stage and the key."""
+
+
+# ------------------------------------------------------------------------------ dataclasses
+@dataclass
+class DataSpec:
+    dataset: str
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    augment: bool = True
+    num_workers: int = 0
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherSpec:
+    name: str
+    args: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class StageSpec:
+    name: str
+    kind: str
+    target: str = "student"
+    epochs: Optional[int] = None
+    optimizer: Optional[Dict[str, Any]] = None
+    schedule: Optional[Dict[str, Any]] = None
+    distill: Optional[Any] = None          # dict, "kind:weight[:T]" string or a list of them
+    quantize: Optional[Dict[str, Any]] = None
+    amp: bool = False
+    grad_clip: Optional[float] = None
+    max_steps_per_epoch: Optional[int] = None
+    eval_batches: Optional[int] = None     # cap on eval batches per epoch (None: the whole set)
+    log_format: str = "csv"
+
+
+@dataclass
+class Recipe:
+    data: DataSpec
+    model: ModelSpec
+    stages: List[StageSpec]
+    name: Optional[str] = None
+    description: str = ""
+    seed: int = 0
+    kernel_backend: str = "auto"
+    device: str = "auto"
+    teacher: Optional[TeacherSpec] = None
+    source: Optional[str] = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+    def stage(self, name: str) -> StageSpec:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+_SECTIONS = {"data": DataSpec, "model": ModelSpec, "teacher": TeacherSpec}
+
+
+# ------------------------------------------------------------------------------ structural checks
+class _Ctx:
+    def __init__(self, file: Optional[str]):
+        self.file = file or "<recipe>"
+
+    def fail(self, where: str, msg: str) -> RecipeError:
+        return RecipeError(f"{self.file}: {where}: {msg}" if where else f"{self.file}: {msg}")
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _suggest(key: str, allowed) -> str:
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(ctx: _Ctx, where: str, raw: Dict[str, Any], cls) -> None:
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    for k in raw:
+        if k not in names:
+            raise ctx.fail(where, f"unknown key {k!r}{_suggest(k, names)}; allowed: {', '.join(names)}")
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw:
+            raise ctx.fail(where, f"missing required key {f.name!r}")
+
+
+def _want(ctx, where, key, value, kind, *, optional=False, low=None, high=None, choices=None,
+          low_ok=True):
+    """Check one scalar: kind is int, float, bool, str, dict, list."""
+    loc = f"{where}: {key!r}" if where else repr(key)
+    if value is None:
+        if optional:
+            return None
+        raise ctx.fail(where, f"{key!r} must not be null")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{ctx.file}: {loc} must be an integer, got {_type_name(value)} {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{ctx.file}: {loc} must be a number, got {_type_name(value)} {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{ctx.file}: {loc} must be finite, got {value!r}")
+        value = float(value)
+    elif not isinstance(value, kind):
+        raise RecipeError(f"{ctx.file}: {loc} must be {_type_name(kind())}, got {_type_name(value)} {value!r}")
+    if choices is not None and value not in choices:
+        raise RecipeError(f"{ctx.file}: {loc} must be one of {', '.join(map(str, choices))}, got {value!r}"
+                          f"{_suggest(value, choices)}")
+    if low is not None and (value < low or (value == low and not low_ok)):
+        raise RecipeError(f"{ctx.file}: {loc} must be {'>=' if low_ok else '>'} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise RecipeError(f"{ctx.file}: {loc} must be <= {high}, got {value!r}")
+    return value
+
+
+def _section(ctx: _Ctx, raw: Any, cls, where: str):
+    if not isinstance(raw, dict):
+        raise ctx.fail(where, f"must be a mapping, got {_type_name(raw)}")
+    _check_keys(ctx, where, raw, cls)
+    return raw
+
+
+def _data(ctx, raw) -> DataSpec:
+    w = "data"
+    _section(ctx, raw, DataSpec, w)
+    from ..data import names as data_names
+    from ..data.datasets import canonical_name
+    ds = _want(ctx, w, "dataset", raw["dataset"], str)
+    try:
+        canonical_name(ds)
+    except Exception:  # noqa: BLE001
+        raise ctx.fail(w, f"'dataset': unknown dataset {ds!r}{_suggest(ds, data_names())}; known: "
+                          f"{', '.join(data_names())}") from None
+    return DataSpec(
+        dataset=ds,
+        batch_size=_want(ctx, w, "batch_size", raw.get("batch_size", 128), int, low=1),
+        eval_batch_size=_want(ctx, w, "eval_batch_size", raw.get("eval_batch_size", 512), int, low=1),
+        augment=_want(ctx, w, "augment", raw.get("augment", True), bool),
+        num_workers=_want(ctx, w, "num_workers", raw.get("num_workers", 0), int, low=0),
+        options=_want(ctx, w, "options", raw.get("options") or {}, dict),
+    )
+
+
+def _model(ctx, raw, cls, where):
+    _section(ctx, raw, cls, where)
+    from ..models import accepted_kwargs, names as model_names
+    name = _want(ctx, where, "name", raw["name"], str)
+    if name not in model_names():
+        raise ctx.fail(where, f"'name': unknown model {name!r}{_suggest(name, model_names())}; known: "
+                              f"{', '.join(model_names())}")
+    args = _want(ctx, where, "args", raw.get("args") or {}, dict)
+    accepted = accepted_kwargs(name)
+    for k in args:
+        if k in ("in_channels", "num_classes"):
+            raise ctx.fail(f"{where}.args", f"{k!r} is set from the dataset; remove it")
+        if k not in accepted:
+            raise ctx.fail(f"{where}.args", f"model {name!r} takes no argument {k!r}"
+                                            f"{_suggest(k, accepted)}; it accepts: "
+                                            f"{', '.join(accepted) or '(none)'}")
+    from ..models import build
+    try:  # catches impossible values (negative widths, bad depths) now, not after training
+        build(name, in_channels=3, num_classes=10, **args)
+    except (TypeError, ValueError) as exc:
+        raise ctx.fail(f"{where}.args", str(exc)) from None
+    if cls is ModelSpec:
+        return ModelSpec(name=name, args=dict(args))
+    ckpt = _want(ctx, where, "checkpoint", raw.get("checkpoint"), str, optional=True)
+    return TeacherSpec(name=name, args=dict(args), checkpoint=ckpt)
+
+
+def _stage(ctx, raw, index) -> StageSpec:
+    where = f"stages[{index}]"
+    if not isinstance(raw, dict):
+        raise ctx.fail(where, f"must be a mapping, got {_type_name(raw)}")
+    if isinstance(raw.get("name"), str):
+        where = f"stages[{index}] {raw['name']!r}"
+    _check_keys(ctx, where, raw, StageSpec)
+    name = _want(ctx, where, "name", raw["name"], str)
+    if not _NAME_RE.match(name):
+        raise ctx.fail(where, f"'name' must match [A-Za-z0-9][A-Za-z0-9_-]* (it names a directory), "
+                              f"got {name!r}")
+    kind = _want(ctx, where, "kind", raw["kind"], str, choices=STAGE_KINDS)
+    s = StageSpec(
+        name=name, kind=kind,
+        target=_want(ctx, where, "target", raw.get("target", "student"), str, choices=TARGETS),
+        epochs=_want(ctx, where, "epochs", raw.get("epochs"), int, optional=True, low=1),
+        optimizer=_want(ctx, where, "optimizer", raw.get("optimizer"), dict, optional=True),
+        schedule=_want(ctx, where, "schedule", raw.get("schedule"), dict, optional=True),
+        distill=raw.get("distill"),
+        quantize=_want(ctx, where, "quantize", raw.get("quantize"), dict, optional=True),
+        amp=_want(ctx, where, "amp", raw.get("amp", False), bool),
+        grad_clip=_want(ctx, where, "grad_clip", raw.get("grad_clip"), float, optional=True, low=0,
+                        low_ok=False),
+        max_steps_per_epoch=_want(ctx, where, "max_steps_per_epoch", raw.get("max_steps_per_epoch"),
+                                  int, optional=True, low=1),
+        eval_batches=_want(ctx, where, "eval_batches", raw.get("eval_batches"), int, optional=True,
+                           low=1),
+        log_format=_want(ctx, where, "log_format", raw.get("log_format", "csv"), str,
+                         choices=LOG_FORMATS),
+    )
+    _stage_semantics(ctx, where, s, raw)
+    return s
+
+
+def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
+    training = s.kind in TRAINING_KINDS
+    if not training:
+        defaults = {f.name: f.default for f in dataclasses.fields(StageSpec)}
+        # (a resolved recipe spells the defaults out; only a set value is an error)
+        extra = [k for k in ("epochs", "optimizer", "schedule", "distill", "quantize", "amp",
+                             "grad_clip", "max_steps_per_epoch", "log_format")
+                 if k in raw and raw[k] is not None and raw[k] != defaults[k]]
+        if extra:
+            raise ctx.fail(where, f"{extra[0]!r} does not apply to a {s.kind!r} stage")
+        return
+    if s.epochs is None:
+        raise ctx.fail(where, f"missing required key 'epochs' (a {s.kind!r} stage trains)")
+    if s.optimizer is None:
+        raise ctx.fail(where, f"missing required key 'optimizer' (a {s.kind!r} stage trains)")
+    from ..train.trainer import validate_optimizer_spec
+    try:
+        s.optimizer = validate_optimizer_spec(s.optimizer)
+    except ValueError as exc:
+        raise ctx.fail(where, str(exc)) from None
+    if s.schedule is not None:
+        _check_schedule(ctx, where, s)
+    if s.kind == "distill" and s.distill is None:
+        raise ctx.fail(where, "missing required key 'distill' (the KD loss of a 'distill' stage)")
+    if s.kind == "quantize" and s.quantize is None:
+        raise ctx.fail(where, "missing required key 'quantize' (the QAT settings of a 'quantize' stage)")
+    if s.target == "teacher" and (s.distill is not None or s.quantize is not None):
+        key = "distill" if s.distill is not None else "quantize"
+        raise ctx.fail(where, f"{key!r} is not supported on a stage with target 'teacher'")
+    if s.distill is not None:
+        from ..distill import build_loss
+        try:
+            build_loss(s.distill)
+        except (TypeError, ValueError) as exc:
+            raise ctx.fail(f"{where}: distill", str(exc)) from None
+    if s.quantize is not None:
+        from ..quant import QuantSpec
+        try:
+            QuantSpec.from_dict(s.quantize)
+        except (TypeError, ValueError) as exc:
+            raise ctx.fail(f"{where}: quantize", str(exc)) from None
+
+
+def _check_schedule(ctx, where, s: StageSpec) -> None:
+    import torch
+
+    from ..train.schedules import build_scheduler
+    spec = dict(s.schedule)
+    if str(spec.get("name", "")).lower() in ("warmup_cosine", "cosine", "warmupcosine") \
+            and "epochs" not in spec and "total_iters" not in spec:
+        spec["epochs"] = s.epochs
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        # 1000 iterations per epoch: fine enough that fractional warm-up epochs resolve
+        build_scheduler(opt, spec, iters_per_epoch=1000)
+    except (TypeError, ValueError) as exc:
+        raise ctx.fail(f"{where}: schedule", str(exc)) from None
+
+
+def _recipe(ctx, raw) -> Recipe:
+    if not isinstance(raw, dict):
+        raise ctx.fail("", f"a recipe must be a YAML mapping at the top level, got {_type_name(raw)}")
+    _check_keys(ctx, "", raw, Recipe)
+    from ..backends import BACKENDS
+    name = _want(ctx, "", "name", raw.get("name"), str, optional=True)
+    if name is not None and not _NAME_RE.match(name):
+        raise ctx.fail("", f"'name' must match [A-Za-z0-9][A-Za-z0-9_-]*, got {name!r}")
+    stages_raw = raw["stages"]
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ctx.fail("stages", "must be a non-empty list of stages")
+    r = Recipe(
+        name=name,
+        description=_want(ctx, "", "description", raw.get("description", ""), str),
+        seed=_want(ctx, "", "seed", raw.get("seed", 0), int, low=0),
+        kernel_backend=_want(ctx, "", "kernel_backend", raw.get("kernel_backend", "auto"), str,
+                             choices=("auto",) + tuple(BACKENDS)),
+        device=_want(ctx, "", "device", raw.get("device", "auto"), str, choices=DEVICES),
+        data=_data(ctx, raw["data"]),
+        model=_model(ctx, raw["model"], ModelSpec, "model"),
+        teacher=None if raw.get("teacher") is None else _model(ctx, raw["teacher"], TeacherSpec, "teacher"),
+        stages=[_stage(ctx, s, i) for i, s in enumerate(stages_raw)],
+    )
+    seen = {}
+    for i, s in enumerate(r.stages):
+        if s.name in seen:
+            raise ctx.fail(f"stages[{i}] {s.name!r}", f"duplicate stage name (also stages[{seen[s.name]}])")
+        seen[s.name] = i
+    teacher_ready = r.teacher is not None and r.teacher.checkpoint is not None
+    for i, s in enumerate(r.stages):
+        where = f"stages[{i}] {s.name!r}"
+        if s.target == "teacher":
+            if r.teacher is None:
+                raise ctx.fail(where, "target 'teacher' but the recipe has no 'teacher' section")
+            if s.kind in TRAINING_KINDS:
+                teacher_ready = True
+        if s.distill is not None and not teacher_ready:
+            raise ctx.fail(where, "'distill' needs a trained teacher: add a 'teacher' section and "
+                                  "either train it in an earlier stage (target: teacher) or set "
+                                  "teacher.checkpoint")
+    return r
+
+
+# ------------------------------------------------------------------------------ overrides, loading
+def apply_overrides(raw: Dict[str, Any], overrides, file: Optional[str] = None) -> Dict[str, Any]:
+    """Apply ``--set`` overrides (``"key.sub=value"``) to a raw recipe dict (a deep copy is
+    returned). The first key is a top-level key (``seed``, ``data``, ``model``, ``teacher``, ...)
+    or a stage name; values are parsed as YAML (``3``, ``0.1``, ``true``, ``[1, 2]``, ``{a: 1}``)."""
+    ctx = _Ctx(file)
+    raw = copy.deepcopy(raw)
+    top = [f.name for f in dataclasses.fields(Recipe) if not f.metadata.get("internal")]
+    for ov in overrides or ():
+        if "=" not in ov:
+            raise RecipeError(f"--set {ov!r}: expected KEY=VALUE, e.g. qat4.epochs=2")
+        path, _, text = ov.partition("=")
+        keys = [k.strip() for k in path.split(".")]
+        if not all(keys):
+            raise RecipeError(f"--set {ov!r}: empty key in {path!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {ov!r}: the value is not valid YAML: {exc}") from None
+        stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+        stage_names = [s.get("name") for s in stages if isinstance(s, dict)]
+        if keys[0] in stage_names:
+            node = stages[stage_names.index(keys[0])]
+            rest = keys[1:]
+            if not rest:
+                raise RecipeError(f"--set {ov!r}: name a key of stage {keys[0]!r}, e.g. {keys[0]}.epochs=2")
+        elif keys[0] in top:
+            node, rest = raw, keys
+        else:
+            raise ctx.fail("", f"--set {ov!r}: {keys[0]!r} is neither a top-level key ({', '.join(top)}) "
+                               f"nor a stage name ({', '.join(map(str, stage_names))})"
+                               f"{_suggest(keys[0], top + [str(n) for n in stage_names])}")
+        for k in rest[:-1]:
+            nxt = node.get(k) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = {}
+                node[k] = nxt
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"--set {ov!r}: {k!r} is not a mapping")
+            node = nxt
+        node[rest[-1]] = value
+    return raw
+
+
+def validate(raw: Any, file: Optional[str] = None) -> Recipe:
+    """Validate a raw recipe (a dict as loaded from YAML) and return the :class:`Recipe`."""
+    r = _recipe(_Ctx(file), raw)
+    r.source = file
+    if r.name is None:
+        r.name = os.path.splitext(os.path.basename(file))[0] if file else "recipe"
+        if not _NAME_RE.match(r.name):
+            r.name = re.sub(r"[^A-Za-z0-9_-]", "_", r.name).lstrip("_-") or "recipe"
+    return r
+
+
+def load_recipe_dict(path: str) -> Dict[str, Any]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raise RecipeError(f"{path}: the file is empty")
+    return raw
+
+
+def load_recipe(path: str, overrides=()) -> Recipe:
+    """Load, apply ``--set`` overrides and validate a recipe file."""
+    raw = load_recipe_dict(path)
+    return validate(apply_overrides(raw, overrides, file=path), file=os.fspath(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (defaults filled in): what a run directory stores."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+__all__ = ["RecipeError", "Recipe", "DataSpec", "ModelSpec", "TeacherSpec", "StageSpec",
+           "STAGE_KINDS", "load_recipe", "load_recipe_dict", "validate", "apply_overrides",
+           "dump_recipe"]
