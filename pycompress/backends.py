@@ -62,7 +62,13 @@ def _triton_import_error() -> Optional[str]:
 
 def status(name: str) -> Optional[str]:
     """None when backend `name` can run on this machine at all, else the reason it cannot."""
-    name = _check_name(name, "backend")
+    return _machine_status(_check_name(name, "backend"))
+
+
+# A fact about the machine and the build that cannot change while tracing: torch.compile takes the
+# result as a constant instead of tracing into the extension's C functions (which it cannot).
+@torch.compiler.assume_constant_result
+def _machine_status(name: str) -> Optional[str]:
     if name == "reference":
         return None
     if name == "cpu":

@@ -265,6 +265,17 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b)
 
 
+def test_torch_compile_fullgraph_with_automatic_backend():
+    # backend selection must not break the graph (it reads machine facts from the C extension)
+    model = models.build("mobilenet_student", in_channels=1, num_classes=4)
+    prepare_qat(model, {"weight_bits": 4, "act_bits": 8})
+    x = torch.randn(2, 1, 16, 16)
+    calibrate(model, [x], num_batches=1)
+    want = model(x)
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    exact(got, want)
+
+
 # ----------------------------------------------------------------------------- layers
 
 
