@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The main job: set-up (idempotent), then the kernel benchmark on this machine. (Until the recipe
-# layer lands, this is pycompress's end-to-end entry point.)
+# The main job: set-up (idempotent), then the quickstart recipe end to end on Fashion-MNIST:
+# LeNet-5 teacher -> KD of the MobileNet-style student -> 8-bit and 4-bit QAT under KD -> report.
+# Run directory: runs/quickstart (report.md, report.json, per-stage checkpoints, logs, curves).
+# Running it again continues an interrupted run (--resume) or, when finished, rewrites the report.
+# Extra arguments go to `pycompress run`, e.g. --set qat4.epochs=3 --out runs/other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYCOMPRESS_REQUIRE_EXT=1
-.venv/bin/pycompress info
-exec .venv/bin/pycompress bench ops --json bench-local.json "$@"
+exec .venv/bin/pycompress run recipes/quickstart.yaml --out runs/quickstart --resume "$@"

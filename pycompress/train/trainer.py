@@ -233,7 +233,8 @@ class Trainer:
                  name: str = "train", log: Optional[Callable[[str], None]] = None) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"Trainer: epochs must be an integer >= 1, got {epochs!r}")
-        if max_steps_per_epoch is not None and (not isinstance(max_steps_per_epoch, int)
+        if max_steps_per_epoch is not None and (isinstance(max_steps_per_epoch, bool)
+                                                or not isinstance(max_steps_per_epoch, int)
                                                 or max_steps_per_epoch < 1):
             raise ValueError(f"Trainer: max_steps_per_epoch must be an integer >= 1, got {max_steps_per_epoch!r}")
         if log_format not in ("csv", "jsonl"):
@@ -287,10 +288,11 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "history": list(self.history),
-            "best_metric": self.best_metric,
+            "best_metric": self.best_metric,  # eval top-1 of best_epoch (nan without eval data)
             "best_epoch": self.best_epoch,
             "elapsed": self.elapsed,
             "seed": self.seed,
+            "steps_per_epoch": self.steps_per_epoch,
             "rng": rng_state(),
             "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in self.hooks],
             "complete": self.epoch >= self.epochs,
@@ -306,6 +308,11 @@ class Trainer:
             raise ValueError(f"stage {self.name!r}: the checkpoint was written for "
                              f"{state.get('epochs')} epochs, this run has {self.epochs}; resume with "
                              "the same settings")
+        for key, now in (("seed", self.seed), ("steps_per_epoch", self.steps_per_epoch)):
+            if key in state and state[key] != now:
+                raise ValueError(f"stage {self.name!r}: the checkpoint was written with {key} "
+                                 f"{state[key]}, this run has {now} (a different seed, batch size "
+                                 "or dataset); resume with the same settings")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -431,8 +438,11 @@ class Trainer:
                     h.on_epoch_end(self, row)
             self.history.append(row)
             self.epoch += 1
-            metric = row.get("eval_top1", row["train_top1"])
-            improved = metric > self.best_metric or self.best_epoch < 0
+            if "eval_top1" in row:
+                metric = row["eval_top1"]
+                improved = metric > self.best_metric or self.best_epoch < 0
+            else:  # no held-out data: train accuracy is no basis for model selection
+                metric, improved = math.nan, True
             if improved:
                 self.best_metric, self.best_epoch = metric, self.epoch
             self._save(improved)
