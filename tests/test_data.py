@@ -595,3 +595,21 @@ def test_getitems_matches_getitem_without_augmentation(tmp_path):
     for (xb, yb), i in zip(batch, [3, 1, 7]):
         xi, yi = ds[i]
         assert torch.equal(xb, xi) and yb == yi
+
+
+def test_fashion_mnist_pad_option(tmp_path):
+    import numpy as np
+    import pytest
+
+    from pycompress.data import build_dataset, write_idx
+    d = tmp_path / "fashion-mnist"
+    d.mkdir()
+    imgs = np.full((3, 28, 28), 200, dtype=np.uint8)
+    write_idx(d / "t10k-images-idx3-ubyte", imgs)
+    write_idx(d / "t10k-labels-idx1-ubyte", np.array([0, 1, 2], dtype=np.uint8))
+    ds, info = build_dataset("fashion_mnist", "test", data_root=tmp_path, pad=2)
+    assert info.image_size == (32, 32)
+    raw, _ = ds.raw(0)
+    assert raw.shape == (32, 32, 1) and raw[:2].max() == 0 and raw[2:30, 2:30].min() == 200
+    with pytest.raises(ValueError, match="pad must be an integer >= 0"):
+        build_dataset("fashion_mnist", "test", data_root=tmp_path, pad=-1)

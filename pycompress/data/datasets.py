@@ -460,8 +460,10 @@ def _compose(ts):
 # --------------------------------------------------------------------------- (fashion-)MNIST
 
 def _build_idx(name, pretty, subdirs, system_dirs, classes, mean, std, hint, split, data_root,
-               augment, *, flip, padding=2, **kwargs):
+               augment, *, flip, padding=2, pad=0, **kwargs):
     _check_split(name, split)
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"{name}: pad must be an integer >= 0, got {pad!r}")
     if kwargs:
         raise TypeError(f"{name}: unexpected arguments {sorted(kwargs)}")
     img_stem, lbl_stem = _IDX_STEMS[split]
@@ -484,6 +486,8 @@ def _build_idx(name, pretty, subdirs, system_dirs, classes, mean, std, hint, spl
     if labels.size and int(labels.max()) >= len(classes):
         raise IDXFormatError(f"{lp}: label {int(labels.max())} out of range for {len(classes)} "
                              "classes")
+    if pad:  # zero (background) border on every side, e.g. 28x28 -> 32x32 as LeNet-5 expects
+        images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))
     h, w = images.shape[1:]
     info = DatasetInfo(name, split, len(classes), 1, (h, w), list(classes), mean, std, str(d),
                        {"images": str(ip), "labels": str(lp)})
@@ -493,7 +497,8 @@ def _build_idx(name, pretty, subdirs, system_dirs, classes, mean, std, hint, spl
 
 @register("fashion_mnist", "fashionmnist", "fmnist")
 def _fashion_mnist(split, data_root, augment, **kwargs):
-    """Train augmentation: RandomCrop 28 pad 2 + horizontal flip."""
+    """Train augmentation: RandomCrop 28 pad 2 + horizontal flip. Option ``pad=N`` adds an N-pixel
+    zero border to every image first (``pad=2``: 32 x 32)."""
     return _build_idx("fashion_mnist", "Fashion-MNIST",
                       ["FashionMNIST/raw", "fashion-mnist", "fashion_mnist", "."],
                       FASHION_MNIST_SYSTEM_DIRS, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN,
