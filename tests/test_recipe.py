@@ -30,7 +30,7 @@ TINY = {
     "model": {"name": "mobilenet_student", "args": {"width_mult": 0.5}},
     "teacher": {"name": "lenet5", "args": {"input_size": 16}},
     "stages": [
-        {"name": "teacher", "kind": "train", "target": "teacher", "epochs": 2,
+        {"name": "teacher", "kind": "train", "target": "teacher", "epochs": 2, "batch_size": 32,
          "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
          "schedule": {"name": "warmup_cosine", "warmup_epochs": 0.5}},
         {"name": "kd", "kind": "distill", "epochs": 2,
@@ -105,6 +105,8 @@ BAD = [
     (_stage(2, quantize={"weight_bits": 4, "bits": 4}), ["stages[2] 'qat8'", "quantize", "bits"]),
     (_stage(4, epochs=3), ["stages[4] 'final'", "'epochs' does not apply to a 'evaluate' stage"]),
     (_stage(4, amp=True), ["stages[4] 'final'", "'amp' does not apply"]),
+    (_stage(4, batch_size=8), ["stages[4] 'final'", "'batch_size' does not apply"]),
+    (_stage(0, batch_size=0), ["stages[0] 'teacher'", "'batch_size' must be >= 1"]),
     (_stage(0, distill="kldiv:1"), ["stages[0] 'teacher'", "'distill' is not supported on a stage with target 'teacher'"]),
     (_stage(1, name="teacher"), ["stages[1] 'teacher'", "duplicate stage name"]),
     (_stage(1, name="k d"), ["stages[1] 'k d'", "'name' must match"]),
@@ -209,6 +211,9 @@ def test_tiny_recipe_runs_end_to_end(uninterrupted):
     rows = open(os.path.join(out, "stages/00-teacher/metrics.csv")).read().splitlines()
     assert rows[0].startswith("epoch,lr,train_loss,train_top1,train_top5,eval_loss,eval_top1,eval_top5")
     assert len(rows) == 3
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["stages"]["teacher"]["result"]["steps"] == 4  # 2 epochs x (64 / batch_size 32)
+    assert run["stages"]["kd"]["result"]["steps"] == 8       # data.batch_size 16
     jl = [json.loads(line) for line in open(os.path.join(out, "stages/03-qat4/metrics.jsonl"))]
     assert [r["epoch"] for r in jl] == [1, 2]
     md = open(os.path.join(out, "report.md")).read()

@@ -159,10 +159,9 @@ class Runner:
         test_set, _ = build_dataset(d.dataset, "test", data_root=self.data_root, augment=False,
                                     **d.options)
         self.info = info
+        self.train_set = train_set
+        self.train_loader = self._train_loader(d.batch_size)
         pin = self.device.type == "cuda"
-        self.train_loader = make_loader(train_set, d.batch_size, shuffle=True, seed=self.recipe.seed,
-                                        num_workers=d.num_workers, drop_last=len(train_set) > d.batch_size,
-                                        pin_memory=pin)
         self.eval_loader = make_loader(test_set, d.eval_batch_size, shuffle=False,
                                        seed=self.recipe.seed, num_workers=d.num_workers,
                                        pin_memory=pin)
@@ -170,6 +169,14 @@ class Runner:
                           "train_samples": len(train_set), "test_samples": len(test_set),
                           "num_classes": info.num_classes, "in_channels": info.in_channels,
                           "image_size": list(info.image_size)}
+
+    def _train_loader(self, batch_size: int):
+        from ..data import make_loader
+        d = self.recipe.data
+        # drop_last keeps every step's batch statistics comparable (BN) unless the set is tiny
+        return make_loader(self.train_set, batch_size, shuffle=True, seed=self.recipe.seed,
+                           num_workers=d.num_workers, drop_last=len(self.train_set) > batch_size,
+                           pin_memory=self.device.type == "cuda")
 
     def _initial(self, target: str) -> Dict[str, Any]:
         spec = self.recipe.model if target == "student" else self.recipe.teacher
@@ -209,6 +216,8 @@ class Runner:
         sdir = self.stage_dir(index, stage)
         ckpt_path = os.path.join(sdir, "checkpoint.pt")
         resuming = os.path.exists(ckpt_path)
+        train_loader = self.train_loader if stage.batch_size is None \
+            else self._train_loader(stage.batch_size)
         model = self._materialize(stage.target)
         arch = dict(self.current[stage.target]["arch"])
         if stage.quantize is not None:
@@ -222,11 +231,11 @@ class Runner:
             model.to(self.device)
             if not resuming:
                 # Calibration batches come from the train loader in a seeded order.
-                gen = getattr(self.train_loader, "generator", None)
+                gen = getattr(train_loader, "generator", None)
                 if isinstance(gen, torch.Generator):
                     gen.manual_seed(self.recipe.seed * 7 + index)
                 seed_everything(self.recipe.seed * 7 + index)
-                calibrate(model, self.train_loader, num_batches=qspec.calib_batches, device=self.device)
+                calibrate(model, train_loader, num_batches=qspec.calib_batches, device=self.device)
             arch["qat"] = qat_plan(model)
         distiller = None
         if stage.distill is not None:
@@ -236,7 +245,7 @@ class Runner:
         if stage.eval_batches is not None:
             eval_loader = _Limited(self.eval_loader, stage.eval_batches)
         trainer = Trainer(
-            model, self.train_loader, eval_loader, epochs=stage.epochs, optimizer=stage.optimizer,
+            model, train_loader, eval_loader, epochs=stage.epochs, optimizer=stage.optimizer,
             schedule=stage.schedule, device=self.device, distiller=distiller, amp=stage.amp,
             seed=self.recipe.seed, out_dir=sdir, log_format=stage.log_format, progress=self.progress,
             max_steps_per_epoch=stage.max_steps_per_epoch, grad_clip=stage.grad_clip,

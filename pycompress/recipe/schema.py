@@ -92,6 +92,7 @@ class StageSpec:
     grad_clip: Optional[float] = None
     max_steps_per_epoch: Optional[int] = None
     eval_batches: Optional[int] = None     # cap on eval batches per epoch (None: the whole set)
+    batch_size: Optional[int] = None       # this stage's training batch size (default: data's)
     log_format: str = "csv"
 
 
@@ -263,6 +264,7 @@ def _stage(ctx, raw, index) -> StageSpec:
                         low_ok=False),
         max_steps_per_epoch=_want(ctx, where, "max_steps_per_epoch", raw.get("max_steps_per_epoch"),
                                   int, optional=True, low=1),
+        batch_size=_want(ctx, where, "batch_size", raw.get("batch_size"), int, optional=True, low=1),
         eval_batches=_want(ctx, where, "eval_batches", raw.get("eval_batches"), int, optional=True,
                            low=1),
         log_format=_want(ctx, where, "log_format", raw.get("log_format", "csv"), str,
@@ -278,7 +280,7 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(StageSpec)}
         # (a resolved recipe spells the defaults out; only a set value is an error)
         extra = [k for k in ("epochs", "optimizer", "schedule", "distill", "quantize", "amp",
-                             "grad_clip", "max_steps_per_epoch", "log_format")
+                             "grad_clip", "max_steps_per_epoch", "log_format", "batch_size")
                  if k in raw and raw[k] is not None and raw[k] != defaults[k]]
         if extra:
             raise ctx.fail(where, f"{extra[0]!r} does not apply to a {s.kind!r} stage")
