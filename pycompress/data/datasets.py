@@ -577,7 +577,6 @@ def _build_cifar(name, folder, files, label_key, meta, meta_key, num_classes, me
                        {"policy": policy if augment else None})
     aug = None
     if augment:
-        T = _tv_transforms()
         if policy == "standard":
             aug = CropFlip((32, 32), 4, True)
         elif policy == "micronet":

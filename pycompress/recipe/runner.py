@@ -27,9 +27,9 @@ import torch.nn as nn
 import yaml
 
 from .. import backends
-from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
+from ..train.checkpoint import CheckpointError, load_checkpoint, seed_everything
 from ..utils import atomic_write_text
-from .schema import TRAINING_KINDS, Recipe, RecipeError, StageSpec, dump_recipe
+from .schema import TRAINING_KINDS, Recipe, StageSpec, dump_recipe
 
 RUN_FORMAT = "pycompress-run"
 
@@ -443,4 +443,4 @@ def run_recipe(recipe: Recipe, out_dir: Optional[str] = None, **kwargs) -> Dict[
 
 
 __all__ = ["Runner", "RunError", "run_recipe", "build_from_arch", "load_model", "model_arch",
-           "build_report", "write_report", "count_params", "RecipeError", "save_checkpoint"]
+           "build_report", "write_report", "count_params"]
