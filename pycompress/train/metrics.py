@@ -76,26 +76,24 @@ def plot_curves(path: str, rows: Sequence[Dict], title: str = "") -> bool:
         import matplotlib
         matplotlib.use("Agg", force=False)
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     epochs = [r["epoch"] for r in rows]
     fig = Figure(figsize=(9, 3.6), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
-    for key, label in (("train_loss", "train"), ("eval_loss", "eval")):
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            ax1.plot(epochs, [math.nan if y is None else y for y in ys], marker="o", label=label)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    for key, label in (("train_top1", "train top-1"), ("eval_top1", "eval top-1"),
-                       ("eval_top5", "eval top-5")):
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            ax2.plot(epochs, [math.nan if y is None else y for y in ys], marker="o", label=label)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy (%)")
-    ax2.legend()
+    panels = ((ax1, "loss", (("train_loss", "train"), ("eval_loss", "eval"))),
+              (ax2, "accuracy (%)", (("train_top1", "train top-1"), ("eval_top1", "eval top-1"),
+                                     ("eval_top5", "eval top-5"))))
+    for ax, ylabel, curves in panels:
+        for key, label in curves:
+            ys = [r.get(key) for r in rows]
+            if any(y is not None for y in ys):
+                ax.plot(epochs, [math.nan if y is None else y for y in ys], marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
