@@ -123,6 +123,7 @@ def _check(args) -> int:
 
 
 def _eval(args) -> int:
+    import contextlib
     import json
 
     import torch
@@ -138,6 +139,8 @@ def _eval(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         return _err("eval", "--device cuda but no CUDA device is available")
+    if args.backend != "auto" and backends.status(args.backend) is not None:
+        return _err("eval", f"backend {args.backend!r} unavailable: {backends.status(args.backend)}")
     try:
         model, ckpt = load_model(args.checkpoint)
         data = ckpt.get("data")
@@ -146,9 +149,8 @@ def _eval(args) -> int:
         test_set, _ = build_dataset(data["dataset"], "test", data_root=args.data_root, augment=False,
                                     **data.get("options", {}))
         loader = make_loader(test_set, args.batch_size, shuffle=False)
-        if args.backend != "auto" and backends.status(args.backend) is not None:
-            return _err("eval", f"backend {args.backend!r} unavailable: {backends.status(args.backend)}")
-        with (backends.use(args.backend) if args.backend != "auto" else _null()):
+        # "auto" keeps PYCOMPRESS_BACKEND in force, as `run` does
+        with (backends.use(args.backend) if args.backend != "auto" else contextlib.nullcontext()):
             ev = evaluate(model, loader, device)
     except (CheckpointError, DatasetNotFoundError, ValueError) as exc:
         return _err("eval", exc)
@@ -165,10 +167,6 @@ def _eval(args) -> int:
         atomic_write_text(args.json, json.dumps(res, indent=2))
     return 0
 
-
-def _null():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 def _info(args) -> int:

@@ -253,3 +253,23 @@ def test_bad_constructor_args_and_iters_per_epoch():
         WarmupStep(make_opt(), milestones=[5], warmup_iters=2, base_lr=[0.1, 0.2, 0.3])
     with pytest.raises(TypeError):
         Constant(object())
+
+
+def test_default_epochs_fills_only_a_missing_cosine_length():
+    import pytest
+    import torch
+
+    from pycompress.train import build_scheduler
+
+    def opt():
+        return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+
+    s = build_scheduler(opt(), {"name": " Cosine "}, iters_per_epoch=10, default_epochs=3)
+    assert s.total_iters == 30
+    s = build_scheduler(opt(), {"name": "cosine", "epochs": 2}, iters_per_epoch=10, default_epochs=3)
+    assert s.total_iters == 20  # the spec's own length wins
+    with pytest.raises(ValueError, match="missing 'epochs'"):
+        build_scheduler(opt(), {"name": "cosine"}, iters_per_epoch=10)
+    with pytest.raises(ValueError, match="unknown key 'epochs'"):  # not added to other kinds
+        build_scheduler(opt(), {"name": "step", "step_size": 1, "epochs": 3}, iters_per_epoch=10)
+    build_scheduler(opt(), {"name": "step", "step_size": 1}, iters_per_epoch=10, default_epochs=3)

@@ -321,14 +321,10 @@ def _check_schedule(ctx, where, s: StageSpec) -> None:
     import torch
 
     from ..train.schedules import build_scheduler
-    spec = dict(s.schedule)
-    if str(spec.get("name", "")).lower() in ("warmup_cosine", "cosine", "warmupcosine") \
-            and "epochs" not in spec and "total_iters" not in spec:
-        spec["epochs"] = s.epochs
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
         # 1000 iterations per epoch: fine enough that fractional warm-up epochs resolve
-        build_scheduler(opt, spec, iters_per_epoch=1000)
+        build_scheduler(opt, s.schedule, iters_per_epoch=1000, default_epochs=s.epochs)
     except (TypeError, ValueError) as exc:
         raise ctx.fail(f"{where}: schedule", str(exc)) from None
 

@@ -270,7 +270,8 @@ def _one_of(spec: Mapping[str, Any], epoch_key: str, iter_key: str, iters_per_ep
     return None
 
 
-def build_scheduler(optimizer: Optimizer, spec: Mapping[str, Any], iters_per_epoch: int) -> WarmupLRScheduler:
+def build_scheduler(optimizer: Optimizer, spec: Mapping[str, Any], iters_per_epoch: int,
+                    default_epochs: float | None = None) -> WarmupLRScheduler:
     """Build a per-iteration scheduler from a dict.
 
     Keys (epoch-valued keys may be fractional; they are converted with
@@ -281,7 +282,8 @@ def build_scheduler(optimizer: Optimizer, spec: Mapping[str, Any], iters_per_epo
       ``step`` or ``constant`` (class names like ``WarmupCosine`` also accepted).
     * ``warmup_epochs`` | ``warmup_iters`` (default 0), ``base_lr`` (warm-up start LR, default 0):
       all kinds.
-    * ``epochs`` | ``total_iters``: total schedule length, required for ``warmup_cosine``.
+    * ``epochs`` | ``total_iters``: total schedule length, required for ``warmup_cosine`` unless
+      ``default_epochs`` (the training run's length) is given.
     * ``milestones`` (list of epochs) | ``milestone_iters`` (list of iterations): required for
       ``warmup_step`` / ``multistep``; ``gamma`` (default 0.1).
     * ``step_size`` (epochs) | ``step_size_iters``: required for ``step``; ``gamma`` (default 0.1).
@@ -316,6 +318,8 @@ def build_scheduler(optimizer: Optimizer, spec: Mapping[str, Any], iters_per_epo
     if "base_lr" in spec:
         kwargs["base_lr"] = spec["base_lr"]
     if name == "warmup_cosine":
+        if "epochs" not in spec and "total_iters" not in spec and default_epochs is not None:
+            spec = {**spec, "epochs": default_epochs}
         total = _one_of(spec, "epochs", "total_iters", ipe, required=True)
         return WarmupCosine(optimizer, total_iters=total, **kwargs)
     if "gamma" in spec:

@@ -261,11 +261,8 @@ class Trainer:
         self.steps_per_epoch = min(n, max_steps_per_epoch) if max_steps_per_epoch else n
         self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) \
             else build_optimizer(self.model, optimizer)
-        sched = dict(schedule) if schedule else {"name": "constant"}
-        if str(sched.get("name", "")).lower() in ("warmup_cosine", "cosine", "warmupcosine") \
-                and "epochs" not in sched and "total_iters" not in sched:
-            sched["epochs"] = epochs
-        self.scheduler = build_scheduler(self.optimizer, sched, self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, schedule or {"name": "constant"},
+                                         self.steps_per_epoch, default_epochs=epochs)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.epoch = 0            # completed epochs
         self.global_step = 0
