@@ -296,8 +296,20 @@ def _counted_tensors(m: nn.Module):
         if p is not None:
             yield name, p
     for name, b in m._buffers.items():
-        if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
+        # weight_shadow: the dense training copy of a pruned layer, not part of the stored model
+        if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set \
+                and name != "weight_shadow":
             yield name, b
+
+
+def _weight_bits(w: torch.Tensor, bits_per_value: int, masked: bool) -> int:
+    """Bits of a weight: dense, or, for a pruned layer, a 1-bit mask per element plus the nonzero
+    values (MicroNet's rule), whichever is smaller."""
+    dense = bits_per_value * w.numel()
+    if not masked:
+        return dense
+    nonzero = int(torch.count_nonzero(w.detach()))
+    return min(dense, w.numel() + bits_per_value * nonzero)
 
 
 def model_size(model: nn.Module) -> Dict[str, Any]:
@@ -308,7 +320,9 @@ def model_size(model: nn.Module) -> Dict[str, Any]:
     BN, unquantized layers) 32 bits per element. fp32 size: every such tensor at 32 bits, no scales.
     The quantizers' bookkeeping (observed ranges, flags) is not counted. In a QAT layer the weight is
     counted once, whether it is stored as ``weight`` or as torch.nn.utils.prune's
-    ``weight_orig`` + ``weight_mask``. Sparsity is not exploited here.
+    ``weight_orig`` + ``weight_mask``. The weight of a layer pruned by pycompress.prune (a
+    ``weight_mask`` buffer) counts a 1-bit mask per element plus its bits per nonzero value, when
+    that is smaller than dense; pruning's dense shadow weights are training state, not counted.
 
     Returns {"bits", "bytes", "mb", "fp32_bits", "fp32_bytes", "fp32_mb", "compression",
     "layers": {name: {"params", "weight_bits", "act_bits", "bits", "fp32_bits"}}}; bytes are
@@ -321,6 +335,8 @@ def model_size(model: nn.Module) -> Dict[str, Any]:
             continue  # counted by its layer
         bits = fp32 = numel = 0
         wb = ab = None
+        masked = isinstance(m._buffers.get("weight_mask"), torch.Tensor) and \
+            m._buffers["weight_mask"].dtype == torch.uint8
         if isinstance(m, QAT_LAYERS):
             w = m.weight
             numel += w.numel()
@@ -328,13 +344,19 @@ def model_size(model: nn.Module) -> Dict[str, Any]:
             wq = m.weight_quant
             if wq is not None:
                 wb = wq.bits
-                bits += wq.bits * w.numel() + 32 * wq.num_channels
+                bits += _weight_bits(w, wq.bits, masked) + 32 * wq.num_channels
             else:
-                bits += 32 * w.numel()
+                bits += _weight_bits(w, 32, masked)
             if m.act_quant is not None:
                 ab = m.act_quant.bits
                 bits += 32
             tensors = [(n, t) for n, t in _counted_tensors(m) if n not in ("weight", "weight_orig", "weight_mask")]
+        elif masked and isinstance(m._parameters.get("weight"), torch.Tensor):
+            w = m.weight
+            numel += w.numel()
+            fp32 += 32 * w.numel()
+            bits += _weight_bits(w, 32, True)
+            tensors = [(n, t) for n, t in _counted_tensors(m) if n != "weight"]
         else:
             tensors = list(_counted_tensors(m))
         for _, t in tensors:

@@ -5,7 +5,8 @@ Run directory::
 
     recipe.yaml                  the resolved recipe (defaults filled in, --set applied)
     run.json                     progress: per stage status, result, timings (written atomically)
-    stages/NN-<name>/            checkpoint.pt, best.pt, metrics.csv|jsonl, curves.png
+    stages/NN-<name>/            checkpoint.pt, best.pt, metrics.csv|jsonl, curves.png,
+                                 sparsity.txt|json (stages of a pruned model)
     report.md, report.json       the final report
 
 ``resume=True`` continues an interrupted run: finished stages are skipped (their best checkpoints
@@ -62,8 +63,15 @@ def load_model(path: str, map_location: Any = "cpu"):
     if "arch" not in ckpt:
         raise CheckpointError(f"{path!r} does not say how to rebuild its model (no 'arch' entry)")
     model = build_from_arch(ckpt["arch"])
-    model.load_state_dict(ckpt["model"])
+    _load_state(model, ckpt["model"])
     return model, ckpt
+
+
+def _load_state(model: nn.Module, state: Dict[str, Any]) -> None:
+    """load_state_dict, after giving the model the pruning-mask buffers the state has."""
+    from ..prune import prepare_state_dict
+    prepare_state_dict(model, state)
+    model.load_state_dict(state)
 
 
 def _load_teacher_weights(model: nn.Module, path: str) -> None:
@@ -192,7 +200,7 @@ class Runner:
             if cur.get("fresh"):           # teacher.checkpoint given in the recipe
                 _load_teacher_weights(model, cur["path"])
             else:
-                model.load_state_dict(load_checkpoint(cur["path"])["model"])
+                _load_state(model, load_checkpoint(cur["path"])["model"])
         return model
 
     # -------------------------------------------------------------------- stages
@@ -237,6 +245,15 @@ class Runner:
                 seed_everything(self.recipe.seed * 7 + index)
                 calibrate(model, train_loader, num_batches=qspec.calib_batches, device=self.device)
             arch["qat"] = qat_plan(model)
+        hooks, optimizer = [], stage.optimizer
+        pruner = None
+        from ..prune import Pruner, build_masked_optimizer, has_masks
+        if stage.prune is not None or has_masks(model):
+            # Masks of earlier stages stay fixed; a prune section chooses (new) ones.
+            model.to(self.device)
+            pruner = Pruner(model, stage.prune, log=self.log)
+            hooks.append(pruner)
+            optimizer = build_masked_optimizer(model, stage.optimizer)
         distiller = None
         if stage.distill is not None:
             from ..distill import Distiller
@@ -245,7 +262,7 @@ class Runner:
         if stage.eval_batches is not None:
             eval_loader = _Limited(self.eval_loader, stage.eval_batches)
         trainer = Trainer(
-            model, train_loader, eval_loader, epochs=stage.epochs, optimizer=stage.optimizer,
+            model, train_loader, eval_loader, epochs=stage.epochs, optimizer=optimizer, hooks=hooks,
             schedule=stage.schedule, device=self.device, distiller=distiller, amp=stage.amp,
             seed=self.recipe.seed, out_dir=sdir, log_format=stage.log_format, progress=self.progress,
             max_steps_per_epoch=stage.max_steps_per_epoch, grad_clip=stage.grad_clip,
@@ -258,6 +275,16 @@ class Runner:
         self.current[stage.target] = {"arch": arch, "path": best_path, "fresh": False}
         best_model, _ = load_model(best_path)
         summary.update(_model_facts(best_model))
+        if pruner is not None:
+            from ..prune import sparsity_report
+            rep = sparsity_report(best_model, selected=pruner.selected_params())
+            atomic_write_text(os.path.join(sdir, "sparsity.json"), json.dumps(rep.to_dict(), indent=1) + "\n")
+            atomic_write_text(os.path.join(sdir, "sparsity.txt"), rep.format() + "\n")
+            summary["sparsity"] = {"selected": rep.selected_sparsity, "overall": rep.sparsity,
+                                   "selected_params": rep.selected_total, "nonzero_params": rep.alive,
+                                   "compression_rate": _finite(rep.compression_rate),
+                                   "layers": len(pruner.layers)}
+            self.log(f"[{stage.name}] sparsity of the best model ({sdir}/sparsity.txt):\n{rep.format()}")
         # epochs of earlier sessions (resume) + everything this session did (set-up, calibration)
         summary["seconds"] = trainer.elapsed - trainer.session_elapsed + (time.perf_counter() - t0)
         summary["best"] = os.path.relpath(best_path, self.out)  # the run directory may move
@@ -385,13 +412,26 @@ def build_report(recipe: Recipe, state: Dict[str, Any], data: Dict[str, Any], de
             "top1": acc(final, "top1"), "top5": acc(final, "top5"), "params": final.get("params"),
             "size_bytes": final.get("size_bytes"), "fp32_bytes": final.get("fp32_bytes"),
             "compression": (final["fp32_bytes"] / final["size_bytes"]) if final and final.get("size_bytes") else None,
-            "quantized": final.get("quantized"), "stage": final["name"]},
+            "quantized": final.get("quantized"), "stage": final["name"],
+            "sparsity": _last_sparsity(stages)},
         "teacher": None if teacher is None else {
             "top1": acc(teacher, "top1"), "top5": acc(teacher, "top5"),
             "params": teacher.get("params"), "stage": teacher["name"]},
         "stages": stages,
     }
     return report
+
+
+def _last_sparsity(stages) -> Optional[Dict[str, Any]]:
+    """The sparsity facts of the student's last pruned training stage, if any."""
+    for s in reversed(stages):
+        if s["target"] == "student" and s.get("status") == "done" and s.get("sparsity"):
+            return s["sparsity"]
+    return None
+
+
+def _finite(v):
+    return v if v is None or v != float("inf") else None
 
 
 def _fmt(v, spec=".2f"):
@@ -422,15 +462,22 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
             lines.append(f"| teacher ({t['stage']}) | {_fmt(t['top1'])} | {_fmt(t['top5'])} | "
                          f"{t['params']:,} | | | |")
         lines.append("")
+        sp = s.get("sparsity")
+        if sp:
+            lines += [f"Sparsity: {100 * sp['selected']:.2f}% of the weights of the {sp['layers']} pruned layers "
+                      f"are 0 ({100 * sp['overall']:.2f}% of all parameters; {sp['nonzero_params']:,} nonzero). "
+                      "The size counts a 1-bit mask plus the nonzero values of each pruned layer.", ""]
     lines += ["## Stages", "",
-              "| # | stage | kind | target | epochs | best top-1 | final top-1 | size (bytes) | time (s) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| # | stage | kind | target | epochs | best top-1 | final top-1 | sparsity | size (bytes) | time (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, st in enumerate(report["stages"]):
         best = st.get("best_top1", st.get("top1"))
         final = st.get("final_top1", st.get("top1"))
         size = st.get("size_bytes")
+        sp = (st.get("sparsity") or {}).get("selected")
         lines.append(f"| {i} | {st['name']} | {st['kind']} | {st['target']} | {st.get('epochs', '-')} | "
-                     f"{_fmt(best)} | {_fmt(final)} | {'-' if size is None else f'{size:,}'} | "
+                     f"{_fmt(best)} | {_fmt(final)} | {'-' if sp is None else f'{100 * sp:.1f}%'} | "
+                     f"{'-' if size is None else f'{size:,}'} | "
                      f"{_fmt(st.get('seconds'), '.1f')} |")
     lines += ["", "Per-stage logs and curves: `stages/NN-<name>/metrics.*`, `curves.png`; best "
               "checkpoints: `stages/NN-<name>/best.pt` (evaluate one with `pycompress eval`).", ""]

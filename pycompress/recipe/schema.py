@@ -16,16 +16,19 @@ Layout (see recipes/quickstart.yaml for a full example)::
     teacher: {name: lenet5, args: {}, checkpoint: null}     # optional
     stages:
       - name: teacher           # unique, [A-Za-z0-9_-]
-        kind: train             # train | distill | quantize | finetune | evaluate
+        kind: train             # train | distill | prune | quantize | finetune | evaluate
         target: teacher         # student (default) | teacher
         epochs: 3
         optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}
         schedule: {name: warmup_cosine, warmup_epochs: 0.2}
         distill: {kind: hinton, alpha: 0.5, temperature: 4}  # KD in any training stage
         quantize: {weight_bits: 4, act_bits: 8}              # QAT in any student stage
+        prune: {criterion: global_magnitude, sparsity: 0.75}  # pruning in any training stage
 
-Stage kinds only differ in what they require: ``distill`` needs a ``distill`` section, ``quantize``
-a ``quantize`` section, ``evaluate`` takes no training settings. Each stage starts from the best
+Stage kinds only differ in what they require: ``distill`` needs a ``distill`` section, ``prune`` a
+``prune`` section (see pycompress.prune.PruneSpec), ``quantize`` a ``quantize`` section, ``evaluate``
+takes no training settings. KD, pruning and QAT compose within one stage; masks chosen in one stage
+stay fixed in every later training stage. Each stage starts from the best
 checkpoint of the previous stage with the same target. New kinds (prune, bn_update, export) slot in
 as new sections and kinds.
 """
@@ -42,8 +45,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-STAGE_KINDS = ("train", "distill", "quantize", "finetune", "evaluate")
-TRAINING_KINDS = ("train", "distill", "quantize", "finetune")
+STAGE_KINDS = ("train", "distill", "prune", "quantize", "finetune", "evaluate")
+TRAINING_KINDS = ("train", "distill", "prune", "quantize", "finetune")
 TARGETS = ("student", "teacher")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("csv", "jsonl")
@@ -88,6 +91,7 @@ class StageSpec:
     schedule: Optional[Dict[str, Any]] = None
     distill: Optional[Any] = None          # dict, "kind:weight[:T]" string or a list of them
     quantize: Optional[Dict[str, Any]] = None
+    prune: Optional[Dict[str, Any]] = None
     amp: bool = False
     grad_clip: Optional[float] = None
     max_steps_per_epoch: Optional[int] = None
@@ -259,6 +263,7 @@ def _stage(ctx, raw, index) -> StageSpec:
         schedule=_want(ctx, where, "schedule", raw.get("schedule"), dict, optional=True),
         distill=raw.get("distill"),
         quantize=_want(ctx, where, "quantize", raw.get("quantize"), dict, optional=True),
+        prune=_want(ctx, where, "prune", raw.get("prune"), dict, optional=True),
         amp=_want(ctx, where, "amp", raw.get("amp", False), bool),
         grad_clip=_want(ctx, where, "grad_clip", raw.get("grad_clip"), float, optional=True, low=0,
                         low_ok=False),
@@ -279,7 +284,7 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
     if not training:
         defaults = {f.name: f.default for f in dataclasses.fields(StageSpec)}
         # (a resolved recipe spells the defaults out; only a set value is an error)
-        extra = [k for k in ("epochs", "optimizer", "schedule", "distill", "quantize", "amp",
+        extra = [k for k in ("epochs", "optimizer", "schedule", "distill", "quantize", "prune", "amp",
                              "grad_clip", "max_steps_per_epoch", "log_format", "batch_size")
                  if k in raw and raw[k] is not None and raw[k] != defaults[k]]
         if extra:
@@ -300,8 +305,10 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
         raise ctx.fail(where, "missing required key 'distill' (the KD loss of a 'distill' stage)")
     if s.kind == "quantize" and s.quantize is None:
         raise ctx.fail(where, "missing required key 'quantize' (the QAT settings of a 'quantize' stage)")
-    if s.target == "teacher" and (s.distill is not None or s.quantize is not None):
-        key = "distill" if s.distill is not None else "quantize"
+    if s.kind == "prune" and s.prune is None:
+        raise ctx.fail(where, "missing required key 'prune' (the pruning settings of a 'prune' stage)")
+    if s.target == "teacher" and (s.distill is not None or s.quantize is not None or s.prune is not None):
+        key = "distill" if s.distill is not None else "quantize" if s.quantize is not None else "prune"
         raise ctx.fail(where, f"{key!r} is not supported on a stage with target 'teacher'")
     if s.distill is not None:
         from ..distill import build_loss
@@ -315,6 +322,12 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
             QuantSpec.from_dict(s.quantize)
         except (TypeError, ValueError) as exc:
             raise ctx.fail(f"{where}: quantize", str(exc)) from None
+    if s.prune is not None:
+        from ..prune import PruneSpec
+        try:
+            s.prune = PruneSpec.from_dict(s.prune).to_dict()  # resolved: defaults spelled out
+        except (TypeError, ValueError) as exc:
+            raise ctx.fail(f"{where}: prune", str(exc)) from None
 
 
 def _check_schedule(ctx, where, s: StageSpec) -> None:
@@ -365,11 +378,26 @@ def _recipe(ctx, raw) -> Recipe:
                 raise ctx.fail(where, "target 'teacher' but the recipe has no 'teacher' section")
             if s.kind in TRAINING_KINDS:
                 teacher_ready = True
+        if s.prune is not None:
+            _check_prune_layers(ctx, where, r.model, s.prune)
         if s.distill is not None and not teacher_ready:
             raise ctx.fail(where, "'distill' needs a trained teacher: add a 'teacher' section and "
                                   "either train it in an earlier stage (target: teacher) or set "
                                   "teacher.checkpoint")
     return r
+
+
+def _check_prune_layers(ctx, where, model: "ModelSpec", prune: Dict[str, Any]) -> None:
+    """A prune section must select at least one layer of the student (names do not depend on the
+    dataset's channels and classes, and QAT keeps them)."""
+    from ..models import build
+    from ..prune import PruneSpec
+    spec = PruneSpec.from_dict(prune)
+    net = build(model.name, in_channels=3, num_classes=10, **model.args)
+    if not spec.select_layers(net):
+        raise ctx.fail(f"{where}: prune", f"selects no layer of model {model.name!r} (types={spec.types}, "
+                                          f"include={spec.include}, exclude={spec.exclude}, first={spec.first}, "
+                                          f"last={spec.last})")
 
 
 # ------------------------------------------------------------------------------ overrides, loading

@@ -194,6 +194,7 @@ class Hook:
     def before_step(self, trainer: "Trainer") -> None: ...   # after backward, before optimizer.step
     def after_step(self, trainer: "Trainer") -> None: ...
     def on_epoch_end(self, trainer: "Trainer", row: Dict[str, Any]) -> None: ...
+    def before_load(self, trainer: "Trainer", checkpoint: Dict[str, Any]) -> None: ...  # e.g. add mask buffers
 
 
 class Trainer:
@@ -310,6 +311,9 @@ class Trainer:
                 raise ValueError(f"stage {self.name!r}: the checkpoint was written with {key} "
                                  f"{state[key]}, this run has {now} (a different seed, batch size "
                                  "or dataset); resume with the same settings")
+        for h in self.hooks:
+            if hasattr(h, "before_load"):
+                h.before_load(self, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
