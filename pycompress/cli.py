@@ -67,7 +67,35 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive_int, default=512)
     ev.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     ev.set_defaults(func=_eval)
+
+    sp = sub.add_parser("sparsity", help="the per-tensor sparsity report of a checkpoint (best.pt / checkpoint.pt)")
+    sp.add_argument("checkpoint")
+    sp.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    sp.add_argument("--markdown", action="store_true", help="print a markdown table instead of text")
+    sp.set_defaults(func=_sparsity)
     return p
+
+
+def _sparsity(args) -> int:
+    import json
+
+    from pycompress.prune import masked_layers, sparsity_report
+    from pycompress.recipe import load_model
+    from pycompress.train import CheckpointError
+    from pycompress.utils import atomic_write_text
+
+    try:
+        model, _ = load_model(args.checkpoint)
+    except (CheckpointError, ValueError) as exc:
+        return _err("sparsity", exc)
+    # the layers a pruning stage masked are the selection; without masks every weight with >= 2 dims
+    selected = [f"{n}.weight" for n in masked_layers(model)] or \
+        [n for n, p in model.named_parameters() if p.dim() >= 2 and n.endswith("weight")]
+    rep = sparsity_report(model, selected=selected)
+    print(rep.to_markdown() if args.markdown else rep.format())
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rep.to_dict(), indent=1) + "\n")
+    return 0
 
 
 def _err(cmd: str, exc: BaseException) -> int:

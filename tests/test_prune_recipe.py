@@ -143,3 +143,16 @@ def test_resolved_recipe_spells_out_prune_defaults(pruned_run):
     resolved = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
     pr = resolved["stages"][2]["prune"]
     assert pr["schedule"] == "regrow" and pr["update_stop"] is None and pr["first"] is True
+
+
+def test_sparsity_cli(pruned_run, tmp_path):
+    _, out, _ = pruned_run
+    js = str(tmp_path / "s.json")
+    res = _run_cli(["sparsity", os.path.join(out, "stages/02-prune/best.pt"), "--json", js])
+    assert res.returncode == 0, res.stderr
+    assert "compression rate" in res.stdout and "selected (" in res.stdout
+    assert json.load(open(js))["selected"]["sparsity"] == pytest.approx(0.75, abs=0.002)
+    res = _run_cli(["sparsity", os.path.join(out, "stages/02-prune/best.pt"), "--markdown"])
+    assert res.returncode == 0 and res.stdout.startswith("|")
+    res = _run_cli(["sparsity", str(tmp_path / "missing.pt")])
+    assert res.returncode == 2 and "does not exist" in res.stderr
