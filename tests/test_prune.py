@@ -145,6 +145,7 @@ def test_prune_model_global_matches_topk_and_reports():
     ({"criterion": "global_magnitude", "sparsity": 1.5}, "sparsity: must be <= 1.0"),
     ({"criterion": "random", "sparsity": 0.5, "schedule": "regrow"}, "schedule: 'regrow'"),
     ({"criterion": "std_ratio", "schedule": "gradual"}, "schedule: 'gradual'"),
+    ({"criterion": "random", "sparsity": 0.5, "schedule": "gradual"}, "schedule: 'gradual'"),
     ({"criterion": "global_magnitude", "sparsity": 0.5, "update_interval": 5}, "only the regrow and gradual"),
     ({"criterion": "global_magnitude", "sparsity": 0.5, "schedule": "gradual", "update_stop": 5},
      "only the regrow schedule"),

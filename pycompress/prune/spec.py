@@ -107,10 +107,13 @@ class PruneSpec:
         self.ratio = _real("ratio", self.ratio, 0.0, low_ok=False)
         self.norm = _real("norm", self.norm, 0.0, low_ok=False)
         if self.schedule != "oneshot":
-            if c not in ("global_magnitude", "layer_magnitude") and not (self.schedule == "gradual" and c in SPARSITY_CRITERIA):
+            # gradual needs criteria under which an already pruned (zero) weight stays pruned as the
+            # target grows: magnitudes and norms; random masks would be redrawn.
+            gradual_ok = ("global_magnitude", "layer_magnitude", "filter_norm", "channel_norm")
+            if c not in ("global_magnitude", "layer_magnitude") and not (self.schedule == "gradual" and c in gradual_ok):
                 _fail("schedule", f"{self.schedule!r} re-selects masks to a target sparsity: it needs criterion "
                       + ("global_magnitude or layer_magnitude" if self.schedule == "regrow" else
-                         f"one of {list(SPARSITY_CRITERIA)}") + f", got {c!r}")
+                         f"one of {list(gradual_ok)}") + f", got {c!r}")
         default_interval = {"oneshot": None, "regrow": 50, "gradual": 100}[self.schedule]
         if self.update_interval is None:
             self.update_interval = default_interval
