@@ -30,6 +30,30 @@ TORCH_LIBRARY(pycompress, m) {
   m.def(
       "_fake_quantize_bwd_learnable(Tensor grad, Tensor x, Tensor inv_scale, Tensor scale, "
       "Tensor zero_point, int qmin, int qmax, int inner, float grad_factor) -> (Tensor, Tensor, Tensor)");
+
+  // Bit-packed sparse masks (pycompress/ops/sparse_mask_ref.py is the specification). A packed mask
+  // of n elements is uint8 [ceil(n / 32) * 4], contiguous, on the data's device: bit (i % 8) of byte
+  // (i / 8) is 1 where element i (row-major) is kept; padding bits past n are 0. Float tensors
+  // below are fp32 | fp16 | bf16 and contiguous.
+  //
+  // Packs a contiguous bool mask (any shape; nonzero = keep) into a new packed mask.
+  m.def("_pack_mask(Tensor mask) -> Tensor");
+  // The first n bits of a packed mask as a new contiguous bool [n].
+  m.def("_unpack_mask(Tensor packed, int n) -> Tensor");
+  // A new contiguous tensor like w: w[i] where bit i is set, else exactly +0.0 (a select on the raw
+  // bits: -0.0, inf and NaN are pruned to +0.0 and kept bit for bit).
+  m.def("_apply_mask(Tensor w, Tensor packed) -> Tensor");
+  // The same in place on w.
+  m.def("_apply_mask_(Tensor(a!) w, Tensor packed) -> ()");
+  // One masked SGD step in place on param and buf (grad read only), per element in fp32:
+  //   g = m ? grad : 0;  g += weight_decay * p (when weight_decay != 0)
+  //   b = first ? g : momentum * b + (1 - dampening) * g;  b = m ? b : 0   (when momentum != 0)
+  //   d = nesterov ? g + momentum * b : b  (d = g when momentum == 0);  p = m ? p - lr * d : 0
+  // buf has param's dtype and size when momentum != 0 (not read when first), else it is ignored
+  // (an empty tensor). grad has param's dtype and size.
+  m.def(
+      "_masked_sgd_step(Tensor(a!) param, Tensor grad, Tensor(b!) buf, Tensor packed, float lr, float momentum, "
+      "float weight_decay, float dampening, bool nesterov, bool first) -> ()");
 }
 
 namespace {

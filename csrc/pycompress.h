@@ -40,6 +40,43 @@ inline int64_t check_fake_quantize_args(const at::Tensor& x, const at::Tensor& i
   return C;
 }
 
+
+// Cheap memory-safety checks of a packed sparse mask for n elements on `device` (the Python layer
+// has validated the user's arguments): uint8, contiguous, packed_mask_bytes(n) bytes.
+inline void check_packed_mask(const char* fn, const at::Tensor& packed, int64_t n, const c10::Device& device) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, fn, ": packed must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK(packed.is_contiguous(), fn, ": packed must be contiguous");
+  TORCH_CHECK(packed.numel() == packed_mask_bytes(n), fn, ": packed must have ", packed_mask_bytes(n), " bytes for ",
+              n, " elements (ceil(n / 32) * 4), got ", packed.numel());
+  TORCH_CHECK(packed.device() == device, fn, ": packed is on ", packed.device(), ", expected ", device);
+}
+
+// Float tensor arguments of the sparse-mask kernels: fp32 | fp16 | bf16, contiguous.
+inline void check_mask_float(const char* fn, const char* name, const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, fn, ": ", name,
+              " must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous");
+}
+
+// The checks shared by the CPU and CUDA masked SGD step. Returns whether buf is used (momentum != 0).
+inline bool check_masked_sgd_args(const char* fn, const at::Tensor& param, const at::Tensor& grad,
+                                  const at::Tensor& buf, const at::Tensor& packed, double momentum) {
+  check_mask_float(fn, "param", param);
+  check_mask_float(fn, "grad", grad);
+  const int64_t n = param.numel();
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type() && grad.numel() == n && grad.device() == param.device(), fn,
+              ": grad must match param in dtype, size and device");
+  check_packed_mask(fn, packed, n, param.device());
+  const bool use_buf = momentum != 0.0;
+  if (use_buf) {
+    check_mask_float(fn, "buf", buf);
+    TORCH_CHECK(buf.scalar_type() == param.scalar_type() && buf.numel() == n && buf.device() == param.device(), fn,
+                ": buf must match param in dtype, size and device when momentum != 0");
+  }
+  return use_buf;
+}
+
 }  // namespace pycompress
 
 // Runs the lambda with scalar_t bound to the kernel dtypes (fp32, fp16, bf16); anything else is an

@@ -18,7 +18,8 @@ python3 -m pytest -q tests/ops -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log
 if command -v compute-sanitizer >/dev/null || [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
   SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
   "$SAN" --tool memcheck --error-exitcode 3 python3 -m pytest -q -x -p no:cacheprovider tests/ops \
-      -k "cuda and (matches_reference or non_finite or learnable) and not large" > "$OUT/sanitizer.log" 2>&1
+      -k "cuda and (matches_reference or non_finite or learnable or test_sparse_mask) and not large" \
+      > "$OUT/sanitizer.log" 2>&1
   echo "compute-sanitizer memcheck exit: $? (log: sanitizer.log)"; tail -3 "$OUT/sanitizer.log"
 fi
 python3 -m pycompress.cli bench ops ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.md" | tail -70

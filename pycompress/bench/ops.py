@@ -7,7 +7,14 @@ its output (and gradients) are checked against the reference backend on the same
 mismatch marks the row FAILED and the command exits non-zero.
 
 Bytes counted per element (PERF.md): forward = read x + write out; forward + backward =
-16 B/elem in fp32 (x, out, grad_out, grad_x), whatever extra the implementation moves.
+16 B/elem in fp32 (x, out, grad_out, grad_x), whatever extra the implementation moves. Sparse
+masks: apply = read w + read 1/8 B of mask + write out; pack = read 1 B + write 1/8 B; masked SGD
+step = read p, g, buf and the mask + write p, buf.
+
+Cases whose op mutates its inputs (in-place apply, the SGD step) are timed on one set of inputs
+whose state evolves from call to call the same way for every backend (idempotent masking; SGD
+steps with a small learning rate), and checked on fresh copies: the reference and each backend
+run once from identical state and their outputs are compared.
 """
 from __future__ import annotations
 
@@ -23,8 +30,9 @@ from typing import Callable, Optional
 import torch
 
 from .. import backends
-from ..ops import fake_quantize
+from ..ops import apply_mask, fake_quantize, masked_sgd_step, pack_mask
 from ..ops.fake_quantize import value_checks
+from ..ops.sparse_mask_ref import pack_mask_ref
 
 DEFAULT_CPU_SIZE = 16 * 2**20  # PERF.md's CPU table
 DEFAULT_GPU_SIZE = 2**28  # 268M elements: a few GB, well past every cache
@@ -84,6 +92,13 @@ class Case:
     make: Callable[[], dict]  # inputs
     run: Callable[[dict, str], object]  # (inputs, backend) -> output (tensor or tuple)
     torch_run: Optional[Callable[[dict], object]]
+    copy_key: str = "x"  # the input whose device copy is the bandwidth yardstick
+    # For ops that mutate their inputs: a copy of the inputs in the same state, used to check the
+    # reference and each backend from identical state (the timed calls share `make()`'s inputs).
+    fresh: Optional[Callable[[dict], dict]] = None
+    # None: fake_quantize's rule (outputs 0 and 1 exact, sums within float-summation tolerance);
+    # else every output compared with torch.allclose at these (rtol, atol) (0, 0: bit for bit).
+    tol: Optional[tuple] = None
 
 
 def _fq_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
@@ -168,18 +183,153 @@ def _fq_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
     ]
 
 
-OPS = {"fake_quantize": _fq_cases}
+# Conv / linear weight shapes of realistic layers for the fused SGD step: many small tensors
+# (launch and per-tensor overhead) as well as a few large ones.
+_RESNET18 = (
+    [(64, 3, 7, 7)] + [(64, 64, 3, 3)] * 4
+    + [(128, 64, 3, 3), (128, 128, 3, 3), (128, 64, 1, 1), (128, 128, 3, 3), (128, 128, 3, 3)]
+    + [(256, 128, 3, 3), (256, 256, 3, 3), (256, 128, 1, 1), (256, 256, 3, 3), (256, 256, 3, 3)]
+    + [(512, 256, 3, 3), (512, 512, 3, 3), (512, 256, 1, 1), (512, 512, 3, 3), (512, 512, 3, 3)]
+    + [(1000, 512)]
+)
+_RESNET20 = [(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 6 + [(32, 16, 3, 3)] + [(32, 32, 3, 3)] * 5 + [(64, 32, 3, 3)] + [
+    (64, 64, 3, 3)] * 5 + [(10, 64)]
+
+SGD_LR, SGD_MOMENTUM, SGD_WD = 1e-3, 0.9, 5e-4  # small lr: the timed steps keep the values in range
+_SGD_TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-4), torch.bfloat16: (8e-3, 1e-3)}
+
+
+def _sm_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
+    """Bit-packed sparse masks: apply (out of place, in place), pack, and the fused masked SGD step
+    (one roofline tensor and realistic lists of layers) against the stock torch equivalents:
+    ``w * float_mask`` (out of place), ``w.mul_(float_mask)`` (in place) and
+    ``torch.optim.SGD(foreach=True).step()`` + ``p.mul_(float_mask)``."""
+    es = torch.empty((), dtype=dtype).element_size()
+    keep_frac = 0.5  # unstructured pruning at 50%: no all-kept or all-pruned words to shortcut
+
+    def masks(shape):
+        keep = torch.rand(shape, device=device) < keep_frac
+        return keep, pack_mask_ref(keep), keep.to(dtype)
+
+    def apply_inputs(shape):
+        def make():
+            w = torch.randn(shape, device=device).to(dtype)
+            keep, packed, fmask = masks(shape)
+            # the torch baseline masks its own copy in place (w must stay unmasked for the check)
+            return {"w": w, "w_inplace": w.clone(), "w_torch": w.clone(), "packed": packed, "fmask": fmask}
+
+        return make
+
+    def apply_fresh(inp):
+        return {**inp, "w_inplace": inp["w"].clone()}
+
+    def sgd_inputs(shapes):
+        """params with momentum buffers already in their steady state (not the first step), their
+        grads and masks, and the torch copies: Parameters with .grad and a foreach SGD optimizer
+        that has taken one step."""
+
+        def make():
+            ps, gs, bs, pks, fms = [], [], [], [], []
+            for s in shapes:
+                _, packed, fmask = masks(s)
+                ps.append(torch.randn(s, device=device).to(dtype).mul_(fmask))
+                gs.append(torch.randn(s, device=device).to(dtype))
+                bs.append(torch.randn(s, device=device).to(dtype).mul_(fmask))
+                pks.append(packed)
+                fms.append(fmask)
+            tp = [torch.nn.Parameter(p.clone()) for p in ps]
+            for p, g in zip(tp, gs):
+                p.grad = g.clone()
+            opt = torch.optim.SGD(tp, lr=SGD_LR, momentum=SGD_MOMENTUM, weight_decay=SGD_WD, foreach=True)
+            opt.step()  # creates the buffers: the timed steps are steady-state ones
+            # the copy yardstick: one tensor of all the elements (for a list, not its first tensor)
+            flat = ps[0] if len(ps) == 1 else torch.randn(sum(p.numel() for p in ps), device=device).to(dtype)
+            return {"flat": flat, "params": ps, "grads": gs, "bufs": bs, "packed": pks, "fmasks": fms,
+                    "torch_params": tp, "opt": opt}
+
+        return make
+
+    def sgd_fresh(inp):
+        return {**inp, "params": [p.clone() for p in inp["params"]], "bufs": [b.clone() for b in inp["bufs"]]}
+
+    def apply(inp, backend):
+        return apply_mask(inp["w"], inp["packed"], backend=backend)
+
+    def apply_inplace(inp, backend):
+        return apply_mask(inp["w_inplace"], inp["packed"], inplace=True, backend=backend)
+
+    def torch_apply(inp):
+        return inp["w_torch"].mul_(inp["fmask"])
+
+    def torch_apply_out(inp):
+        return inp["w"] * inp["fmask"]
+
+    def pack(inp, backend):
+        return pack_mask(inp["mask"], backend=backend)
+
+    def pack_make(shape):
+        def make():
+            keep = torch.rand(shape, device=device) < keep_frac
+            return {"mask": keep}
+
+        return make
+
+    def sgd(inp, backend):
+        masked_sgd_step(inp["params"], inp["grads"], inp["bufs"], inp["packed"], lr=SGD_LR, momentum=SGD_MOMENTUM,
+                        weight_decay=SGD_WD, backend=backend)
+        return tuple(inp["params"]) + tuple(inp["bufs"])
+
+    def torch_sgd(inp):
+        inp["opt"].step()
+        with torch.no_grad():
+            torch._foreach_mul_(inp["torch_params"], inp["fmasks"])
+
+    exact = (0.0, 0.0)
+    sgd_tol = _SGD_TOL[dtype]
+    flat = (n,)
+    cases = [
+        Case("apply_mask", "apply_mask", flat, dtype, 2 * es + 1 / 8, apply_inputs(flat), apply, torch_apply_out,
+             copy_key="w", tol=exact),
+        Case("apply_mask", "apply_mask inplace", flat, dtype, 2 * es + 1 / 8, apply_inputs(flat), apply_inplace,
+             torch_apply, copy_key="w", fresh=apply_fresh, tol=exact),
+        Case("masked_sgd_step", "masked_sgd_step momentum 0.9 + wd", flat, dtype, 5 * es + 1 / 8, sgd_inputs([flat]),
+             sgd, torch_sgd, copy_key="flat", fresh=sgd_fresh, tol=sgd_tol),
+    ]
+    if dtype == torch.float32:  # dtype-free: listed once, with the fp32 cases
+        cases.append(Case("pack_mask", "pack_mask", flat, torch.bool, 1 + 1 / 8, pack_make(flat), pack,
+                          lambda inp: pack_mask_ref(inp["mask"]), copy_key="mask", tol=exact))
+    for name, shapes in (("ResNet-18", _RESNET18), ("CIFAR ResNet-20", _RESNET20)):
+        total = sum(math.prod(s) for s in shapes)
+        cases.append(Case("masked_sgd_step", f"masked_sgd_step {name} weights ({len(shapes)} tensors)", (total,), dtype,
+                          5 * es + 1 / 8, sgd_inputs(shapes), sgd, torch_sgd, copy_key="flat", fresh=sgd_fresh,
+                          tol=sgd_tol))
+    return cases
+
+
+OPS = {"fake_quantize": _fq_cases, "sparse_mask": _sm_cases}
 
 
 def _as_tuple(v):
     return v if isinstance(v, tuple) else (v,)
 
 
-def _check(got, want) -> str:
+def _check(got, want, case_tol: Optional[tuple] = None) -> str:
     got, want = _as_tuple(got), _as_tuple(want)
+    if len(got) != len(want):
+        return f"FAILED: {len(got)} outputs, reference has {len(want)}"
     for i, (a, b) in enumerate(zip(got, want)):
-        if a.shape != b.shape:
-            return f"FAILED: output {i} shape {tuple(a.shape)} != {tuple(b.shape)}"
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"FAILED: output {i} is {tuple(a.shape)} {a.dtype}, reference {tuple(b.shape)} {b.dtype}"
+        if case_tol is not None:
+            rtol, atol = case_tol
+            if rtol == 0 and atol == 0:
+                same = torch.equal(a, b) or (a.is_floating_point() and bool(
+                    ((a == b) | (torch.isnan(a) & torch.isnan(b))).all()))
+                if not same:
+                    return f"FAILED: output {i} differs from reference in {int((a != b).sum())} elements"
+            elif not torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol, equal_nan=True):
+                return f"FAILED: output {i} differs from reference by {float((a.float() - b.float()).abs().max()):.3g}"
+            continue
         if i < 2:  # outputs and grad_x: exact
             if not torch.equal(torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)):
                 bad = int((a != b).sum())
@@ -191,8 +341,8 @@ def _check(got, want) -> str:
     return "ok"
 
 
-def _copy_ms(inputs: dict, device: torch.device) -> float:
-    x = inputs["x"].detach()
+def _copy_ms(x: torch.Tensor, device: torch.device) -> float:
+    x = x.detach()
     dst = torch.empty_like(x)
     return time_ms(lambda: dst.copy_(x), device)
 
@@ -214,12 +364,11 @@ def run(
     printer(f"# pycompress bench ops on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}), {n} elements")
     rows: list[Row] = []
     for op_name in [op] if op else list(OPS):
-        names = _backends_for(op_name, backend, dev)
         for dtype in dtypes:
             for case in OPS[op_name](dev, n, dtype):
                 if case_filter and case_filter not in case.name:
                     continue
-                rows += _bench_case(case, names, dev, printer)
+                rows += _bench_case(case, _backends_for(case.op, backend, dev), dev, printer)
     return rows, meta
 
 
@@ -244,8 +393,9 @@ def _bench_case(case: Case, names: list[str], dev: torch.device, printer) -> lis
     inputs = case.make()
     numel = math.prod(case.shape)
     nbytes = case.bytes_per_elem * numel
-    copy_ms = _copy_ms(inputs, dev)
-    copy_gbps = 2 * inputs["x"].element_size() * numel / copy_ms / 1e6
+    yardstick = inputs[case.copy_key]
+    copy_ms = _copy_ms(yardstick, dev)
+    copy_gbps = 2 * yardstick.element_size() * yardstick.numel() / copy_ms / 1e6
     torch_ms = None
     if case.torch_run:
         try:
@@ -253,11 +403,13 @@ def _bench_case(case: Case, names: list[str], dev: torch.device, printer) -> lis
         except (RuntimeError, NotImplementedError) as exc:  # e.g. a dtype the stock op lacks
             printer(f"  torch baseline unavailable: {exc}")
     out = []
+    fresh = case.fresh or (lambda inp: inp)
+    start = fresh(inputs)  # the state every check starts from (timed calls move `inputs` on)
     with value_checks(False):  # time the kernels, not the (optional) scale validation sync
-        reference = case.run(inputs, "reference")
+        reference = case.run(fresh(start), "reference")
         for b in names:
             try:
-                status = _check(case.run(inputs, b), reference)
+                status = _check(case.run(fresh(start), b), reference, case.tol)
             except backends.BackendError as exc:
                 printer(f"  skip {b}: {exc}")
                 continue
@@ -265,7 +417,7 @@ def _bench_case(case: Case, names: list[str], dev: torch.device, printer) -> lis
             gbps = nbytes / ms / 1e6
             out.append(Row(case.op, case.name, b, "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
                            ms, gbps, gbps / copy_gbps, (torch_ms / ms) if torch_ms else None, status))
-    del reference
+    del reference, start
     out.append(Row(case.op, case.name, "torch", "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
                    torch_ms or float("nan"), nbytes / torch_ms / 1e6 if torch_ms else float("nan"),
                    (nbytes / torch_ms / 1e6) / copy_gbps if torch_ms else float("nan"), 1.0 if torch_ms else None, "-"))

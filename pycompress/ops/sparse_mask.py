@@ -324,6 +324,8 @@ def masked_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     for what, seq in (("grads", grads), ("momentum_buffers", momentum_buffers), ("masks", masks)):
         if len(seq) != n:
             raise ValueError(f"{fn}: {what} has {len(seq)} entries but params has {n}")
+    chosen: dict = {}
+    eager = not torch.compiler.is_compiling()
     for i, (p, g, b, mk) in enumerate(zip(params, grads, momentum_buffers, masks)):
         where = f"params[{i}]"
         _check_tensor(where, p, fn)
@@ -351,11 +353,58 @@ def masked_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
                            dampening, nesterov, first)
             continue
         mk = _check_packed(mk, p.numel(), p.device, fn, what=where)
-        name = backends.select(fn, backend, t=p, float_op=True)
+        key = (p.device, p.dtype)
+        if key not in chosen:  # supports() depends on the device and dtype only
+            chosen[key] = backends.select(fn, backend, t=p, float_op=True)
+        name = chosen[key]
         buf = momentum_buffers[i] if momentum != 0 else p.new_empty(0)
-        torch.ops.pycompress.masked_sgd_step_(p.detach(), g.detach(), buf, mk, lr, momentum, weight_decay, dampening,
-                                              nesterov, first, name)
+        if eager and p.is_contiguous() and g.is_contiguous():
+            # the registered op's kernel, without the custom-op dispatch (tens of microseconds per
+            # tensor, which dominates models of many small layers)
+            _kernels(name)[4](p.detach(), g.detach(), buf, mk, lr, momentum, weight_decay, dampening, nesterov, first)
+        else:
+            torch.ops.pycompress.masked_sgd_step_(p.detach(), g.detach(), buf, mk, lr, momentum, weight_decay,
+                                                  dampening, nesterov, first, name)
     return momentum_buffers
+
+
+def _masked_sgd_step_trusted(params, grads, momentum_buffers, masks, *, lr: float, momentum: float,
+                             weight_decay: float, dampening: float, nesterov: bool,
+                             backend: Optional[str] = None) -> None:
+    """masked_sgd_step for an optimizer whose arguments are known to be valid (pycompress.prune.MaskedSGD
+    checks its masks when they are set and its hyper-parameters at construction; gradients come from
+    autograd). In eager mode it skips the per-tensor checks and calls the backend's kernel directly,
+    which matters for models of many small tensors; anything unusual (non-contiguous tensors,
+    torch.compile) takes the public path."""
+    if torch.compiler.is_compiling():
+        masked_sgd_step(params, grads, momentum_buffers, masks, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        dampening=dampening, nesterov=nesterov, backend=backend)
+        return
+    chosen = {}
+    for i, (p, g, mk) in enumerate(zip(params, grads, masks)):
+        b = momentum_buffers[i]
+        first = b is None
+        if mk is None or not (p.is_contiguous() and g.is_contiguous()) or g.dtype != p.dtype:
+            one = [b]
+            masked_sgd_step([p], [g], one, [mk], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                            dampening=dampening, nesterov=nesterov, backend=backend)
+            momentum_buffers[i] = one[0]
+            continue
+        key = (p.device, p.dtype)
+        if key not in chosen:
+            chosen[key] = _kernels(backends.select("masked_sgd_step", backend, t=p, float_op=True))[4]
+        if momentum != 0:
+            if first:
+                b = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                momentum_buffers[i] = b
+        else:
+            b = _EMPTY.get(key)
+            if b is None:
+                b = _EMPTY[key] = p.new_empty(0)
+        chosen[key](p.detach(), g.detach(), b, mk, lr, momentum, weight_decay, dampening, nesterov, first)
+
+
+_EMPTY: dict = {}
 
 
 def _dense_sgd(p, g, buf, lr, momentum, weight_decay, dampening, nesterov, first) -> None:

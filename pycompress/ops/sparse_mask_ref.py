@@ -118,12 +118,15 @@ def apply_mask_ref(w: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 def masked_sgd_step_ref(params, grads, momentum_buffers, masks, *, lr: float, momentum: float = 0.0,
                         weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False):
     """The specification of pycompress.ops.masked_sgd_step: updates params (and the buffers) in
-    place; a None buffer is created on its first step. Returns the list of momentum buffers."""
+    place; a None buffer is created on its first step, a None mask means dense. Returns the list of
+    momentum buffers."""
     out = []
     for p, g, b, mk in zip(params, grads, momentum_buffers, masks):
         first = b is None
         if momentum != 0 and first:
             b = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        if mk is None:  # a dense parameter: every bit set
+            mk = pack_bits_ref(torch.ones(p.shape, dtype=torch.bool, device=p.device))
         pc = p.contiguous()
         sgd_step_kernel_ref(pc, g.contiguous(), b if momentum != 0 else p.new_empty(0), mk,
                             lr, momentum, weight_decay, dampening, nesterov, first)

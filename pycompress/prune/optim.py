@@ -17,7 +17,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..ops import apply_mask, masked_sgd_step
+from ..ops import apply_mask, packed_mask_bytes
+from ..ops.sparse_mask import _masked_sgd_step_trusted
 
 __all__ = ["MaskedOptimizer", "MaskedSGD", "MaskedAdam", "MaskedAdamW", "build_masked_optimizer"]
 
@@ -38,6 +39,10 @@ class MaskedOptimizer:
                 raise ValueError("set_masks: a masked tensor is not a parameter of this optimizer "
                                  f"(shape {tuple(p.shape)})")
             if mk is not None:
+                if mk.dtype != torch.uint8 or mk.shape != (packed_mask_bytes(p.numel()),) or mk.device != p.device:
+                    raise ValueError(f"set_masks: the mask of a parameter of shape {tuple(p.shape)} on {p.device} "
+                                     f"must be a packed uint8 mask of {packed_mask_bytes(p.numel())} bytes on "
+                                     f"the same device, got {mk.dtype} {tuple(mk.shape)} on {mk.device}")
                 out[p] = mk
         self._masks = out
 
@@ -78,9 +83,9 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
             if not params:
                 continue
             momentum = group["momentum"]
-            masked_sgd_step(params, grads, bufs, masks, lr=float(group["lr"]), momentum=momentum,
-                            weight_decay=group["weight_decay"], dampening=group["dampening"],
-                            nesterov=group["nesterov"], backend=self.backend)
+            _masked_sgd_step_trusted(params, grads, bufs, masks, lr=float(group["lr"]), momentum=momentum,
+                                     weight_decay=group["weight_decay"], dampening=group["dampening"],
+                                     nesterov=group["nesterov"], backend=self.backend)
             if momentum != 0:
                 for p, b in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = b
