@@ -1,0 +1,313 @@
+"""depthwise_conv2d and depthwise_conv2d_bn_act: depthwise 3x3 / 5x5 / 7x7 convolution, forward and
+backward, in four backends, with a fused per-channel affine + activation epilogue.
+
+Both public functions validate every argument before any kernel runs, choose a backend
+(pycompress.backends) and call the registered op ``pycompress::depthwise_conv2d``, which has a fake
+kernel and an autograd formula (``torch.compile(fullgraph=True)`` sees one node; opcheck passes).
+The arithmetic is specified in ``pycompress.ops.depthwise_ref``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _ext, backends
+from . import depthwise_ref as _ref
+from .depthwise_ref import ACTS, out_size
+
+__all__ = ["depthwise_conv2d", "depthwise_conv2d_bn_act", "KERNEL_SIZES"]
+
+KERNEL_SIZES = (1, 3, 5, 7)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IntPair = Union[int, Sequence[int]]
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+
+
+@torch.compiler.assume_constant_result
+def _cpp_has_kernels() -> bool:
+    return _ext.loaded() and hasattr(torch.ops.pycompress, "_depthwise_fwd")
+
+
+def _kernels(backend: str):
+    """(fwd, bwd_input, bwd_weight) kernel-level functions; contracts in depthwise_ref."""
+    if backend == "reference":
+        return _ref.depthwise_fwd_ref, _ref.depthwise_bwd_input_ref, _ref.depthwise_bwd_weight_ref
+    if backend in ("cpu", "cuda"):
+        ops = torch.ops.pycompress
+        return ops._depthwise_fwd, ops._depthwise_bwd_input, ops._depthwise_bwd_weight
+    if backend == "triton":
+        from ..kernels import depthwise as tk
+
+        return tk.depthwise_fwd, tk.depthwise_bwd_input, tk.depthwise_bwd_weight
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _supports(backend: str):
+    def supports(x: torch.Tensor) -> Optional[str]:
+        if backend in ("cpu", "cuda") and not _cpp_has_kernels():
+            return "the compiled extension pycompress._C has no depthwise kernels (an old build: rebuild it)"
+        dev = x.device.type
+        if backend == "cpu" and dev != "cpu":
+            return f"x is on {x.device}, the cpu backend runs CPU tensors"
+        if backend == "cuda" and dev != "cuda":
+            return f"x is on {x.device}, the cuda backend runs CUDA tensors"
+        if backend == "triton" and dev != "cuda" and not (dev == "cpu" and backends.triton_interpreting()):
+            return f"x is on {x.device}; triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+        if x.dtype not in _FLOAT_DTYPES:
+            return f"x has dtype {x.dtype}; this backend supports float32, float16 and bfloat16 (float64 runs on reference)"
+        return None
+
+    return supports
+
+
+backends.register_op(
+    "depthwise_conv2d",
+    {"reference": lambda x: None, **{b: _supports(b) for b in ("cpu", "cuda", "triton")}},
+)
+
+
+# --------------------------------------------------------------------------------------------
+# registered op
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels take it: contiguous NCHW, or channels_last kept as it is."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _format(x: torch.Tensor):
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty_out(x, weight, params):
+    sh, sw, ph, pw, dh, dw = params
+    N, C, H, W = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    shape = (N, C, out_size(H, kh, sh, ph, dh), out_size(W, kw, sw, pw, dw))
+    return x.new_empty(shape).contiguous(memory_format=_format(x))
+
+
+@torch.library.custom_op("pycompress::depthwise_conv2d", mutates_args=())
+def _depthwise_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                  params: Sequence[int], act: int, backend: str) -> torch.Tensor:
+    """act(conv(x, weight) * scale + shift); scale / shift fp32 [C] or empty (1 / 0)."""
+    sh, sw, ph, pw, dh, dw = params
+    if x.numel() == 0:
+        return torch.zeros_like(_empty_out(x, weight, params))
+    fwd = _kernels(backend)[0]
+    return fwd(_layout(x), weight.contiguous(), scale, shift, sh, sw, ph, pw, dh, dw, act)
+
+
+@_depthwise_op.register_fake
+def _(x, weight, scale, shift, params, act, backend):
+    return _empty_out(x, weight, params)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, scale, shift, params, act, backend = inputs
+    ctx.params, ctx.act, ctx.backend = tuple(params), act, backend
+    ctx.save_for_backward(x, weight, scale, shift)
+
+
+def _backward(ctx, grad):
+    x, weight, scale, shift = ctx.saved_tensors
+    sh, sw, ph, pw, dh, dw = ctx.params
+    act = ctx.act
+    C = x.shape[1]
+    fwd, bwd_in, bwd_w = _kernels(ctx.backend)
+    grad = _layout(grad.contiguous(memory_format=_format(x)))
+    need_scale, need_shift = ctx.needs_input_grad[2] and scale.numel() > 0, ctx.needs_input_grad[3] and shift.numel() > 0
+    g_scale = g_shift = None
+    if x.numel() == 0:
+        gc = grad
+    elif act != 0 or scale.numel() > 0:
+        # Recompute the convolution (cheaper than keeping it alive) for the activation's mask and
+        # the scale's gradient: z = c * scale + shift; grad_c = grad * act'(z) * scale.
+        c = fwd(_layout(x), weight.contiguous(), scale.new_empty(0), shift.new_empty(0), sh, sw, ph, pw, dh, dw, 0)
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cf = c.to(ct)
+        z = cf
+        if scale.numel():
+            z = z * scale.view(1, C, 1, 1)
+        if shift.numel():
+            z = z + shift.view(1, C, 1, 1)
+        gz = grad.to(ct)
+        if act == 1:
+            gz = torch.where(z > 0, gz, torch.zeros((), device=gz.device))
+        elif act == 2:
+            gz = torch.where((z > 0) & (z < 6), gz, torch.zeros((), device=gz.device))
+        if need_shift:
+            g_shift = gz.sum(dim=(0, 2, 3))
+        if need_scale:
+            g_scale = (gz * cf).sum(dim=(0, 2, 3))
+        gc = gz * scale.view(1, C, 1, 1) if scale.numel() else gz
+        gc = _layout(gc.to(x.dtype).contiguous(memory_format=_format(x)))
+    else:
+        gc = grad
+    g_x = g_w = None
+    if ctx.needs_input_grad[0]:
+        g_x = torch.zeros_like(x) if x.numel() == 0 else bwd_in(gc, weight.contiguous(), x.shape[2], x.shape[3],
+                                                                  sh, sw, ph, pw, dh, dw)
+    bias_via_kernel = need_shift and g_shift is None
+    if ctx.needs_input_grad[1] or bias_via_kernel:
+        if x.numel() == 0:
+            gw32 = torch.zeros(weight.shape, dtype=scale.dtype, device=x.device)
+            gb32 = torch.zeros(C, dtype=scale.dtype, device=x.device)
+        else:
+            gw32, gb32 = bwd_w(gc, _layout(x), weight.shape[2], weight.shape[3], sh, sw, ph, pw, dh, dw,
+                               bias_via_kernel)
+        if ctx.needs_input_grad[1]:
+            g_w = gw32.to(weight.dtype)
+        if bias_via_kernel:
+            g_shift = gb32
+    return g_x, g_w, g_scale, g_shift, None, None, None
+
+
+_depthwise_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_cpp_fakes() -> None:
+    if not _cpp_has_kernels():
+        return
+
+    @torch.library.register_fake("pycompress::_depthwise_fwd")
+    def _(x, weight, scale, shift, sh, sw, ph, pw, dh, dw, act):
+        return _empty_out(x, weight, (sh, sw, ph, pw, dh, dw))
+
+    @torch.library.register_fake("pycompress::_depthwise_bwd_input")
+    def _(grad_out, weight, H, W, sh, sw, ph, pw, dh, dw):
+        N, C = grad_out.shape[:2]
+        return grad_out.new_empty((N, C, H, W)).contiguous(memory_format=_format(grad_out))
+
+    @torch.library.register_fake("pycompress::_depthwise_bwd_weight")
+    def _(grad_out, x, kh, kw, sh, sw, ph, pw, dh, dw, with_bias):
+        C = x.shape[1]
+        return (x.new_empty((C, 1, kh, kw), dtype=torch.float32),
+                x.new_empty((C,) if with_bias else (0,), dtype=torch.float32))
+
+
+_register_cpp_fakes()
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _pair(name: str, v, fn: str, low: int, allowed: Optional[Tuple[int, ...]] = None) -> Tuple[int, int]:
+    vals = [v, v] if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+    if not isinstance(vals, (list, tuple)) or len(vals) != 2 or not all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in vals
+    ):
+        raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
+    vals = [int(t) for t in vals]
+    for t in vals:
+        if t < low:
+            raise ValueError(f"{fn}: {name} must be >= {low}, got {v!r}")
+        if allowed is not None and t not in allowed:
+            raise ValueError(f"{fn}: {name} must be one of {list(allowed)} (the kernels' strides), got {v!r}")
+    return vals[0], vals[1]
+
+
+def _check(fn: str, x, weight, stride, padding, dilation) -> List[int]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{fn}: weight must be a tensor, got {type(weight).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1:
+        raise ValueError(
+            f"{fn}: weight must be [C, 1, k, k] with C = x.shape[1] = {C} (a depthwise conv: groups = channels, "
+            f"channel multiplier 1), got shape {tuple(weight.shape)}"
+        )
+    kh, kw = weight.shape[2], weight.shape[3]
+    if kh != kw or kh not in KERNEL_SIZES:
+        raise ValueError(f"{fn}: the kernel must be square with an odd size in {list(KERNEL_SIZES)}, got {kh}x{kw}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{fn}: weight has dtype {weight.dtype} but x has {x.dtype}; cast one of them")
+    if weight.device != x.device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but x is on {x.device}; put them on one device")
+    sh, sw = _pair("stride", stride, fn, 1, (1, 2))
+    ph, pw = _pair("padding", padding, fn, 0)
+    dh, dw = _pair("dilation", dilation, fn, 1)
+    H, W = x.shape[2], x.shape[3]
+    Ho, Wo = out_size(H, kh, sh, ph, dh), out_size(W, kw, sw, pw, dw)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"{fn}: the output would be empty ({Ho}x{Wo}): input {H}x{W}, kernel {kh}, stride {(sh, sw)}, "
+            f"padding {(ph, pw)}, dilation {(dh, dw)}"
+        )
+    return [sh, sw, ph, pw, dh, dw]
+
+
+def _channel_vector(name: str, v, x: torch.Tensor, fn: str) -> torch.Tensor:
+    C = x.shape[1]
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor of {C} elements, got {type(v).__name__}")
+    if not v.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {v.dtype}")
+    if v.dim() != 1 or v.numel() != C:
+        raise ValueError(f"{fn}: {name} must be 1-D with C = {C} elements, got shape {tuple(v.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {v.device} but x is on {x.device}; put them on one device")
+    # fp32 for the kernels; fp64 inputs (reference backend) keep fp64 throughout
+    return v.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# public ops
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, *,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Depthwise 2-D convolution: ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)``.
+
+    Args:
+        x: [N, C, H, W] float32 / float16 / bfloat16 (float64 on the reference backend), NCHW or
+            channels_last (the output keeps x's memory format; other strides are made contiguous).
+        weight: [C, 1, k, k], k in 1, 3, 5, 7, x's dtype and device.
+        bias: None or [C] (any float dtype; added in fp32).
+        stride: 1 or 2 (an int or a pair); padding: >= 0 (zero padding); dilation: >= 1.
+    Forward and backward (x, weight and bias gradients) accumulate in fp32. Anything the kernels do
+    not support (other strides, even or non-square kernels, a channel multiplier other than 1) is
+    refused with a ValueError, never computed wrongly.
+    """
+    fn = "depthwise_conv2d"
+    params = _check(fn, x, weight, stride, padding, dilation)
+    pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shift = x.new_empty(0, dtype=pdt) if bias is None else _channel_vector("bias", bias, x, fn)
+    name = backends.select(fn, backend, x=x)
+    return torch.ops.pycompress.depthwise_conv2d(x, weight, x.new_empty(0, dtype=pdt), shift, params, 0, name)
+
+
+def depthwise_conv2d_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                            stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                            act: str = "relu6", *, backend: Optional[str] = None) -> torch.Tensor:
+    """``act(depthwise_conv2d(x, weight) * scale[c] + shift[c])`` in one pass over the output.
+
+    ``scale`` / ``shift`` ([C], any float dtype, computed in fp32) are a folded BatchNorm
+    (``gamma / sqrt(var + eps)`` and ``beta - mean * scale``, plus the conv bias times scale) or any
+    per-channel affine; ``act`` is "relu6", "relu" or "none". Differentiable in x, weight, scale and
+    shift (the backward recomputes the convolution instead of keeping it).
+    """
+    fn = "depthwise_conv2d_bn_act"
+    params = _check(fn, x, weight, stride, padding, dilation)
+    if act not in ACTS:
+        raise ValueError(f"{fn}: act must be one of {list(ACTS)}, got {act!r}")
+    s = _channel_vector("scale", scale, x, fn)
+    b = _channel_vector("shift", shift, x, fn)
+    name = backends.select("depthwise_conv2d", backend, x=x)
+    return torch.ops.pycompress.depthwise_conv2d(x, weight, s, b, params, ACTS[act], name)
