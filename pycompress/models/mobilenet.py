@@ -10,6 +10,9 @@ Layout follows the homework exactly so that its state dicts load and its network
     fc    = Sequential(Linear(c_7, num_classes))   -> state-dict keys fc.0.weight / fc.0.bias
 
 All convs carry a bias (nn.Conv2d default) and PyTorch's default init is kept, as in the homework.
+The depthwise convs are ``pycompress.nn.DepthwiseConv2d`` (the same parameters and state-dict keys
+as nn.Conv2d, computed by pycompress's depthwise kernel on the selected backend) unless
+``fused_depthwise=False``.
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ def student_widths(base: int = 16, width_mult: float = 1.0) -> List[int]:
 
 class MobileNetStudent(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 11, base: int = 16,
-                 width_mult: float = 1.0):
+                 width_mult: float = 1.0, fused_depthwise: bool = True):
         super().__init__()
+        from ..nn import DepthwiseConv2d
         bw = student_widths(base, width_mult)
         self.widths = bw
         blocks = [
@@ -50,8 +54,9 @@ class MobileNetStudent(nn.Module):
         ]
         for i in range(1, 8):
             c_in, c_out = bw[i - 1], bw[i]
+            dw = DepthwiseConv2d(c_in, 3, 1, 1) if fused_depthwise else nn.Conv2d(c_in, c_in, 3, 1, 1, groups=c_in)
             layers = [
-                nn.Conv2d(c_in, c_in, 3, 1, 1, groups=c_in),
+                dw,
                 nn.BatchNorm2d(c_in),
                 nn.ReLU6(),
                 nn.Conv2d(c_in, c_out, 1),
@@ -71,9 +76,13 @@ class MobileNetStudent(nn.Module):
 
 @register("mobilenet_student")
 def mobilenet_student(*, in_channels: int, num_classes: int, width_mult: float = 1.0,
-                      base: int = 16) -> nn.Module:
+                      base: int = 16, fused_depthwise: bool = True) -> nn.Module:
     """Food-11 homework student. Input: any H, W >= 16 (four 2x max-pools: 28 -> 14 -> 7 -> 3 -> 1;
-    256 -> 16). width_mult > 0 scales blocks 3..6 (slimming uses < 1); each scaled width must stay >= 1."""
+    256 -> 16). width_mult > 0 scales blocks 3..6 (slimming uses < 1); each scaled width must stay >= 1.
+    fused_depthwise: the depthwise convs run on pycompress.ops.depthwise_conv2d (default) or on
+    torch's nn.Conv2d (False); the parameters and state-dict keys are the same either way."""
+    if not isinstance(fused_depthwise, bool):
+        raise TypeError(f"model 'mobilenet_student': fused_depthwise must be true or false, got {fused_depthwise!r}")
     check_int("mobilenet_student", "base", base)
     check_float("mobilenet_student", "width_mult", width_mult, low=0.0, high=float("inf"),
                 low_inclusive=False)
@@ -83,4 +92,4 @@ def mobilenet_student(*, in_channels: int, num_classes: int, width_mult: float =
             f"model 'mobilenet_student': width_mult={width_mult} leaves a block with 0 channels "
             f"(widths {widths})"
         )
-    return MobileNetStudent(in_channels, num_classes, base, width_mult)
+    return MobileNetStudent(in_channels, num_classes, base, width_mult, fused_depthwise)

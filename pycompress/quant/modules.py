@@ -53,6 +53,12 @@ def _transfer_state(src: nn.Module, dst: nn.Module) -> None:
     dst.training = src.training
 
 
+def _is_depthwise_layer(module: nn.Module) -> bool:
+    from ..nn import DepthwiseConv2d
+
+    return type(module) is DepthwiseConv2d
+
+
 def _check_scale_mode(what: str, value, allowed) -> str:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {list(allowed)}, got {value!r}")
@@ -170,7 +176,7 @@ class _QuantLayer:
         qconfig: weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches (see
         configure). The module itself is not modified, but it shares its Parameters with the result.
         """
-        if type(module) is not cls._float_cls:
+        if type(module) is not cls._float_cls and not _is_depthwise_layer(module):
             raise TypeError(
                 f"{cls.__name__}.from_float expects a plain {cls._float_cls.__module__}.{cls._float_cls.__name__}, "
                 f"got {type(module).__name__}"
@@ -178,6 +184,7 @@ class _QuantLayer:
             )
         new = cls._empty_like(module)
         _transfer_state(module, new)
+        new._float_type = type(module)
         new.configure(**qconfig)
         return new
 
@@ -251,10 +258,21 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         return cls(**cls._conv_args(m), weight_bits=None, act_bits=None)
 
     def _float_empty_like(self) -> nn.Conv2d:
-        return nn.Conv2d(**self._conv_args(self))
+        m = nn.Conv2d(**self._conv_args(self))
+        if getattr(self, "_float_type", None) is not None and self._float_type is not nn.Conv2d:
+            m.__class__ = self._float_type  # pycompress.nn.DepthwiseConv2d: same state, another forward
+        return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return nn.Conv2d._conv_forward(self, input, weight, bias)
+        # supported depthwise convolutions run on pycompress's depthwise kernel, the rest on F.conv2d
+        from ..nn import conv2d
+
+        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{nn.Conv2d.extra_repr(self)}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"

@@ -65,7 +65,9 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module, name: str) -> Non
 
 
 def _check_swappable(name: str, m: nn.Module) -> None:
-    if type(m) in (nn.Conv2d, nn.Linear) or isinstance(m, QAT_LAYERS):
+    from ..nn import DepthwiseConv2d
+
+    if type(m) in (nn.Conv2d, nn.Linear, DepthwiseConv2d) or isinstance(m, QAT_LAYERS):
         return
     why = (
         "it has torch.nn.utils.parametrize parametrizations; remove them first"
