@@ -114,18 +114,25 @@ def _(x, weight, scale, shift, params, act, backend):
 
 def _setup_context(ctx, inputs, output):
     x, weight, scale, shift, params, act, backend = inputs
-    ctx.params, ctx.act, ctx.backend = tuple(params), act, backend
+    ctx.params, ctx.act, ctx.backend = list(params), act, backend
     ctx.save_for_backward(x, weight, scale, shift)
 
 
-def _backward(ctx, grad):
-    x, weight, scale, shift = ctx.saved_tensors
-    sh, sw, ph, pw, dh, dw = ctx.params
-    act = ctx.act
+@torch.library.custom_op("pycompress::depthwise_conv2d_backward", mutates_args=())
+def _depthwise_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                           shift: torch.Tensor, params: Sequence[int], act: int, backend: str,
+                           needs: Sequence[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_scale, grad_shift); an entry not asked for in ``needs`` (or for an
+    empty scale / shift) is an empty tensor. One registered op, so AOTAutograd traces the backward
+    as one node whatever the backend."""
+    sh, sw, ph, pw, dh, dw = params
+    need_x, need_w, need_scale, need_shift = needs
+    need_scale, need_shift = need_scale and scale.numel() > 0, need_shift and shift.numel() > 0
     C = x.shape[1]
-    fwd, bwd_in, bwd_w = _kernels(ctx.backend)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    fwd, bwd_in, bwd_w = _kernels(backend)
     grad = _layout(grad.contiguous(memory_format=_format(x)))
-    need_scale, need_shift = ctx.needs_input_grad[2] and scale.numel() > 0, ctx.needs_input_grad[3] and shift.numel() > 0
+    empty = x.new_empty(0)
     g_scale = g_shift = None
     if x.numel() == 0:
         gc = grad
@@ -133,7 +140,6 @@ def _backward(ctx, grad):
         # Recompute the convolution (cheaper than keeping it alive) for the activation's mask and
         # the scale's gradient: z = c * scale + shift; grad_c = grad * act'(z) * scale.
         c = fwd(_layout(x), weight.contiguous(), scale.new_empty(0), shift.new_empty(0), sh, sw, ph, pw, dh, dw, 0)
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
         cf = c.to(ct)
         z = cf
         if scale.numel():
@@ -141,10 +147,11 @@ def _backward(ctx, grad):
         if shift.numel():
             z = z + shift.view(1, C, 1, 1)
         gz = grad.to(ct)
+        zero = torch.zeros((), dtype=ct, device=gz.device)
         if act == 1:
-            gz = torch.where(z > 0, gz, torch.zeros((), device=gz.device))
+            gz = torch.where(z > 0, gz, zero)
         elif act == 2:
-            gz = torch.where((z > 0) & (z < 6), gz, torch.zeros((), device=gz.device))
+            gz = torch.where((z > 0) & (z < 6), gz, zero)
         if need_shift:
             g_shift = gz.sum(dim=(0, 2, 3))
         if need_scale:
@@ -153,23 +160,45 @@ def _backward(ctx, grad):
         gc = _layout(gc.to(x.dtype).contiguous(memory_format=_format(x)))
     else:
         gc = grad
-    g_x = g_w = None
-    if ctx.needs_input_grad[0]:
+    g_x = g_w = empty
+    if need_x:
         g_x = torch.zeros_like(x) if x.numel() == 0 else bwd_in(gc, weight.contiguous(), x.shape[2], x.shape[3],
                                                                   sh, sw, ph, pw, dh, dw)
     bias_via_kernel = need_shift and g_shift is None
-    if ctx.needs_input_grad[1] or bias_via_kernel:
+    if need_w or bias_via_kernel:
         if x.numel() == 0:
-            gw32 = torch.zeros(weight.shape, dtype=scale.dtype, device=x.device)
-            gb32 = torch.zeros(C, dtype=scale.dtype, device=x.device)
+            gw32 = torch.zeros(weight.shape, dtype=ct, device=x.device)
+            gb32 = torch.zeros(C, dtype=ct, device=x.device)
         else:
             gw32, gb32 = bwd_w(gc, _layout(x), weight.shape[2], weight.shape[3], sh, sw, ph, pw, dh, dw,
                                bias_via_kernel)
-        if ctx.needs_input_grad[1]:
+        if need_w:
             g_w = gw32.to(weight.dtype)
         if bias_via_kernel:
             g_shift = gb32
-    return g_x, g_w, g_scale, g_shift, None, None, None
+    g_scale = empty.new_empty(0, dtype=scale.dtype) if g_scale is None else g_scale.to(scale.dtype)
+    g_shift = empty.new_empty(0, dtype=shift.dtype) if g_shift is None else g_shift.to(shift.dtype)
+    return g_x, g_w, g_scale, g_shift
+
+
+@_depthwise_backward_op.register_fake
+def _(grad, x, weight, scale, shift, params, act, backend, needs):
+    need_x, need_w, need_scale, need_shift = needs
+    gx = torch.empty_like(x) if need_x else x.new_empty(0)
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else x.new_empty(0)
+    gs = scale.new_empty(scale.shape if need_scale and scale.numel() else (0,))
+    gb = shift.new_empty(shift.shape if need_shift and shift.numel() else (0,))
+    return gx, gw, gs, gb
+
+
+def _backward(ctx, grad):
+    x, weight, scale, shift = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    gx, gw, gs, gb = torch.ops.pycompress.depthwise_conv2d_backward(grad, x, weight, scale, shift, ctx.params,
+                                                                     ctx.act, ctx.backend, needs)
+    return (gx if needs[0] else None, gw if needs[1] else None,
+            gs if needs[2] and scale.numel() else None, gb if needs[3] and shift.numel() else None,
+            None, None, None)
 
 
 _depthwise_op.register_autograd(_backward, setup_context=_setup_context)
@@ -243,6 +272,8 @@ def _check(fn: str, x, weight, stride, padding, dilation) -> List[int]:
     ph, pw = _pair("padding", padding, fn, 0)
     dh, dw = _pair("dilation", dilation, fn, 1)
     H, W = x.shape[2], x.shape[3]
+    if H < 1 or W < 1:
+        raise ValueError(f"{fn}: x must have a spatial size of at least 1x1, got {H}x{W}")
     Ho, Wo = out_size(H, kh, sh, ph, dh), out_size(W, kw, sw, pw, dw)
     if Ho < 1 or Wo < 1:
         raise ValueError(
