@@ -54,6 +54,31 @@ TORCH_LIBRARY(pycompress, m) {
   m.def(
       "_masked_sgd_step(Tensor(a!) param, Tensor grad, Tensor(b!) buf, Tensor packed, float lr, float momentum, "
       "float weight_decay, float dampening, bool nesterov, bool first) -> ()");
+
+  // Depthwise 2-D convolution (pycompress/ops/depthwise_ref.py is the specification). Tensors are
+  // fp32 | fp16 | bf16, [N, C, H, W], contiguous in NCHW or in channels_last (anything else is made
+  // contiguous); outputs keep the memory format of the first tensor argument (channels_last when it
+  // is channels_last and not also plainly contiguous). weight is [C, 1, kh, kw] of that dtype, kh
+  // and kw odd in 1..7; strides 1 or 2, paddings >= 0, dilations >= 1; accumulation in fp32.
+  //
+  // Forward with the fused epilogue: y = act(conv(x, weight) * scale[c] + shift[c]) (one fp32
+  // multiply, then one add), cast once to x's dtype. scale and shift are fp32 [C] or empty (1 and 0);
+  // act: 0 none, 1 relu, 2 relu6. Returns y [N, C, Ho, Wo].
+  m.def(
+      "_depthwise_fwd(Tensor x, Tensor weight, Tensor scale, Tensor shift, int sh, int sw, int ph, int pw, "
+      "int dh, int dw, int act) -> Tensor");
+  // Gradient of the convolution with respect to its input of size H x W (the transposed
+  // convolution of grad_out [N, C, Ho, Wo] with weight): grad_out's dtype and memory format.
+  m.def(
+      "_depthwise_bwd_input(Tensor grad_out, Tensor weight, int H, int W, int sh, int sw, int ph, int pw, "
+      "int dh, int dw) -> Tensor");
+  // Gradients of the weight and of a bias: (grad_w fp32 [C, 1, kh, kw], grad_b fp32 [C], or an empty
+  // fp32 tensor when with_bias is false), per-channel sums over (n, i, j) of grad_out times the
+  // input tap (grad_out alone for the bias). Deterministic: the summation order depends only on the
+  // shapes, never on the thread count or the GPU.
+  m.def(
+      "_depthwise_bwd_weight(Tensor grad_out, Tensor x, int kh, int kw, int sh, int sw, int ph, int pw, "
+      "int dh, int dw, bool with_bias) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -9,7 +9,12 @@ mismatch marks the row FAILED and the command exits non-zero.
 Bytes counted per element (PERF.md): forward = read x + write out; forward + backward =
 16 B/elem in fp32 (x, out, grad_out, grad_x), whatever extra the implementation moves. Sparse
 masks: apply = read w + read 1/8 B of mask + write out; pack = read 1 B + write 1/8 B; masked SGD
-step = read p, g, buf and the mask + write p, buf.
+step = read p, g, buf and the mask + write p, buf. Depthwise convolution: forward = read x + write
+out per output element (the weights, C x k x k, are not counted); forward + backward = 4 tensors of
+the output's size (x, out, grad_out, grad_x: 16 B/elem in fp32, as PERF.md), although the weight
+gradient re-reads x and grad_out. The depthwise cases have fixed layer shapes (PERF.md's: N128 C256
+56x56 on the GPU, N32 C128 28x28 on the CPU, and two MobileNet-student layers); --size does not
+change them.
 
 Cases whose op mutates its inputs (in-place apply, the SGD step) are timed on one set of inputs
 whose state evolves from call to call the same way for every backend (idempotent masking; SGD
@@ -31,6 +36,7 @@ import torch
 
 from .. import backends
 from ..ops import apply_mask, fake_quantize, masked_sgd_step, pack_mask
+from ..ops.depthwise import depthwise_conv2d, depthwise_conv2d_bn_act
 from ..ops.fake_quantize import value_checks
 from ..ops.sparse_mask_ref import pack_mask_ref
 
@@ -306,7 +312,116 @@ def _sm_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
     return cases
 
 
-OPS = {"fake_quantize": _fq_cases, "sparse_mask": _sm_cases}
+# Depthwise backend vs reference: both accumulate in fp32 in different orders and round once to the
+# dtype. (rtol, atol) of the forward outputs; the backward cases scale atol with sqrt(N * H * W), the
+# growth of the weight gradient's sums (checked at tolerance level in tests/ops/test_depthwise.py).
+_DW_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def _dw_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
+    """Depthwise convolution (``n`` is ignored: fixed layer shapes). Torch baseline:
+    ``F.conv2d(groups=C)`` (cuDNN / oneDNN / native), with autograd for forward + backward; the fused
+    conv + BN(eval, folded into scale / shift) + ReLU6 against the eager chain
+    ``relu6(batch_norm(conv(x)))`` and, on the GPU, against ``torch.compile`` of that chain."""
+    import torch.nn.functional as F
+
+    es = torch.empty((), dtype=dtype).element_size()
+    gpu = device.type == "cuda"
+    N, C, H = (128, 256, 56) if gpu else (32, 128, 28)
+    fwd_tol = _DW_TOL[dtype]
+
+    def fb_tol(shape):
+        return (fwd_tol[0], fwd_tol[1] * max(1.0, math.sqrt(shape[0] * shape[2] * shape[3])))
+
+    def inputs(shape, k=3, channels_last=False, grad=False, bn=False):
+        def make():
+            c = shape[1]
+            x = torch.randn(shape, device=device).to(dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            w = (torch.randn(c, 1, k, k, device=device) / k).to(dtype)
+            inp = {"x": x, "w": w}
+            if grad:
+                inp["xg"] = x.detach().clone().requires_grad_()
+                inp["wg"] = w.detach().clone().requires_grad_()
+                inp["g"] = torch.randn(shape, device=device).to(dtype)
+            if bn:
+                mean, var = torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5
+                gamma, beta, eps = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device) * 0.1, 1e-5
+                scale = gamma / torch.sqrt(var + eps)
+                inp.update(mean=mean.to(dtype), var=var.to(dtype), gamma=gamma.to(dtype), beta=beta.to(dtype), eps=eps,
+                           scale=scale, shift=beta - mean * scale)
+            return inp
+
+        return make
+
+    def fwd(inp, backend):
+        k = inp["w"].shape[-1]
+        return depthwise_conv2d(inp["x"], inp["w"], None, 1, k // 2, backend=backend)
+
+    def torch_fwd(inp):
+        k = inp["w"].shape[-1]
+        return F.conv2d(inp["x"], inp["w"], None, 1, k // 2, 1, inp["x"].shape[1])
+
+    def fwd_bwd(inp, backend):
+        y = depthwise_conv2d(inp["xg"], inp["wg"], None, 1, 1, backend=backend)
+        return (y.detach(),) + torch.autograd.grad(y, (inp["xg"], inp["wg"]), inp["g"])
+
+    def torch_fwd_bwd(inp):
+        y = F.conv2d(inp["xg"], inp["wg"], None, 1, 1, 1, inp["xg"].shape[1])
+        return torch.autograd.grad(y, (inp["xg"], inp["wg"]), inp["g"])
+
+    def fused(inp, backend):
+        return depthwise_conv2d_bn_act(inp["x"], inp["w"], inp["scale"], inp["shift"], 1, 1, 1, "relu6",
+                                       backend=backend)
+
+    def eager_chain(x, w, mean, var, gamma, beta, eps):
+        z = F.conv2d(x, w, None, 1, 1, 1, x.shape[1])
+        return F.relu6(F.batch_norm(z, mean, var, gamma, beta, False, 0.0, eps))
+
+    def torch_fused(inp):
+        return eager_chain(inp["x"], inp["w"], inp["mean"], inp["var"], inp["gamma"], inp["beta"], inp["eps"])
+
+    compiled = {}
+
+    def torch_fused_compiled(inp):
+        # compiled once, lazily; any failure makes the baseline "unavailable" (a RuntimeError)
+        if "fn" not in compiled:
+            try:
+                fn = torch.compile(eager_chain)
+                torch_fused(inp)  # eager warm-up
+                fn(inp["x"], inp["w"], inp["mean"], inp["var"], inp["gamma"], inp["beta"], inp["eps"])
+                compiled["fn"] = fn
+            except Exception as exc:  # noqa: BLE001 - reported as an unavailable baseline
+                compiled["fn"] = None
+                compiled["error"] = f"torch.compile of the eager chain failed: {type(exc).__name__}: {exc}"
+        if compiled["fn"] is None:
+            raise RuntimeError(compiled["error"])
+        return compiled["fn"](inp["x"], inp["w"], inp["mean"], inp["var"], inp["gamma"], inp["beta"], inp["eps"])
+
+    big = (N, C, H, H)
+    student = [(128, 128, 8, 8), (128, 256, 4, 4)]
+    op = "depthwise_conv2d"  # the registered op: backends.available() is asked about it
+    chain = "3x3 + BN(eval) + ReLU6 fused fwd vs"
+    cases = [
+        Case(op, "3x3 fwd NCHW", big, dtype, 2 * es, inputs(big), fwd, torch_fwd, tol=fwd_tol),
+        Case(op, "3x3 fwd channels_last", big, dtype, 2 * es, inputs(big, channels_last=True), fwd, torch_fwd,
+             tol=fwd_tol),
+        Case(op, "3x3 fwd+bwd NCHW", big, dtype, 4 * es, inputs(big, grad=True), fwd_bwd, torch_fwd_bwd,
+             tol=fb_tol(big)),
+        Case(op, f"{chain} eager chain", big, dtype, 2 * es, inputs(big, bn=True), fused, torch_fused, tol=fwd_tol),
+    ]
+    if gpu:
+        cases.append(Case(op, f"{chain} torch.compile chain", big, dtype, 2 * es, inputs(big, bn=True), fused,
+                          torch_fused_compiled, tol=fwd_tol))
+    cases.append(Case(op, "5x5 fwd NCHW", big, dtype, 2 * es, inputs(big, k=5), fwd, torch_fwd, tol=fwd_tol))
+    for shape in student:
+        cases.append(Case(op, f"3x3 fwd+bwd NCHW MobileNet-student layer {shape[2]}x{shape[3]}", shape, dtype,
+                          4 * es, inputs(shape, grad=True), fwd_bwd, torch_fwd_bwd, tol=fb_tol(shape)))
+    return cases
+
+
+OPS = {"fake_quantize": _fq_cases, "sparse_mask": _sm_cases, "depthwise": _dw_cases}
 
 
 def _as_tuple(v):

@@ -132,7 +132,6 @@ def _depthwise_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     fwd, bwd_in, bwd_w = _kernels(backend)
     grad = _layout(grad.contiguous(memory_format=_format(x)))
-    empty = x.new_empty(0)
     g_scale = g_shift = None
     if x.numel() == 0:
         gc = grad
@@ -160,7 +159,7 @@ def _depthwise_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
         gc = _layout(gc.to(x.dtype).contiguous(memory_format=_format(x)))
     else:
         gc = grad
-    g_x = g_w = empty
+    g_x, g_w = x.new_empty(0), x.new_empty(0)  # distinct objects: outputs may not alias each other
     if need_x:
         g_x = torch.zeros_like(x) if x.numel() == 0 else bwd_in(gc, weight.contiguous(), x.shape[2], x.shape[3],
                                                                   sh, sw, ph, pw, dh, dw)
@@ -176,9 +175,21 @@ def _depthwise_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
             g_w = gw32.to(weight.dtype)
         if bias_via_kernel:
             g_shift = gb32
-    g_scale = empty.new_empty(0, dtype=scale.dtype) if g_scale is None else g_scale.to(scale.dtype)
-    g_shift = empty.new_empty(0, dtype=shift.dtype) if g_shift is None else g_shift.to(shift.dtype)
-    return g_x, g_w, g_scale, g_shift
+    g_scale = x.new_empty(0, dtype=scale.dtype) if g_scale is None else g_scale.to(scale.dtype)
+    g_shift = x.new_empty(0, dtype=shift.dtype) if g_shift is None else g_shift.to(shift.dtype)
+    # A registered op's outputs may not alias its inputs or each other (a kernel may hand back a
+    # buffer it was given, e.g. a 1x1 kernel's input gradient).
+    seen = [t.untyped_storage().data_ptr() for t in (grad, x, weight, scale, shift) if t.numel()]
+    outs = []
+    for t in (g_x, g_w, g_scale, g_shift):
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.append(ptr)
+        outs.append(t)
+    return tuple(outs)
 
 
 @_depthwise_backward_op.register_fake
