@@ -51,7 +51,7 @@ def depthwise_supported(conv: nn.Conv2d) -> Optional[str]:
 def _autocast(x: torch.Tensor, weight: torch.Tensor):
     """The dtypes F.conv2d would compute in under autocast: both cast to the autocast dtype."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         return x.to(dt), weight.to(dt)
     return x, weight
