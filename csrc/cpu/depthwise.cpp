@@ -8,18 +8,24 @@
 // dtype. The summation order differs from torch's (tolerance-level differences only).
 //
 // NCHW (AVX2): a task owns whole (n, c) planes. For a band of output rows, the rows of the
-// zero-padded input it reads are copied once, as fp32, into a small buffer (L1 sized); the
-// convolution then runs over the buffer with no bounds checks at all, 8 output columns per vector.
-// Each buffer row is stored as `sw` phases (phase p holds padded columns p, p + sw, ...), so for
-// stride 2 every tap is again one contiguous unaligned load. Rows are padded past the last output
-// vector so the last (partial) vector stays inside the buffer; its extra lanes are discarded.
+// zero-padded input it reads are copied once, as fp32, into a small buffer (L1 sized, zeroed once
+// per task: only the positions that hold source data are rewritten per plane); the convolution
+// then runs over the buffer with no bounds checks at all, 2 rows x 2 vectors of 8 output columns
+// per step (four independent FMA chains), 3x3 and 5x5 unrolled at compile time. Each buffer row is
+// stored as `sw` phases (phase p holds padded columns p, p + sw, ...), so for stride 2 every tap is
+// again one contiguous unaligned load. Rows are padded past the last output vector so the last
+// (partial) vector stays inside the buffer; its extra lanes are discarded (masked store).
+// Small planes (fewer than 8 output columns) would waste most vector lanes: "lanes" mode takes 8
+// planes (8 channels of one image) at a time, transposed into an [rows][cols][8] tile, one output
+// per vector, and transposes the results back.
 // The backward to the input is the same kernel: a stride-1 convolution with the flipped kernel over
 // grad_out, zero-upsampled by the stride while it is copied into the buffer.
-// NHWC (AVX2): vectorised over channels (8 per vector, 16 per step); per output pixel the list of
-// taps inside the image is built once and the channel loop runs over it without checks.
-// Backward to the weight: one task owns a channel (NCHW) or a block of 8 channels (NHWC) over the
-// whole batch, so each sum is computed by one thread in an order fixed by the shapes: fp32 vector
-// accumulators within a plane (or row), fp64 across planes. Deterministic whatever the thread count.
+// NHWC (AVX2): vectorised over channels (16 per step); per output pixel the list of taps inside the
+// image is built once and the channel loop runs over it without checks.
+// Backward to the weight: a task owns a range of channels (NCHW: single channels; lanes mode and
+// NHWC: groups of 8) and walks the batch image by image, so its reads are contiguous blocks; each
+// channel's sums are fp32 vector accumulators within a plane (row, for NHWC) added to fp64 per
+// plane, in an order fixed by the shapes: deterministic whatever the thread count.
 //
 // Set PYCOMPRESS_CPU_SCALAR=1 (read once per process) to force the portable path, for testing it.
 #include <ATen/ATen.h>
@@ -37,16 +43,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_common.h"
 #include "pycompress.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PYC_X86 1
 // Explicit FMA intrinsics only (the accumulation order is not specified bit for bit; the epilogue
 // keeps its separate multiply and add).
+#if PYC_X86
 #define PYC_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define PYC_X86 0
 #endif
 
 namespace pycompress {
@@ -56,16 +59,7 @@ constexpr int kMaxK = 7;
 constexpr int kMaxTaps = kMaxK * kMaxK;
 
 bool use_avx2() {
-  static const bool ok = [] {
-#if PYC_X86
-    const char* env = std::getenv("PYCOMPRESS_CPU_SCALAR");
-    if (env != nullptr && env[0] == '1') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    return false;
-#endif
-  }();
+  static const bool ok = cpu::avx2_available(/*need_fma=*/true);
   return ok;
 }
 
@@ -206,30 +200,8 @@ void bwd_weight_scalar(const T* go, Strides gs, const T* x, Strides xs, float* g
 // AVX2 path.
 #if PYC_X86
 
-PYC_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-PYC_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-PYC_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
-PYC_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-PYC_AVX2 inline void store8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-// c10::BFloat16(float): NaN -> 0x7FC0, else round to nearest even on the top 16 bits.
-PYC_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
-                                        _mm256_set1_epi32(0x7FFF));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
+using cpu::load8;
+using cpu::store8;
 
 // The first n < 8 lanes of v.
 template <typename T>

@@ -23,19 +23,12 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_common.h"
 #include "pycompress.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PYC_X86 1
 // Not "fma": the kernels must not contract (also not -march=native for the same reason).
+#if PYC_X86
 #define PYC_AVX2 __attribute__((target("avx2,f16c")))
-#else
-#define PYC_X86 0
 #endif
 
 namespace pycompress {
@@ -95,16 +88,7 @@ struct PeriodicTables {
 };
 
 bool use_avx2() {
-  static const bool ok = [] {
-#if PYC_X86
-    const char* env = std::getenv("PYCOMPRESS_CPU_SCALAR");
-    if (env != nullptr && env[0] == '1') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-#else
-    return false;
-#endif
-  }();
+  static const bool ok = cpu::avx2_available(/*need_fma=*/false);
   return ok;
 }
 
@@ -182,30 +166,8 @@ void ste_scalar(const T* g, T* gx, const uint8_t* mask, int64_t b, int64_t e) {
 // AVX2 path.
 #if PYC_X86
 
-PYC_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-PYC_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-PYC_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
-PYC_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-PYC_AVX2 inline void store8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-// c10::BFloat16(float): NaN -> 0x7FC0, else round to nearest even on the top 16 bits.
-PYC_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
-                                        _mm256_set1_epi32(0x7FFF));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
+using cpu::load8;
+using cpu::store8;
 
 // dst = clamped ? +0 : src, on the raw bits (so fp16/bf16 gradients pass through unchanged).
 PYC_AVX2 inline void keep8(const float* src, float* dst, __m256 clamped) {
@@ -485,23 +447,7 @@ Quant make_quant(const at::Tensor& inv_scale, const at::Tensor& scale, const at:
                C == 1 ? std::max<int64_t>(n, 1) : inner, static_cast<float>(qmin), static_cast<float>(qmax)};
 }
 
-// at::empty for an output the kernel will stream over. A fresh large allocation is an untouched
-// mmap, and faulting it in 4 KiB pages costs more than the kernel itself (~50 ms for 64 MiB on a VM);
-// asking for transparent huge pages first (a no-op where THP is off or the pages are already
-// there) makes the first touch ~2 MiB at a time.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(sizes, opts);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 4 * kHuge) {
-    const uintptr_t b = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t lo = (b + kHuge - 1) & ~(kHuge - 1), hi = (b + bytes) & ~(kHuge - 1);
-    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
+using cpu::empty_output;
 
 
 }  // namespace

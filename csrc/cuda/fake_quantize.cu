@@ -17,14 +17,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 
+#include "cuda_common.cuh"
 #include "pycompress.h"
 
 namespace pycompress {
@@ -138,46 +136,10 @@ __device__ __forceinline__ void channel_of(uint64_t e, const QP& P, const Div& d
   c = static_cast<int64_t>(row - dC.div(row) * static_cast<uint64_t>(P.C));
 }
 
-// SM count of the current device, cached (c10's stream/guard headers only: ATen/cuda/CUDAContext.h
-// would pull in cuBLAS/cuSPARSE headers that a bare CUDA toolkit install may lack).
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
-
-// Grid for a grid-stride kernel: as many blocks of kThreads as can be resident at once (from the
-// kernel's occupancy, so there is no second partial wave), fewer for small work.
+// Grid for a grid-stride kernel of kThreads-thread blocks (cuda_common.cuh).
 template <typename Kernel>
 int64_t grid_for(Kernel kernel, int64_t threads) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> per_sm_cache;  // (kernel, device) -> blocks per SM
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
-  int per_sm = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const auto it = per_sm_cache.find(key);
-    if (it != per_sm_cache.end()) per_sm = it->second;
-  }
-  if (per_sm <= 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-    per_sm = std::max(per_sm, 1);
-    std::lock_guard<std::mutex> lock(mu);
-    per_sm_cache[key] = per_sm;
-  }
-  const int64_t cap = int64_t(sm_count()) * per_sm;
-  return std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, cap));
+  return cuda::resident_grid(kernel, threads, kThreads);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -650,7 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_bwd_learnable_cuda(
   at::Tensor d_scale = at::empty({C}, fopts), d_zero = at::empty({C}, fopts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float gf = static_cast<float>(grad_factor);
-  const int64_t target_blocks = int64_t(sm_count()) * (2048 / kThreads) * 2;
+  const int64_t target_blocks = int64_t(cuda::sm_count()) * (2048 / kThreads) * 2;
   const auto dopts = x.options().dtype(at::kDouble);
 
   PYC_DISPATCH_FLOATS(x.scalar_type(), "fake_quantize_bwd_learnable_cuda", [&] {

@@ -27,12 +27,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <utility>
 
+#include "cuda_common.cuh"
 #include "pycompress.h"
 
 namespace pycompress {
@@ -45,46 +43,11 @@ constexpr int kApplyUnroll = 4;
 constexpr int kSgdUnroll = 2;
 
 // ------------------------------------------------------------------------------------------------
-// Launch geometry (as fake_quantize.cu: c10 headers only, no ATen/cuda/CUDAContext.h).
+// Launch geometry: grids of resident blocks (cuda_common.cuh).
 
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
-
-// Blocks of kThreads for `threads` threads of a grid-stride kernel: no more than can be resident at
-// once (no partial second wave), fewer for small work.
 template <typename Kernel>
 int64_t grid_for(Kernel kernel, int64_t threads) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> per_sm_cache;
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
-  int per_sm = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const auto it = per_sm_cache.find(key);
-    if (it != per_sm_cache.end()) per_sm = it->second;
-  }
-  if (per_sm <= 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-    per_sm = std::max(per_sm, 1);
-    std::lock_guard<std::mutex> lock(mu);
-    per_sm_cache[key] = per_sm;
-  }
-  const int64_t cap = int64_t(sm_count()) * per_sm;
-  return std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, cap));
+  return cuda::resident_grid(kernel, threads, kThreads);
 }
 
 bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }

@@ -117,26 +117,25 @@ def set_shadow(module: nn.Module, dense: torch.Tensor) -> None:
         module.register_buffer(SHADOW, dense.detach().clone(), persistent=True)
 
 
-def drop_shadows(model: nn.Module) -> int:
-    """Remove every shadow buffer (the masks stay). Returns how many were removed."""
+def _drop_buffers(model: nn.Module, name: str) -> int:
     n = 0
     for m in model.modules():
-        if SHADOW in m._buffers:
-            del m._buffers[SHADOW]
+        if name in m._buffers:
+            del m._buffers[name]
             n += 1
     return n
+
+
+def drop_shadows(model: nn.Module) -> int:
+    """Remove every shadow buffer (the masks stay). Returns how many were removed."""
+    return _drop_buffers(model, SHADOW)
 
 
 def remove_masks(model: nn.Module) -> int:
     """Remove masks and shadows; the weights keep their zeros (they are now just a sparse tensor
     that training may fill again). Returns the number of layers unmasked."""
     drop_shadows(model)
-    n = 0
-    for m in model.modules():
-        if MASK in m._buffers:
-            del m._buffers[MASK]
-            n += 1
-    return n
+    return _drop_buffers(model, MASK)
 
 
 def prepare_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -19,11 +19,11 @@ import torch.nn as nn
 
 from ..ops import apply_mask
 from . import masks as M
-from .criteria import select_masks
+from .criteria import mask_sparsity, select_masks
 from .optim import MaskedOptimizer
 from .regularizers import regularization
 from .report import SparsityReport, sparsity_report
-from .spec import SPARSITY_CRITERIA, PruneSpec
+from .spec import PruneSpec
 
 __all__ = ["Pruner", "prune_model", "gradual_sparsity"]
 
@@ -123,13 +123,15 @@ class Pruner:
         else:
             opt.set_masks({m.weight: m._buffers[M.MASK] for m in M.masked_layers(self.model).values()})
 
-    def _attach(self, masks: Dict[str, torch.Tensor], what: str) -> None:
+    def _attach(self, masks: Dict[str, torch.Tensor], what: Optional[str] = None) -> None:
+        """Attach newly selected masks (zeroing the pruned weights), record the sparsity, hand the
+        masks to a masked optimizer; log the event when ``what`` names it."""
         M.attach_masks(self.model, masks)
-        total = sum(mk.numel() for mk in masks.values())
-        pruned = sum(int((~mk).sum()) for mk in masks.values())
-        self.state["sparsity"] = pruned / total if total else 0.0
+        self.state["sparsity"] = mask_sparsity(masks)
         self.state["updates"] += 1
         self._sync_optimizer()
+        if what is None:
+            return
         self.log(f"[{getattr(self.trainer, 'name', 'prune')}] {what}: {self.spec.criterion} masks on "
                  f"{len(masks)} layers, {100 * self.state['sparsity']:.2f}% of their weights pruned")
 
@@ -196,7 +198,8 @@ class Pruner:
                 m._buffers[M.SHADOW].copy_(m.weight.detach())
             stop = spec.update_stop
             if t % spec.update_interval == 0 and (stop is None or t < stop):
-                self.model_masks_from_shadow(t)
+                # weight (= shadow now) becomes shadow * new mask
+                self._attach(_select(self.model, spec, self.layers, salt=t))
             else:
                 M.apply_masks(self.model)
             if (stop is not None and t >= stop) or t >= (self.total_steps or float("inf")):
@@ -210,27 +213,13 @@ class Pruner:
             start, end = spec.start_step, self._gradual_end()
             if start <= t <= end and ((t - start) % spec.update_interval == 0 or t == end):
                 s = gradual_sparsity(t, start, end, spec.initial_sparsity, spec.sparsity)
-                masks = _select(self.model, spec, self.layers, s, salt=t)
-                M.attach_masks(self.model, masks)
-                total = sum(mk.numel() for mk in masks.values())
-                self.state["sparsity"] = sum(int((~mk).sum()) for mk in masks.values()) / max(total, 1)
-                self.state["updates"] += 1
-                self._sync_optimizer()
+                self._attach(_select(self.model, spec, self.layers, s, salt=t))
                 return
         if self._masked_optimizer() is None:
             M.apply_masks(self.model)
-
-    def model_masks_from_shadow(self, t: int) -> None:
-        masks = _select(self.model, self.spec, self.layers, salt=t)
-        M.attach_masks(self.model, masks)  # weight (= shadow now) becomes shadow * new mask
-        total = sum(mk.numel() for mk in masks.values())
-        self.state["sparsity"] = sum(int((~mk).sum()) for mk in masks.values()) / max(total, 1)
-        self.state["updates"] += 1
 
     def on_epoch_end(self, trainer, row: Dict[str, Any]) -> None:
         if M.has_masks(self.model) or (self.spec is not None and self.spec.regularizer is not None):
             rep = self.report()
             row["sparsity"] = rep.selected_sparsity if rep.selected_total else rep.sparsity
 
-
-SPARSITY_CRITERIA = SPARSITY_CRITERIA  # re-export for users of this module

@@ -20,16 +20,15 @@ sparsity-inducing training) and keeps any masks the model already has.
 """
 from __future__ import annotations
 
-import copy
 import math
-import re
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..layer_spec import LAYER_TYPES, LayerSelectionSpec
 
 __all__ = ["PruneSpec", "SCHEDULES", "SPARSITY_CRITERIA"]
 
 SCHEDULES = ("oneshot", "regrow", "gradual")
-LAYER_TYPES = ("conv", "linear")
 # Criteria whose amount is a target sparsity (the others prune by a value).
 SPARSITY_CRITERIA = ("global_magnitude", "layer_magnitude", "random", "filter_norm", "channel_norm")
 VALUE_CRITERIA = ("threshold", "std_ratio")
@@ -58,8 +57,10 @@ def _int(key: str, v, low: int = 0, optional: bool = False) -> Optional[int]:
 
 
 @dataclass
-class PruneSpec:
+class PruneSpec(LayerSelectionSpec):
     """Settings of a pruning stage (see the module docstring)."""
+
+    _fail = staticmethod(_fail)
 
     criterion: Optional[str] = None
     sparsity: Optional[float] = None
@@ -135,28 +136,7 @@ class PruneSpec:
         self.initial_sparsity = _real("initial_sparsity", self.initial_sparsity, 0.0, 1.0)
         if self.schedule == "gradual" and self.sparsity is not None and self.initial_sparsity > self.sparsity:
             _fail("initial_sparsity", f"must not exceed sparsity ({self.sparsity}), got {self.initial_sparsity}")
-        if isinstance(self.types, str) or not isinstance(self.types, (list, tuple)) or not self.types:
-            _fail("types", f"must be a non-empty list drawn from {list(LAYER_TYPES)}, got {self.types!r}")
-        for i, t in enumerate(self.types):
-            if t not in LAYER_TYPES:
-                _fail(f"types[{i}]", f"must be one of {list(LAYER_TYPES)}, got {t!r}")
-        self.types = list(dict.fromkeys(self.types))
-        for key in ("include", "exclude"):
-            v = getattr(self, key)
-            if v is None and key == "include":
-                continue
-            if isinstance(v, str) or not isinstance(v, (list, tuple)):
-                _fail(key, f"must be a list of regular expressions, got {v!r}")
-            if key == "include" and not v:
-                _fail(key, "an empty list selects nothing; leave it out to select every layer")
-            for i, p in enumerate(v):
-                if not isinstance(p, str):
-                    _fail(f"{key}[{i}]", f"must be a string (a regular expression), got {p!r}")
-                try:
-                    re.compile(p)
-                except re.error as exc:
-                    _fail(f"{key}[{i}]", f"is not a valid regular expression ({exc}): {p!r}")
-            setattr(self, key, list(v))
+        self._check_selection()
         for key in ("first", "last"):
             if not isinstance(getattr(self, key), bool):
                 _fail(key, f"must be true (prune the first/last selected layer too) or false, got {getattr(self, key)!r}")
@@ -170,22 +150,6 @@ class PruneSpec:
         self.seed = _int("seed", self.seed, 0)
         if c is None and self.regularizer is None:
             _fail("criterion", "a prune section needs a criterion (to prune) and/or a regularizer")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PruneSpec":
-        """Build from a plain dict (a recipe's YAML); unknown keys, bad types or values raise ValueError."""
-        if isinstance(d, PruneSpec):
-            return copy.deepcopy(d)
-        if not isinstance(d, Mapping):
-            raise ValueError(f"PruneSpec: expected a mapping of settings, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in d if k not in known]
-        if unknown:
-            _fail(str(unknown[0]), f"unknown key; allowed keys: {', '.join(known)}")
-        return cls(**copy.deepcopy(dict(d)))
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
 
     def criterion_params(self) -> Dict[str, Any]:
         """Keyword arguments of ``criteria.select_masks`` for this criterion."""
@@ -204,16 +168,7 @@ class PruneSpec:
         """Qualified names of the layers this spec prunes / regularizes, in module order."""
         from ..quant.modules import layer_type
 
-        names = []
-        for name, m in model.named_modules():
-            t = layer_type(m)
-            if t is None or t not in self.types:
-                continue
-            if self.include is not None and not any(re.search(p, name) for p in self.include):
-                continue
-            if any(re.search(p, name) for p in self.exclude):
-                continue
-            names.append(name)
+        names = [name for name, m in model.named_modules() if self.selects(name, layer_type(m))]
         if names and not self.last:
             names = names[:-1]
         if names and not self.first:

@@ -13,14 +13,14 @@ Resolution for each layer, in ``model.named_modules()`` order:
 """
 from __future__ import annotations
 
-import copy
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
+
+from ..layer_spec import LAYER_TYPES, LayerSelectionSpec, check_regex
 
 __all__ = ["QuantSpec", "LAYER_TYPES", "WEIGHT_SCALES", "ACT_SCALES"]
 
-LAYER_TYPES = ("conv", "linear")
 WEIGHT_SCALES = ("max", "lsq", "frozen")
 ACT_SCALES = ("frozen", "lsq")
 _BITS_KEYS = ("weight_bits", "act_bits")
@@ -37,23 +37,8 @@ def _check_bits(key: str, value) -> None:
         _fail(key, f"must be an int in 1..16 or null, got {value!r}")
 
 
-def _check_regex_list(key: str, value, allow_none: bool) -> Optional[List[str]]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        _fail(key, f"must be a list of regular expressions, got {value!r}")
-    for i, p in enumerate(value):
-        _check_regex(f"{key}[{i}]", p)
-    return list(value)
-
-
 def _check_regex(key: str, p) -> None:
-    if not isinstance(p, str):
-        _fail(key, f"must be a string (a regular expression), got {p!r}")
-    try:
-        re.compile(p)
-    except re.error as exc:
-        _fail(key, f"is not a valid regular expression ({exc}): {p!r}")
+    check_regex(_fail, key, p)
 
 
 def _check_bits_dict(key: str, d, extra: tuple = ()) -> dict:
@@ -80,7 +65,7 @@ def _check_position(key: str, value) -> Position:
 
 
 @dataclass
-class QuantSpec:
+class QuantSpec(LayerSelectionSpec):
     """Layer selection and settings for prepare_qat (see the module docstring for the resolution order).
 
     weight_bits / act_bits: int 1..16 or None (no quantizer). types: subset of {"conv", "linear"}.
@@ -89,6 +74,8 @@ class QuantSpec:
     weight_scale: "max" | "lsq" | "frozen". act_scale: "frozen" | "lsq". act_signed: "auto" | True |
     False. calib_batches: batches calibrate() uses by default.
     """
+
+    _fail = staticmethod(_fail)
 
     weight_bits: Optional[int] = 8
     act_bits: Optional[int] = 8
@@ -106,16 +93,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("act_bits", self.act_bits)
-        if isinstance(self.types, str) or not isinstance(self.types, (list, tuple)) or not self.types:
-            _fail("types", f"must be a non-empty list drawn from {list(LAYER_TYPES)}, got {self.types!r}")
-        for i, t in enumerate(self.types):
-            if t not in LAYER_TYPES:
-                _fail(f"types[{i}]", f"must be one of {list(LAYER_TYPES)}, got {t!r}")
-        self.types = list(dict.fromkeys(self.types))
-        self.include = _check_regex_list("include", self.include, allow_none=True)
-        if self.include is not None and not self.include:
-            _fail("include", "an empty list selects nothing; leave it out (or null) to include every layer")
-        self.exclude = _check_regex_list("exclude", self.exclude, allow_none=False)
+        self._check_selection()
         self.first = _check_position("first", self.first)
         self.last = _check_position("last", self.last)
         if isinstance(self.overrides, (str, Mapping)) or not isinstance(self.overrides, (list, tuple)):
@@ -139,32 +117,7 @@ class QuantSpec:
         if isinstance(cb, bool) or not isinstance(cb, int) or cb < 1:
             _fail("calib_batches", f"must be an int >= 1, got {cb!r}")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "QuantSpec":
-        """Build from a plain dict (e.g. a recipe's YAML); unknown keys, bad types or values raise ValueError."""
-        if isinstance(d, QuantSpec):
-            return copy.deepcopy(d)
-        if not isinstance(d, Mapping):
-            raise ValueError(f"QuantSpec: expected a mapping of settings, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in d if k not in known]
-        if unknown:
-            _fail(str(unknown[0]), f"unknown key; allowed keys: {', '.join(known)}")
-        return cls(**copy.deepcopy(dict(d)))
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain, JSON/YAML-serialisable dict; ``QuantSpec.from_dict(spec.to_dict()) == spec``."""
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
-
     # ---------------------------------------------------------------- resolution
-
-    def selects(self, name: str, layer_type: Optional[str]) -> bool:
-        """Whether a layer of this type and qualified name is selected (before first / last)."""
-        if layer_type not in self.types:
-            return False
-        if self.include is not None and not any(re.search(p, name) for p in self.include):
-            return False
-        return not any(re.search(p, name) for p in self.exclude)
 
     def bits_for(self, name: str, is_first: bool, is_last: bool) -> Optional[Dict[str, Optional[int]]]:
         """{"weight_bits", "act_bits"} for a selected layer, or None if it stays float."""

@@ -1,0 +1,91 @@
+// Helpers shared by the CPU kernels (csrc/cpu/*.cpp): run-time AVX2 selection, 8-lane fp32 loads and
+// stores of fp32 / fp16 / bf16 data, and output allocation with transparent huge pages.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PYC_X86 1
+// The shared helpers need only AVX2 + F16C (no FMA: kernels that must not contract multiply-adds
+// include them too); a kernel file may compile its own hot loops for more.
+#define PYC_AVX2_F16C __attribute__((target("avx2,f16c")))
+#else
+#define PYC_X86 0
+#endif
+
+namespace pycompress {
+namespace cpu {
+
+// Whether the AVX2 paths may run: the CPU has AVX2 and F16C (and FMA when need_fma), and
+// PYCOMPRESS_CPU_SCALAR=1 does not force the portable paths. Callers cache the answer.
+inline bool avx2_available(bool need_fma) {
+#if PYC_X86
+  const char* env = std::getenv("PYCOMPRESS_CPU_SCALAR");
+  if (env != nullptr && env[0] == '1') return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+         (!need_fma || __builtin_cpu_supports("fma"));
+#else
+  (void)need_fma;
+  return false;
+#endif
+}
+
+// at::empty for an output the kernel will stream over. A fresh large allocation is an untouched
+// mmap, and faulting it in 4 KiB pages costs more than the kernel itself (~50 ms for 64 MiB on a VM);
+// asking for transparent huge pages first (a no-op where THP is off or the pages are already
+// there) makes the first touch ~2 MiB at a time.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes >= 4 * kHuge) {
+    const uintptr_t b = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t lo = (b + kHuge - 1) & ~(kHuge - 1), hi = (b + bytes) & ~(kHuge - 1);
+    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
+#if PYC_X86
+// 8 consecutive values as fp32 lanes (fp16 via F16C, bf16 by a 16-bit shift: both exact).
+PYC_AVX2_F16C inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+PYC_AVX2_F16C inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+PYC_AVX2_F16C inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// 8 fp32 lanes stored in the tensor's dtype, rounding as c10 does (nearest even).
+PYC_AVX2_F16C inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+PYC_AVX2_F16C inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// c10::BFloat16(float): NaN -> 0x7FC0, else round to nearest even on the top 16 bits.
+PYC_AVX2_F16C inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7FFF));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+#endif  // PYC_X86
+
+}  // namespace cpu
+}  // namespace pycompress
