@@ -44,8 +44,7 @@ inline bool avx2_available(bool need_fma) {
 // mmap, and faulting it in 4 KiB pages costs more than the kernel itself (~50 ms for 64 MiB on a VM);
 // asking for transparent huge pages first (a no-op where THP is off or the pages are already
 // there) makes the first touch ~2 MiB at a time.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(sizes, opts);
+inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const size_t bytes = t.nbytes();
@@ -54,7 +53,14 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
     const uintptr_t lo = (b + kHuge - 1) & ~(kHuge - 1), hi = (b + bytes) & ~(kHuge - 1);
     if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
   }
+#else
+  (void)t;
 #endif
+}
+
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  advise_huge_pages(t);
   return t;
 }
 

@@ -708,15 +708,61 @@ inline int taps_1d(int64_t o, int64_t k, int64_t s, int64_t p, int64_t d, int64_
   return cnt;
 }
 
+// Four adjacent output pixels at once (`step` elements apart in src, C apart in dst) sharing one
+// tap list: each weight vector is loaded once for the four, so a tap costs 5 loads per 4 FMAs
+// instead of 2 per FMA. Only for pixels whose taps are all inside (interior columns).
+template <typename T>
+PYC_AVX2 void gather_pixels4(const Tap* taps, int nt, int64_t step, const T* src, const float* wT, int64_t C,
+                             const float* sc, const float* sb, int act, T* dst) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int t = 0; t < nt; ++t) {
+      const __m256 wv = _mm256_loadu_ps(wT + taps[t].w * C + c);
+      const T* xr = src + taps[t].off + c;
+      a0 = _mm256_fmadd_ps(wv, load8(xr), a0);
+      a1 = _mm256_fmadd_ps(wv, load8(xr + step), a1);
+      a2 = _mm256_fmadd_ps(wv, load8(xr + 2 * step), a2);
+      a3 = _mm256_fmadd_ps(wv, load8(xr + 3 * step), a3);
+    }
+    const __m256 s = _mm256_loadu_ps(sc + c), b = _mm256_loadu_ps(sb + c);
+    store8(dst + c, epilogue(a0, s, b, act));
+    store8(dst + C + c, epilogue(a1, s, b, act));
+    store8(dst + 2 * C + c, epilogue(a2, s, b, act));
+    store8(dst + 3 * C + c, epilogue(a3, s, b, act));
+  }
+  for (; c < C; ++c)
+    for (int q = 0; q < 4; ++q) {
+      float acc = 0.0f;
+      for (int t = 0; t < nt; ++t) acc += wT[taps[t].w * C + c] * to_f(src[taps[t].off + q * step + c]);
+      dst[q * C + c] = static_cast<T>(act_f(acc * sc[c] + sb[c], act));
+    }
+}
+
 // Forward (transposed = false: out [N, Ho, Wo, C] from src = x [N, H, W, C]) or backward to the
 // input (transposed = true: out = grad_x [N, H, W, C] from src = grad_out [N, Ho, Wo, C]).
-// Parallel over output rows.
+// Parallel over output rows. Within a row, output columns whose kw taps are all inside form one
+// contiguous range where the tap list of column j + 1 is that of column j shifted by one source
+// step (forward: sw pixels; transposed, stride 1 only: one pixel): those run four at a time.
 template <typename T>
 void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, int act, const DwGeom& g,
                       bool transposed) {
   const int64_t OH = transposed ? g.H : g.Ho, OW = transposed ? g.W : g.Wo;
   const int64_t SH = transposed ? g.Ho : g.H, SW = transposed ? g.Wo : g.W;
   const int64_t C = g.C;
+  // interior columns [jlo, jhi): every width tap inside, and a constant shift between neighbours
+  int64_t jlo = 0, jhi = 0;
+  if (!transposed || g.sw == 1) {
+    int64_t kb[kMaxK], sb[kMaxK];
+    jlo = OW;
+    for (int64_t j = 0; j < OW; ++j)
+      if (taps_1d(j, g.kw, g.sw, g.pw, g.dw, SW, transposed, kb, sb) == g.kw) {
+        if (jlo == OW) jlo = j;
+        jhi = j + 1;
+      }
+    if (jhi <= jlo) jlo = jhi = 0;
+  }
+  const int64_t src_step = (transposed ? 1 : g.sw) * C;
   at::parallel_for(0, g.N * OH, grain_for(OW * C * g.kh * g.kw), [&](int64_t r0, int64_t r1) {
     Tap taps[kMaxTaps];
     int64_t ka[kMaxK], sa[kMaxK], kb[kMaxK], sb[kMaxK];
@@ -724,7 +770,7 @@ void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, i
       const int64_t n = r / OH, i = r % OH;
       const int na = taps_1d(i, g.kh, g.sh, g.ph, g.dh, SH, transposed, ka, sa);
       T* orow = out + r * OW * C;
-      for (int64_t j = 0; j < OW; ++j) {
+      auto tap_list = [&](int64_t j) {
         const int nb = taps_1d(j, g.kw, g.sw, g.pw, g.dw, SW, transposed, kb, sb);
         int nt = 0;
         for (int x = 0; x < na; ++x)
@@ -733,7 +779,19 @@ void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, i
             taps[nt].off = ((n * SH + sa[x]) * SW + sb[y]) * C;
             ++nt;
           }
-        gather_pixel<T>(taps, nt, src, wT, C, af.scale.data(), af.shift.data(), act, orow + j * C);
+        return nt;
+      };
+      int64_t j = 0;
+      while (j < OW) {
+        if (j >= jlo && j + 4 <= jhi) {
+          const int nt = tap_list(j);
+          gather_pixels4<T>(taps, nt, src_step, src, wT, C, af.scale.data(), af.shift.data(), act, orow + j * C);
+          j += 4;
+        } else {
+          const int nt = tap_list(j);
+          gather_pixel<T>(taps, nt, src, wT, C, af.scale.data(), af.shift.data(), act, orow + j * C);
+          ++j;
+        }
       }
     }
   });
@@ -853,8 +911,10 @@ std::vector<float> transposed(const std::vector<float>& w, int64_t C, int64_t kk
 }
 
 at::Tensor empty_like_format(at::IntArrayRef sizes, const at::Tensor& like, bool channels_last) {
-  return at::empty(sizes, like.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous));
+  at::Tensor t = at::empty(sizes, like.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                               : at::MemoryFormat::Contiguous));
+  cpu::advise_huge_pages(t);  // large outputs: fewer page faults on first touch
+  return t;
 }
 
 }  // namespace

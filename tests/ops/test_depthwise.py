@@ -265,10 +265,12 @@ def test_bias_only_gradient(backend):
 
 
 # (N, C, H, W, k, stride, padding, dilation): tiny maps (C not a multiple of 8: the CPU kernels' lanes
-# mode packs 8 channels per vector) and tall / wide planes (the CPU kernels' row bands).
+# mode packs 8 channels per vector), tall / wide planes (the CPU kernels' row bands) and rows wide
+# enough for the channels_last kernel's blocks of four interior pixels.
 PLANE_SHAPES = [
     (3, 10, 4, 4, 3, 1, 1, 1), (2, 10, 5, 3, 3, 2, 1, 1), (2, 9, 2, 2, 3, 1, 1, 1), (2, 10, 6, 7, 5, 1, 2, 1),
     (2, 10, 8, 8, 3, 2, 1, 1), (1, 2, 301, 45, 3, 1, 1, 1), (1, 2, 150, 260, 5, 2, 2, 1), (1, 1, 200, 70, 7, 1, 3, 2),
+    (2, 20, 9, 13, 3, 1, 1, 1), (1, 19, 6, 14, 5, 2, 2, 1),  # channels_last: 4-pixel blocks, 2 vectors + a tail
 ]
 
 
