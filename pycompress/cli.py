@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     ops.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="repeatable; default float32")
     ops.add_argument("--case", help="only cases whose name contains this text")
     ops.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
+    ops.add_argument("--cold-heap", action="store_true",
+                     help="CPU: leave glibc's allocator at its defaults (freed outputs go back to the kernel and the "
+                          "next call pays page faults); by default the heap is kept warm for every backend alike")
     ops.set_defaults(func=_bench_ops)
 
     run = sub.add_parser("run", help="run a recipe (YAML) end to end into a run directory")
@@ -231,7 +234,8 @@ def _bench_ops(args) -> int:
             return 2
     dtypes = tuple(getattr(torch, _DTYPES[d]) for d in (args.dtype or ["float32"]))
     try:
-        rows, meta = bench_ops.run(args.op, args.backend, args.size, args.device, dtypes, args.case)
+        rows, meta = bench_ops.run(args.op, args.backend, args.size, args.device, dtypes, args.case,
+                                   warm_heap=not args.cold_heap)
     except ValueError as exc:
         print(f"pycompress bench ops: {exc}", file=sys.stderr)
         return 2

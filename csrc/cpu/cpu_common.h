@@ -91,6 +91,24 @@ PYC_AVX2_F16C inline void store8(c10::BFloat16* p, __m256 v) {
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
+// store8 with a non-temporal (streaming) store when p is aligned for it: for outputs much larger
+// than the caches, it skips reading each destination line before writing it. Callers end the
+// parallel region with stream_fence().
+PYC_AVX2_F16C inline void store8_stream(float* p, __m256 v) {
+  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) _mm256_stream_ps(p, v);
+  else _mm256_storeu_ps(p, v);
+}
+template <typename T>
+PYC_AVX2_F16C inline void store8_stream(T* p, __m256 v) {
+  if ((reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+    alignas(16) T tmp[8];
+    store8(tmp, v);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+  } else {
+    store8(p, v);
+  }
+}
+inline void stream_fence() { _mm_sfence(); }
 #endif  // PYC_X86
 
 }  // namespace cpu

@@ -20,8 +20,9 @@
 // per vector, and transposes the results back.
 // The backward to the input is the same kernel: a stride-1 convolution with the flipped kernel over
 // grad_out, zero-upsampled by the stride while it is copied into the buffer.
-// NHWC (AVX2): vectorised over channels (16 per step); per output pixel the list of taps inside the
-// image is built once and the channel loop runs over it without checks.
+// NHWC (AVX2): vectorised over channels; per output pixel the list of taps inside the image is built
+// once and the channel loop runs over it without checks. Interior pixels go four at a time (one
+// weight load per four FMAs); outputs over 8 MiB are written with streaming stores.
 // Backward to the weight: a task owns a range of channels (NCHW: single channels; lanes mode and
 // NHWC: groups of 8) and walks the batch image by image, so its reads are contiguous blocks; each
 // channel's sums are fp32 vector accumulators within a plane (row, for NHWC) added to fp64 per
@@ -711,9 +712,13 @@ inline int taps_1d(int64_t o, int64_t k, int64_t s, int64_t p, int64_t d, int64_
 // Four adjacent output pixels at once (`step` elements apart in src, C apart in dst) sharing one
 // tap list: each weight vector is loaded once for the four, so a tap costs 5 loads per 4 FMAs
 // instead of 2 per FMA. Only for pixels whose taps are all inside (interior columns).
-template <typename T>
+template <bool Stream, typename T>
 PYC_AVX2 void gather_pixels4(const Tap* taps, int nt, int64_t step, const T* src, const float* wT, int64_t C,
                              const float* sc, const float* sb, int act, T* dst) {
+  auto put = [](T* p, __m256 v) {
+    if (Stream) cpu::store8_stream(p, v);
+    else store8(p, v);
+  };
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -726,10 +731,10 @@ PYC_AVX2 void gather_pixels4(const Tap* taps, int nt, int64_t step, const T* src
       a3 = _mm256_fmadd_ps(wv, load8(xr + 3 * step), a3);
     }
     const __m256 s = _mm256_loadu_ps(sc + c), b = _mm256_loadu_ps(sb + c);
-    store8(dst + c, epilogue(a0, s, b, act));
-    store8(dst + C + c, epilogue(a1, s, b, act));
-    store8(dst + 2 * C + c, epilogue(a2, s, b, act));
-    store8(dst + 3 * C + c, epilogue(a3, s, b, act));
+    put(dst + c, epilogue(a0, s, b, act));
+    put(dst + C + c, epilogue(a1, s, b, act));
+    put(dst + 2 * C + c, epilogue(a2, s, b, act));
+    put(dst + 3 * C + c, epilogue(a3, s, b, act));
   }
   for (; c < C; ++c)
     for (int q = 0; q < 4; ++q) {
@@ -763,6 +768,8 @@ void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, i
     if (jhi <= jlo) jlo = jhi = 0;
   }
   const int64_t src_step = (transposed ? 1 : g.sw) * C;
+  // outputs far larger than the caches: streaming stores (no read of each destination line first)
+  const bool stream = g.N * OH * OW * C * int64_t(sizeof(T)) > (int64_t(8) << 20);
   at::parallel_for(0, g.N * OH, grain_for(OW * C * g.kh * g.kw), [&](int64_t r0, int64_t r1) {
     Tap taps[kMaxTaps];
     int64_t ka[kMaxK], sa[kMaxK], kb[kMaxK], sb[kMaxK];
@@ -785,7 +792,10 @@ void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, i
       while (j < OW) {
         if (j >= jlo && j + 4 <= jhi) {
           const int nt = tap_list(j);
-          gather_pixels4<T>(taps, nt, src_step, src, wT, C, af.scale.data(), af.shift.data(), act, orow + j * C);
+          if (stream)
+            gather_pixels4<true, T>(taps, nt, src_step, src, wT, C, af.scale.data(), af.shift.data(), act, orow + j * C);
+          else
+            gather_pixels4<false, T>(taps, nt, src_step, src, wT, C, af.scale.data(), af.shift.data(), act, orow + j * C);
           j += 4;
         } else {
           const int nt = tap_list(j);
@@ -794,6 +804,7 @@ void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, i
         }
       }
     }
+    if (stream) cpu::stream_fence();
   });
 }
 

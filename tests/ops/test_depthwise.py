@@ -297,6 +297,23 @@ def test_small_and_large_planes(backend, shape):
 
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("C,dtype", [(64, torch.float32), (60, torch.float32), (72, torch.bfloat16)])
+def test_cpu_channels_last_large_outputs_stream(C, dtype):
+    """Outputs over 8 MiB take the channels_last kernel's streaming stores (aligned rows when C is a
+    multiple of 8, plain stores otherwise), forward and backward to the input."""
+    H = W = 112 if dtype == torch.float32 else 144
+    x = torch.randn(3, C, H, W).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert x.numel() * x.element_size() > 8 << 20
+    w = (torch.randn(C, 1, 3, 3) / 3).to(dtype)
+    b = torch.randn(C)
+    out = depthwise_conv2d(x, w, b, 1, 1, backend="cpu")
+    close(out, ref.depthwise_conv2d_ref(x, w, b, 1, 1), dtype, f"forward C={C} {dtype}")
+    g = torch.randn(out.shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    gx = _kernels("cpu")[1](g, w, H, W, 1, 1, 1, 1, 1, 1)
+    close(gx, ref.depthwise_bwd_input_ref(g, w, H, W, 1, 1, 1, 1, 1, 1), dtype, f"grad_x C={C} {dtype}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("view", ["sliced", "transposed", "channels_last_sliced"])
 def test_non_contiguous_inputs(backend, view):
