@@ -1,5 +1,7 @@
 """The command line: info and bench ops."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -17,8 +19,11 @@ def test_info_lists_backends(capsys):
 
 def test_bench_ops_checks_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["bench", "ops", "--op", "fake_quantize", "--size", "8192", "--device", "cpu", "--json", str(path)]) == 0
+    # --cold-heap: the default (warm heap) would change glibc's settings for the rest of this process
+    assert main(["bench", "ops", "--op", "fake_quantize", "--size", "8192", "--device", "cpu", "--json", str(path),
+                 "--cold-heap"]) == 0
     out = capsys.readouterr().out
+    assert "# CPU allocator: default" in out
     assert "| backend | shape | dtype | median ms | GB/s | % of copy | vs torch | check |" in out
     data = json.loads(path.read_text())
     rows = data["rows"]
@@ -29,6 +34,16 @@ def test_bench_ops_checks_and_writes_json(tmp_path, capsys):
     assert all(r["check"] == "ok" for r in timed)
     assert all(r["median_ms"] > 0 for r in rows if r["backend"] != "torch" or r["speedup_vs_torch"])
     assert data["machine"]["torch"]
+    assert data["machine"]["allocator"] == "default"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_bench_warm_heap_is_set_in_a_fresh_process():
+    """The bench's default keeps glibc's heap warm (mallopt accepted); run in a child process so the
+    setting does not leak into this test session."""
+    code = "from pycompress.bench.ops import _warm_heap; print(_warm_heap())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("glibc heap kept warm"), out
 
 
 def test_bench_ops_reports_a_mismatch(monkeypatch, capsys):

@@ -297,6 +297,41 @@ def test_small_and_large_planes(backend, shape):
 
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bn_act_with_batch_statistics_is_training_batchnorm(backend):
+    """Batch-statistics BN through the fused op: scale / shift computed from the batch's mean and
+    biased variance of the convolution are differentiable inputs, so autograd reproduces training-
+    mode BatchNorm exactly (outputs and x / weight / gamma / beta gradients) against
+    relu6(batch_norm(conv(x), training=True))."""
+    needs_triton_module(backend)
+    dev = device_for(backend)
+    N, C, H, W = (2, 3, 5, 6) if interpreted(backend) else (4, 10, 9, 11)
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.randn(N, C, H, W, generator=gen)
+    w0 = torch.randn(C, 1, 3, 3, generator=gen) / 3
+    g0, b0 = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen) * 0.5 + 1.0
+    go = torch.randn(N, C, H, W, generator=gen).to(dev)
+    eps = 1e-5
+
+    def fused(x, w, gamma, beta):
+        z = depthwise_conv2d(x, w, None, 1, 1, backend=backend)
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+        scale = gamma * torch.rsqrt(var + eps)
+        return depthwise_conv2d_bn_act(x, w, scale, beta - mean * scale, 1, 1, 1, "relu6", backend=backend)
+
+    def eager(x, w, gamma, beta):
+        z = F.conv2d(x, w, None, 1, 1, 1, C)
+        return F.relu6(F.batch_norm(z, None, None, gamma, beta, training=True, eps=eps))
+
+    results = []
+    for fn in (fused, eager):
+        ins = [t.to(dev).requires_grad_() for t in (x0, w0, g0, b0)]
+        y = fn(*ins)
+        results.append((y,) + torch.autograd.grad(y, ins, go))
+    for name, a, r in zip(("y", "grad_x", "grad_w", "grad_gamma", "grad_beta"), *results):
+        close(a, r, torch.float32, f"{backend} batch-statistics BN {name}")
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
 @pytest.mark.parametrize("C,dtype", [(64, torch.float32), (60, torch.float32), (72, torch.bfloat16)])
 def test_cpu_channels_last_large_outputs_stream(C, dtype):
