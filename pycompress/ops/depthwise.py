@@ -163,6 +163,9 @@ def _depthwise_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     if need_x:
         g_x = torch.zeros_like(x) if x.numel() == 0 else bwd_in(gc, weight.contiguous(), x.shape[2], x.shape[3],
                                                                   sh, sw, ph, pw, dh, dw)
+        # x's format, as the fake promises: the kernels take the format from grad, which is both
+        # NCHW- and channels_last-contiguous when the output is 1x1 (and x may be a permuted view)
+        g_x = g_x.contiguous(memory_format=_format(x))
     bias_via_kernel = need_shift and g_shift is None
     if need_w or bias_via_kernel:
         if x.numel() == 0:
@@ -195,7 +198,7 @@ def _depthwise_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
 @_depthwise_backward_op.register_fake
 def _(grad, x, weight, scale, shift, params, act, backend, needs):
     need_x, need_w, need_scale, need_shift = needs
-    gx = torch.empty_like(x) if need_x else x.new_empty(0)
+    gx = torch.empty_like(x, memory_format=_format(x)) if need_x else x.new_empty(0)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else x.new_empty(0)
     gs = scale.new_empty(scale.shape if need_scale and scale.numel() else (0,))
     gb = shift.new_empty(shift.shape if need_shift and shift.numel() else (0,))
@@ -257,6 +260,9 @@ def _pair(name: str, v, fn: str, low: int, allowed: Optional[Tuple[int, ...]] = 
     return vals[0], vals[1]
 
 
+_GEOMETRY_LIMIT = 1 << 24
+
+
 def _check(fn: str, x, weight, stride, padding, dilation) -> List[int]:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: x must be a tensor, got {type(x).__name__}")
@@ -282,6 +288,10 @@ def _check(fn: str, x, weight, stride, padding, dilation) -> List[int]:
     sh, sw = _pair("stride", stride, fn, 1, (1, 2))
     ph, pw = _pair("padding", padding, fn, 0)
     dh, dw = _pair("dilation", dilation, fn, 1)
+    if max(ph, pw, dh, dw) > _GEOMETRY_LIMIT:
+        # the kernels index a padded plane in 32 bits; no real layer comes near this
+        raise ValueError(f"{fn}: padding and dilation must be at most 2**24, got padding {(ph, pw)}, "
+                         f"dilation {(dh, dw)}")
     H, W = x.shape[2], x.shape[3]
     if H < 1 or W < 1:
         raise ValueError(f"{fn}: x must have a spatial size of at least 1x1, got {H}x{W}")

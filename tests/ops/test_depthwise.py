@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pycompress import backends
 from pycompress.ops import depthwise_ref as ref
-from pycompress.ops.depthwise import _kernels, depthwise_conv2d, depthwise_conv2d_bn_act
+from pycompress.ops.depthwise import _format, _kernels, depthwise_conv2d, depthwise_conv2d_bn_act
 from tests.conftest import device_for
 
 BACKENDS = backends.available("depthwise_conv2d")
@@ -506,6 +506,22 @@ def test_opcheck(backend):
     torch.library.opcheck(op, (x, w, e, t, [1, 1, 1, 1, 1, 1], 0, backend))
     xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(op, (xc, w, s, e, [1, 2, 2, 1, 2, 1], 1, backend))
+    # The backward op on inputs whose grad_x format is not grad_out's: a channels_last x with a 1x1
+    # output (grad_out is then contiguous in both formats) and a permuted (dense, neither format) x.
+    bwd = torch.ops.pycompress.depthwise_conv2d_backward.default
+    x3 = torch.randn(2, 4, 3, 3, device=dev).contiguous(memory_format=torch.channels_last)
+    w3 = torch.randn(4, 1, 3, 3, device=dev)
+    g1 = torch.randn(2, 4, 1, 1, device=dev)
+    xp = torch.randn(2, 6, 5, 4, device=dev).permute(0, 3, 2, 1)  # [2, 4, 5, 6], dense, permuted
+    wp = torch.randn(4, 1, 3, 3, device=dev)
+    gp = torch.randn(2, 4, 5, 6, device=dev)
+    for xx, ww, gg in ((x3, w3, g1), (xp, wp, gp)):
+        for act, sc in ((0, e), (2, torch.rand(4, device=dev))):
+            args = (gg, xx, ww, sc, e, [1, 1, 1 if xx is xp else 0, 1 if xx is xp else 0, 1, 1], act, backend,
+                    [True, True, False, False])
+            torch.library.opcheck(bwd, args)
+            gx = bwd(*args)[0]
+            assert gx.stride() == torch.empty_like(xx, memory_format=_format(xx)).stride()
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="extension not built")
@@ -566,6 +582,10 @@ def _x(*shape, **kw):
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), stride=(1, 3)), ValueError, "stride"),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=-1), ValueError, "padding must be >= 0"),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), dilation=0), ValueError, "dilation must be >= 1"),
+        (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=(1, 1 << 25)), ValueError,
+         "padding and dilation must be at most 2**24"),
+        (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=1 << 30, dilation=1 << 29), ValueError,
+         "padding and dilation must be at most"),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=1.5), TypeError, "padding must be an int"),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3, dtype=torch.float16)), TypeError,
          "weight has dtype torch.float16"),
