@@ -85,3 +85,20 @@ def test_bench_ops_bad_arguments(argv, words, capsys):
 def test_bench_explicit_backend_that_cannot_run_is_skipped_with_reason(capsys):
     assert main(["bench", "ops", "--size", "4096", "--device", "cpu", "--backend", "cuda", "--case", "fwd per-tensor"]) == 0
     assert "skip cuda: backend 'cuda' cannot run fake_quantize" in capsys.readouterr().out
+
+
+def test_bench_ops_depthwise_cases_build_and_check(capsys):
+    """Every depthwise bench case builds its inputs and passes the reference check (the cpu backend
+    on the channels_last cases, the ones whose kernels changed most recently)."""
+    import torch
+
+    from pycompress.bench import ops as bench_ops
+
+    cases = bench_ops._dw_cases(torch.device("cpu"), 0, torch.float32)
+    names = [c.name for c in cases]
+    assert {"3x3 fwd NCHW", "3x3 fwd channels_last", "3x3 fwd+bwd channels_last", "5x5 fwd channels_last"} <= set(names)
+    backend = "cpu" if "cpu" in backends.available("depthwise_conv2d") else "reference"
+    assert main(["bench", "ops", "--op", "depthwise", "--case", "channels_last", "--device", "cpu",
+                 "--backend", backend, "--cold-heap"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"| {backend} | 32x128x28x28 | float32 |") == 3 and "FAILED" not in out

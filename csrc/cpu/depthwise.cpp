@@ -22,7 +22,8 @@
 // grad_out, zero-upsampled by the stride while it is copied into the buffer.
 // NHWC (AVX2): vectorised over channels; per output pixel the list of taps inside the image is built
 // once and the channel loop runs over it without checks. Interior pixels go four at a time (one
-// weight load per four FMAs); outputs over 8 MiB are written with streaming stores.
+// weight load per four FMAs; for stride 1, 3x3 / 5x5, a sliding window that loads each input pixel
+// of a tap row once); outputs over 8 MiB are written with streaming stores.
 // Backward to the weight: a task owns a range of channels (NCHW: single channels; lanes mode and
 // NHWC: groups of 8) and walks the batch image by image, so its reads are contiguous blocks; each
 // channel's sums are fp32 vector accumulators within a plane (row, for NHWC) added to fp64 per
@@ -744,6 +745,48 @@ PYC_AVX2 void gather_pixels4(const Tap* taps, int nt, int64_t step, const T* src
     }
 }
 
+// Stride 1, dilation 1, kernel width KW known: four adjacent interior outputs per channel vector
+// with a sliding window along each tap row: the KW + 3 input pixels of a tap row are loaded once
+// and each feeds every output it touches, the row's KW weight vectors once per row
+// (na (2 KW + 3) loads for 4 na KW FMAs). rows[x]: tap row x's leftmost source pixel (forward:
+// column j - pw; the backward to the input, Flip: j + pw - (KW - 1), taps in reverse order);
+// wrow[x]: its first tap index ka * KW.
+template <int KW, bool Flip, bool Stream, typename T>
+PYC_AVX2 void slide_pixels4(const T* const* rows, const int64_t* wrow, int na, const float* wT, int64_t C,
+                            const float* sc, const float* sb, int act, T* dst) {
+  auto put = [](T* p, __m256 v) {
+    if (Stream) cpu::store8_stream(p, v);
+    else store8(p, v);
+  };
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int x = 0; x < na; ++x) {
+      const T* p = rows[x] + c;
+      const float* wr = wT + wrow[x] * C + c;
+      __m256 w[KW];
+      for (int b = 0; b < KW; ++b) w[b] = _mm256_loadu_ps(wr + (Flip ? KW - 1 - b : b) * C);
+      for (int m = 0; m < KW + 3; ++m) {
+        const __m256 xv = load8(p + m * C);
+        for (int q = 0; q < 4; ++q) {
+          const int b = m - q;
+          if (b >= 0 && b < KW) acc[q] = _mm256_fmadd_ps(w[b], xv, acc[q]);
+        }
+      }
+    }
+    const __m256 s = _mm256_loadu_ps(sc + c), b = _mm256_loadu_ps(sb + c);
+    for (int q = 0; q < 4; ++q) put(dst + q * C + c, epilogue(acc[q], s, b, act));
+  }
+  for (; c < C; ++c)
+    for (int q = 0; q < 4; ++q) {
+      float acc = 0.0f;
+      for (int x = 0; x < na; ++x)
+        for (int b = 0; b < KW; ++b)
+          acc += wT[(wrow[x] + (Flip ? KW - 1 - b : b)) * C + c] * to_f(rows[x][(q + b) * C + c]);
+      dst[q * C + c] = static_cast<T>(act_f(acc * sc[c] + sb[c], act));
+    }
+}
+
 // Forward (transposed = false: out [N, Ho, Wo, C] from src = x [N, H, W, C]) or backward to the
 // input (transposed = true: out = grad_x [N, H, W, C] from src = grad_out [N, Ho, Wo, C]).
 // Parallel over output rows. Within a row, output columns whose kw taps are all inside form one
@@ -768,6 +811,8 @@ void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, i
     if (jhi <= jlo) jlo = jhi = 0;
   }
   const int64_t src_step = (transposed ? 1 : g.sw) * C;
+  // the sliding window: stride 1 and dilation 1 in width, 3 or 5 wide (forward and its transpose)
+  const bool slide = g.sw == 1 && g.dw == 1 && (g.kw == 3 || g.kw == 5);
   // outputs far larger than the caches: streaming stores (no read of each destination line first)
   const bool stream = g.N * OH * OW * C * int64_t(sizeof(T)) > (int64_t(8) << 20);
   at::parallel_for(0, g.N * OH, grain_for(OW * C * g.kh * g.kw), [&](int64_t r0, int64_t r1) {
@@ -790,7 +835,30 @@ void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, i
       };
       int64_t j = 0;
       while (j < OW) {
-        if (j >= jlo && j + 4 <= jhi) {
+        if (slide && j >= jlo && j + 4 <= jhi) {
+          const T* rows[kMaxK];
+          int64_t wrow[kMaxK];
+          const int64_t col0 = transposed ? j + g.pw - (g.kw - 1) : j - g.pw;
+          for (int x = 0; x < na; ++x) {
+            rows[x] = src + ((n * SH + sa[x]) * SW + col0) * C;
+            wrow[x] = ka[x] * g.kw;
+          }
+          const float *sc = af.scale.data(), *sb = af.shift.data();
+          T* o = orow + j * C;
+          if (g.kw == 3 && !transposed)
+            stream ? slide_pixels4<3, false, true, T>(rows, wrow, na, wT, C, sc, sb, act, o)
+                   : slide_pixels4<3, false, false, T>(rows, wrow, na, wT, C, sc, sb, act, o);
+          else if (g.kw == 3)
+            stream ? slide_pixels4<3, true, true, T>(rows, wrow, na, wT, C, sc, sb, act, o)
+                   : slide_pixels4<3, true, false, T>(rows, wrow, na, wT, C, sc, sb, act, o);
+          else if (!transposed)
+            stream ? slide_pixels4<5, false, true, T>(rows, wrow, na, wT, C, sc, sb, act, o)
+                   : slide_pixels4<5, false, false, T>(rows, wrow, na, wT, C, sc, sb, act, o);
+          else
+            stream ? slide_pixels4<5, true, true, T>(rows, wrow, na, wT, C, sc, sb, act, o)
+                   : slide_pixels4<5, true, false, T>(rows, wrow, na, wT, C, sc, sb, act, o);
+          j += 4;
+        } else if (j >= jlo && j + 4 <= jhi) {
           const int nt = tap_list(j);
           if (stream)
             gather_pixels4<true, T>(taps, nt, src_step, src, wT, C, af.scale.data(), af.shift.data(), act, orow + j * C);

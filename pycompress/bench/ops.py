@@ -420,6 +420,8 @@ def _dw_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
         cases.append(Case(op, f"{chain} torch.compile chain", big, dtype, 2 * es, inputs(big, bn=True), fused,
                           torch_fused_compiled, tol=fwd_tol))
     cases.append(Case(op, "5x5 fwd NCHW", big, dtype, 2 * es, inputs(big, k=5), fwd, torch_fwd, tol=fwd_tol))
+    cases.append(Case(op, "5x5 fwd channels_last", big, dtype, 2 * es, inputs(big, k=5, channels_last=True), fwd,
+                      torch_fwd, tol=fwd_tol))
     for shape in student:
         cases.append(Case(op, f"3x3 fwd+bwd NCHW MobileNet-student layer {shape[2]}x{shape[3]}", shape, dtype,
                           4 * es, inputs(shape, grad=True), fwd_bwd, torch_fwd_bwd, tol=fb_tol(shape)))

@@ -3,7 +3,6 @@ activation variant) over kernel sizes, strides, paddings, dilations, memory form
 the reference vs torch; gradcheck, opcheck, non-contiguous and zero-size inputs, NaN poison
 around the input, bad input."""
 import importlib.util
-import math
 import os
 import subprocess
 import sys
@@ -271,6 +270,7 @@ PLANE_SHAPES = [
     (3, 10, 4, 4, 3, 1, 1, 1), (2, 10, 5, 3, 3, 2, 1, 1), (2, 9, 2, 2, 3, 1, 1, 1), (2, 10, 6, 7, 5, 1, 2, 1),
     (2, 10, 8, 8, 3, 2, 1, 1), (1, 2, 301, 45, 3, 1, 1, 1), (1, 2, 150, 260, 5, 2, 2, 1), (1, 1, 200, 70, 7, 1, 3, 2),
     (2, 20, 9, 13, 3, 1, 1, 1), (1, 19, 6, 14, 5, 2, 2, 1),  # channels_last: 4-pixel blocks, 2 vectors + a tail
+    (2, 20, 7, 16, 5, 1, 2, 1), (1, 12, 5, 11, 5, 1, 1, 1), (1, 9, 4, 12, 3, 1, 0, 1),  # ... and sliding windows
 ]
 
 
