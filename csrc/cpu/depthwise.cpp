@@ -710,16 +710,21 @@ inline int taps_1d(int64_t o, int64_t k, int64_t s, int64_t p, int64_t d, int64_
   return cnt;
 }
 
+// store8, streaming (non-temporal) when Stream.
+template <bool Stream, typename T>
+PYC_AVX2 inline void put8(T* p, __m256 v) {
+  if (Stream)
+    cpu::store8_stream(p, v);
+  else
+    store8(p, v);
+}
+
 // Four adjacent output pixels at once (`step` elements apart in src, C apart in dst) sharing one
 // tap list: each weight vector is loaded once for the four, so a tap costs 5 loads per 4 FMAs
 // instead of 2 per FMA. Only for pixels whose taps are all inside (interior columns).
 template <bool Stream, typename T>
 PYC_AVX2 void gather_pixels4(const Tap* taps, int nt, int64_t step, const T* src, const float* wT, int64_t C,
                              const float* sc, const float* sb, int act, T* dst) {
-  auto put = [](T* p, __m256 v) {
-    if (Stream) cpu::store8_stream(p, v);
-    else store8(p, v);
-  };
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -732,10 +737,10 @@ PYC_AVX2 void gather_pixels4(const Tap* taps, int nt, int64_t step, const T* src
       a3 = _mm256_fmadd_ps(wv, load8(xr + 3 * step), a3);
     }
     const __m256 s = _mm256_loadu_ps(sc + c), b = _mm256_loadu_ps(sb + c);
-    put(dst + c, epilogue(a0, s, b, act));
-    put(dst + C + c, epilogue(a1, s, b, act));
-    put(dst + 2 * C + c, epilogue(a2, s, b, act));
-    put(dst + 3 * C + c, epilogue(a3, s, b, act));
+    put8<Stream>(dst + c, epilogue(a0, s, b, act));
+    put8<Stream>(dst + C + c, epilogue(a1, s, b, act));
+    put8<Stream>(dst + 2 * C + c, epilogue(a2, s, b, act));
+    put8<Stream>(dst + 3 * C + c, epilogue(a3, s, b, act));
   }
   for (; c < C; ++c)
     for (int q = 0; q < 4; ++q) {
@@ -754,10 +759,6 @@ PYC_AVX2 void gather_pixels4(const Tap* taps, int nt, int64_t step, const T* src
 template <int KW, bool Flip, bool Stream, typename T>
 PYC_AVX2 void slide_pixels4(const T* const* rows, const int64_t* wrow, int na, const float* wT, int64_t C,
                             const float* sc, const float* sb, int act, T* dst) {
-  auto put = [](T* p, __m256 v) {
-    if (Stream) cpu::store8_stream(p, v);
-    else store8(p, v);
-  };
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -775,7 +776,7 @@ PYC_AVX2 void slide_pixels4(const T* const* rows, const int64_t* wrow, int na, c
       }
     }
     const __m256 s = _mm256_loadu_ps(sc + c), b = _mm256_loadu_ps(sb + c);
-    for (int q = 0; q < 4; ++q) put(dst + q * C + c, epilogue(acc[q], s, b, act));
+    for (int q = 0; q < 4; ++q) put8<Stream>(dst + q * C + c, epilogue(acc[q], s, b, act));
   }
   for (; c < C; ++c)
     for (int q = 0; q < 4; ++q) {
