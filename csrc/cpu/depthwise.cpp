@@ -389,6 +389,117 @@ PYC_AVX2 inline void conv_rows(const Plan& P, const float* base, const __m256* w
   if (j < P.Wv) conv_tile<K, NR, 1, T>(P, base + j, wv, off, vs, vb, act, orow + j, std::min<int64_t>(8, P.Wo - j));
 }
 
+// Image rows r0 .. r0 + nrows - 1 into buffer rows 0 .. nrows - 1, for up == 1 and sw == 1 (the
+// stride-1 forward and backward to the input): fill_row without its divisions and call per row.
+// fp32 rows end in one masked load, which writes zeros past the row's source columns: they are zero
+// anyway (padding, or columns that no output reads).
+template <typename T>
+PYC_AVX2 inline void fill_rows_s1(const Plan& P, const T* src, int64_t r0, int64_t nrows, float* buf) {
+  const int64_t lo = P.lo[0], n = P.hi[0] - P.lo[0], nfull = n / 8 * 8, ld = P.ld;
+  const bool masked = std::is_same<T, float>::value && lo + round_up(n, 8) <= ld;
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - nfull)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int64_t u = r0 + r - P.top;
+    float* d = buf + r * ld;
+    if (u < 0 || u >= P.H) {
+      for (int64_t k = 0; k < ld; k += 8) _mm256_storeu_ps(d + k, _mm256_setzero_ps());
+      continue;
+    }
+    const T* s = src + u * P.W + (lo - P.left);
+    float* dp = d + lo;
+    for (int64_t k = 0; k < nfull; k += 8) _mm256_storeu_ps(dp + k, load8(s + k));
+    if (nfull == n) continue;
+    if (masked)
+      _mm256_storeu_ps(dp + nfull, _mm256_maskload_ps(reinterpret_cast<const float*>(s) + nfull, tail));
+    else
+      for (int64_t k = nfull; k < n; ++k) dp[k] = to_f(s[k]);
+  }
+}
+
+// Stride 1, dilation 1, a K x K kernel known at compile time (3 or 5; the forward and the stride-1
+// backward to the input): R output rows x NV vectors of 8 columns from buffer rows base... Each
+// input vector is loaded once per tap column and used for every output row it feeds: a 3x3 block
+// of 4 rows x 2 vectors takes 36 input loads for 72 FMAs (conv_tile: 72), in 8 independent
+// chains (fewer leave the FMA units waiting on their latency). Blocks go right to left
+// (s1_rows), so a whole-vector store of a row's last, partial vector spills only into the
+// following output rows, which later blocks write; rows whose spill would leave the plane (block
+// rows q >= exact_q) store their partial vector exactly. nlast: valid lanes of the block's last
+// vector.
+template <int K, int R, int NV, typename T>
+PYC_AVX2 inline void s1_block(const float* base, int64_t ld, const __m256 (&wk)[K * K], __m256 vs, __m256 vb,
+                              int act, T* o, int64_t Wo, int64_t nlast, int64_t exact_q) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int q = 0; q < R; ++q)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[q][v] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+  for (int r = 0; r < R + K - 1; ++r) {
+    const float* row = base + r * ld;
+#pragma GCC unroll 8
+    for (int b = 0; b < K; ++b) {
+      __m256 xv[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(row + b + 8 * v);
+#pragma GCC unroll 8
+      for (int q = 0; q < R; ++q) {
+        const int a = r - q;
+        if (a < 0 || a >= K) continue;
+        const __m256 w = wk[a * K + b];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[q][v] = _mm256_fmadd_ps(w, xv[v], acc[q][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < R; ++q)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const __m256 e = epilogue(acc[q][v], vs, vb, act);
+      T* p = o + q * Wo + 8 * v;
+      if (v == NV - 1 && q >= exact_q && nlast < 8)
+        store_part(p, e, nlast);
+      else
+        store8(p, e);
+    }
+}
+
+// R output rows (buffer rows from base, output rows from o), every column, right to left.
+template <int K, int R, typename T>
+PYC_AVX2 inline void s1_rows(const Plan& P, const float* base, const __m256 (&wk)[K * K], __m256 vs, __m256 vb,
+                             int act, T* o, int64_t exact_q) {
+  constexpr int NV = 2;  // 4 rows x 2 vectors: 8 independent FMA chains, enough to hide the FMA latency
+  const int64_t nv = P.Wv / 8, tail = P.Wo - (P.Wv - 8);
+  int64_t v = nv;
+  if (NV == 2 && (nv & 1)) {
+    --v;
+    s1_block<K, R, 1, T>(base + 8 * v, P.ld, wk, vs, vb, act, o + 8 * v, P.Wo, tail, exact_q);
+  }
+  while (v >= NV) {
+    v -= NV;
+    s1_block<K, R, NV, T>(base + 8 * v, P.ld, wk, vs, vb, act, o + 8 * v, P.Wo, v + NV == nv ? tail : 8, exact_q);
+  }
+}
+
+// Output rows [i0, i1) of one plane, the buffer holding image rows from i0: 4 rows at a time.
+template <int K, typename T>
+PYC_AVX2 void s1_band(const Plan& P, const float* buf, int64_t i0, int64_t i1, const __m256 (&wk)[K * K], __m256 vs,
+                      __m256 vb, int act, T* out) {
+  // rows i >= exact_from would spill past the plane (i Wo + Wv > Ho Wo)
+  const int64_t exact_from = dw_floor_div(P.Ho * P.Wo - P.Wv, P.Wo) + 1;
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4)
+    s1_rows<K, 4, T>(P, buf + (i - i0) * P.ld, wk, vs, vb, act, out + i * P.Wo, exact_from - i);
+  const float* b = buf + (i - i0) * P.ld;
+  switch (i1 - i) {
+    case 3: s1_rows<K, 3, T>(P, b, wk, vs, vb, act, out + i * P.Wo, exact_from - i); break;
+    case 2: s1_rows<K, 2, T>(P, b, wk, vs, vb, act, out + i * P.Wo, exact_from - i); break;
+    case 1: s1_rows<K, 1, T>(P, b, wk, vs, vb, act, out + i * P.Wo, exact_from - i); break;
+    default: break;
+  }
+}
+
 template <int K, typename T>
 PYC_AVX2 void conv_plane(const Plan& P, const T* src, const float* w, float s, float b, int act, float* buf, T* out) {
   __m256 wv[kMaxTaps];
@@ -396,6 +507,21 @@ PYC_AVX2 void conv_plane(const Plan& P, const T* src, const float* w, float s, f
   int64_t off[kMaxK];
   for (int64_t k = 0; k < P.kw; ++k) off[k] = P.off[k];
   const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b);
+  if constexpr (K != 0) {
+    if (P.sh == 1 && P.sw == 1 && P.dh == 1 && P.dw == 1) {
+      __m256 wk[K * K];
+      for (int t = 0; t < K * K; ++t) wk[t] = _mm256_set1_ps(w[t]);
+      for (int64_t i0 = 0; i0 < P.Ho; i0 += P.band) {
+        const int64_t i1 = std::min(P.Ho, i0 + P.band);
+        if (P.up_h == 1 && P.up_w == 1)
+          fill_rows_s1(P, src, i0, i1 - i0 + K - 1, buf);
+        else  // the backward to the input of a strided convolution: grad_out with zeros between
+          for (int64_t r = 0; r < i1 - i0 + K - 1; ++r) fill_row(P, src, i0 + r, buf + r * P.ld);
+        s1_band<K, T>(P, buf, i0, i1, wk, vs, vb, act, out);
+      }
+      return;
+    }
+  }
   for (int64_t i0 = 0; i0 < P.Ho; i0 += P.band) {
     const int64_t i1 = std::min(P.Ho, i0 + P.band);
     const int64_t nrows = (i1 - 1 - i0) * P.sh + (P.kh - 1) * P.dh + 1;

@@ -271,6 +271,12 @@ PLANE_SHAPES = [
     (2, 10, 8, 8, 3, 2, 1, 1), (1, 2, 301, 45, 3, 1, 1, 1), (1, 2, 150, 260, 5, 2, 2, 1), (1, 1, 200, 70, 7, 1, 3, 2),
     (2, 20, 9, 13, 3, 1, 1, 1), (1, 19, 6, 14, 5, 2, 2, 1),  # channels_last: 4-pixel blocks, 2 vectors + a tail
     (2, 20, 7, 16, 5, 1, 2, 1), (1, 12, 5, 11, 5, 1, 1, 1), (1, 9, 4, 12, 3, 1, 0, 1),  # ... and sliding windows
+    # NCHW stride 1 (blocks of 4 rows x 2 vectors, right to left, whole-vector stores that spill into
+    # the next row): an odd number of vectors and 2 leftover rows; 3 leftover rows; wide rows in
+    # several bands; planes too tall for lanes mode with rows narrower than a vector (a spill that
+    # crosses rows), 10 planes so that two threads share them.
+    (2, 3, 14, 19, 3, 1, 1, 1), (1, 4, 11, 33, 5, 1, 2, 1), (1, 3, 37, 203, 5, 1, 2, 1),
+    (2, 5, 900, 3, 3, 1, 1, 1), (1, 2, 900, 2, 5, 1, 2, 1),
 ]
 
 
