@@ -389,8 +389,8 @@ PYC_AVX2 inline void conv_rows(const Plan& P, const float* base, const __m256* w
   if (j < P.Wv) conv_tile<K, NR, 1, T>(P, base + j, wv, off, vs, vb, act, orow + j, std::min<int64_t>(8, P.Wo - j));
 }
 
-// Image rows r0 .. r0 + nrows - 1 into buffer rows 0 .. nrows - 1, for up == 1 and sw == 1 (the
-// stride-1 forward and backward to the input): fill_row without its divisions and call per row.
+// Image rows r0 .. r0 + nrows - 1 into buffer rows 0 .. nrows - 1, for up == 1 and sw == 1: fill_row
+// without its divisions and call per row.
 // fp32 rows end in one masked load, which writes zeros past the row's source columns: they are zero
 // anyway (padding, or columns that no output reads).
 template <typename T>
@@ -724,7 +724,10 @@ PYC_AVX2 void wgrad_plane(const Plan& P, const T* xs, const T* gs, float* buf, f
   for (int64_t i0 = 0; i0 < P.Ho; i0 += P.band) {
     const int64_t i1 = std::min(P.Ho, i0 + P.band);
     const int64_t nrows = (i1 - 1 - i0) * P.sh + (P.kh - 1) * P.dh + 1;
-    for (int64_t r = 0; r < nrows; ++r) fill_row(P, xs, i0 * P.sh + r, buf + r * P.ld);
+    if (P.sw == 1)
+      fill_rows_s1(P, xs, i0 * P.sh, nrows, buf);
+    else
+      for (int64_t r = 0; r < nrows; ++r) fill_row(P, xs, i0 * P.sh + r, buf + r * P.ld);
     for (int64_t i = i0; i < i1; ++i) {
       float* gr = gbuf + (i - i0) * P.Wv;  // the zeros past Wo were written when the task started
       to_f32(gs + i * P.Wo, gr, P.Wo);
@@ -962,7 +965,10 @@ void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, i
       };
       int64_t j = 0;
       while (j < OW) {
-        if (slide && j >= jlo && j + 4 <= jhi) {
+        if (slide && j >= jlo && j < jhi && jhi - jlo >= 4) {
+          // the last block of four ends at jhi, recomputing (the same values for) pixels already
+          // written, rather than leaving up to three pixels to the single-pixel path
+          j = std::min(j, jhi - 4);
           const T* rows[kMaxK];
           int64_t wrow[kMaxK];
           const int64_t col0 = transposed ? j + g.pw - (g.kw - 1) : j - g.pw;
