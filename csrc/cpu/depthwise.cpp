@@ -600,6 +600,34 @@ PYC_AVX2 void conv_lanes(const Plan& P, const T* src, int64_t src_plane, int64_t
   const int64_t kh = K ? K : P.kh, kw = K ? K : P.kw;
   fill_tile(P, src, src_plane, nl, tile);
   const int64_t cols = P.cols;
+  if constexpr (K != 0) {
+    if (P.sh == 1 && P.sw == 1 && P.dh == 1 && P.dw == 1 && P.Wo >= 4) {
+      // stride 1: four outputs of a row at a time with a sliding window along each tap row (the
+      // K + 3 tile positions of a tap row loaded once for 4 K FMAs, four independent chains); the
+      // last block of a row ends at Wo, recomputing the same values for outputs already written
+      for (int64_t i = 0; i < P.Ho; ++i)
+        for (int64_t j = 0; j < P.Wo; j += 4) {
+          const int64_t j0 = std::min(j, P.Wo - 4);
+          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#pragma GCC unroll 8
+          for (int a = 0; a < K; ++a) {
+            const float* row = tile + ((i + a) * cols + j0) * 8;
+#pragma GCC unroll 8
+            for (int m = 0; m < K + 3; ++m) {
+              const __m256 xv = _mm256_loadu_ps(row + m * 8);
+#pragma GCC unroll 4
+              for (int q = 0; q < 4; ++q) {
+                const int b = m - q;
+                if (b >= 0 && b < K) acc[q] = _mm256_fmadd_ps(wv[a * K + b], xv, acc[q]);
+              }
+            }
+          }
+          for (int q = 0; q < 4; ++q) _mm256_storeu_ps(otile + (i * P.Wo + j0 + q) * 8, epilogue(acc[q], vs, vb, act));
+        }
+      store_tile(otile, P.Ho * P.Wo, nl, out, out_plane);
+      return;
+    }
+  }
   for (int64_t i = 0; i < P.Ho; ++i)
     for (int64_t j = 0; j < P.Wo; ++j) {
       const float* base = tile + (i * P.sh * cols + j * P.sw) * 8;
@@ -744,6 +772,12 @@ PYC_AVX2 void wgrad_plane(const Plan& P, const T* xs, const T* gs, float* buf, f
   if (bias != nullptr) *bias += hsum(bacc);
 }
 
+// d[l] += v[l] for the 8 lanes of v, in fp64.
+PYC_AVX2 inline void add_lanes(double* d, __m256 v) {
+  _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+  _mm256_storeu_pd(d + 4, _mm256_add_pd(_mm256_loadu_pd(d + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+}
+
 // Weight gradient, lanes mode: planes x + l * plane, go + l * plane (l < nl: channels of one
 // image) added to sums[t * 8 + l] (fp64) and bias[l]: fp32 vector accumulators, then fp64 lanes.
 template <int KW, typename T>
@@ -752,16 +786,47 @@ PYC_AVX2 void wgrad_lanes(const Plan& P, const T* x, const T* go, int64_t nl, fl
   const int64_t x_plane = P.H * P.W, g_plane = P.Ho * P.Wo, n_out = P.Ho * P.Wo, cols = P.cols;
   {
     fill_tile(P, x, x_plane, nl, tile);
+    int64_t e0 = 0;
+    if (std::is_same<T, float>::value) {  // 4 outputs x 8 planes per pair of 4x4 transposes
+      const float* gp[8];
+      for (int64_t l = 0; l < 8; ++l) gp[l] = reinterpret_cast<const float*>(go) + (l < nl ? l : 0) * g_plane;
+      for (; e0 + 4 <= n_out; e0 += 4) {
+        __m128 q[8];
+        for (int l = 0; l < 8; ++l) q[l] = _mm_loadu_ps(gp[l] + e0);
+        _MM_TRANSPOSE4_PS(q[0], q[1], q[2], q[3]);
+        _MM_TRANSPOSE4_PS(q[4], q[5], q[6], q[7]);
+        for (int k = 0; k < 4; ++k)
+          _mm256_storeu_ps(gtile + (e0 + k) * 8, _mm256_insertf128_ps(_mm256_castps128_ps256(q[k]), q[4 + k], 1));
+      }
+    }
     for (int64_t l = 0; l < nl; ++l) {
       const T* g = go + l * g_plane;
-      for (int64_t e = 0; e < n_out; ++e) gtile[e * 8 + l] = to_f(g[e]);
+      for (int64_t e = e0; e < n_out; ++e) gtile[e * 8 + l] = to_f(g[e]);
     }
-    alignas(32) float lanes[8];
     if (bias != nullptr) {
       __m256 bs = _mm256_setzero_ps();
       for (int64_t e = 0; e < n_out; ++e) bs = _mm256_add_ps(bs, _mm256_loadu_ps(gtile + e * 8));
-      _mm256_store_ps(lanes, bs);
-      for (int l = 0; l < 8; ++l) bias[l] += lanes[l];
+      add_lanes(bias, bs);
+    }
+    if (KW == 3 && P.kh == 3) {
+      // 3x3: the nine taps in one pass over the outputs, nine independent FMA chains
+      __m256 acc[9];
+      for (int t = 0; t < 9; ++t) acc[t] = _mm256_setzero_ps();
+      const int64_t as = P.dh * cols * 8, bs = P.dw * 8;
+      for (int64_t i = 0; i < P.Ho; ++i)
+        for (int64_t j = 0; j < P.Wo; ++j) {
+          const __m256 gv = _mm256_loadu_ps(gtile + (i * P.Wo + j) * 8);
+          const float* base = tile + ((i * P.sh) * cols + j * P.sw) * 8;
+#pragma GCC unroll 3
+          for (int a = 0; a < 3; ++a)
+#pragma GCC unroll 3
+            for (int b = 0; b < 3; ++b)
+              acc[a * 3 + b] = _mm256_fmadd_ps(gv, _mm256_loadu_ps(base + a * as + b * bs), acc[a * 3 + b]);
+        }
+      for (int t = 0; t < 9; ++t) {
+        add_lanes(sums + t * 8, acc[t]);
+      }
+      return;
     }
     for (int64_t a = 0; a < P.kh; ++a) {
       __m256 acc[KW];
@@ -773,8 +838,7 @@ PYC_AVX2 void wgrad_lanes(const Plan& P, const T* x, const T* go, int64_t nl, fl
           for (int b = 0; b < KW; ++b) acc[b] = _mm256_fmadd_ps(gv, _mm256_loadu_ps(base + b * P.dw * 8), acc[b]);
         }
       for (int b = 0; b < KW; ++b) {
-        _mm256_store_ps(lanes, acc[b]);
-        for (int l = 0; l < 8; ++l) sums[(a * KW + b) * 8 + l] += lanes[l];
+        add_lanes(sums + (a * KW + b) * 8, acc[b]);
       }
     }
   }
