@@ -15,9 +15,12 @@
 // stored as `sw` phases (phase p holds padded columns p, p + sw, ...), so for stride 2 every tap is
 // again one contiguous unaligned load. Rows are padded past the last output vector so the last
 // (partial) vector stays inside the buffer; its extra lanes are discarded (masked store).
-// Small planes (fewer than 8 output columns) would waste most vector lanes: "lanes" mode takes 8
-// planes (8 channels of one image) at a time, transposed into an [rows][cols][8] tile, one output
-// per vector, and transposes the results back.
+// Stride 1 (forward and backward to the input) takes its own path: blocks of 4 output rows x 2
+// vectors that load each input vector once per tap column, visited right to left so that a row's
+// last partial vector can be stored whole (the spill lands in the next row, written later).
+// Small planes (at most 8 output columns) would waste vector lanes: "lanes" mode takes 8 planes
+// (8 channels of one image) at a time, transposed into an [rows][cols][8] tile, one output per
+// vector (at stride 1, four outputs of a row per sliding window), and transposes the results back.
 // The backward to the input is the same kernel: a stride-1 convolution with the flipped kernel over
 // grad_out, zero-upsampled by the stride while it is copied into the buffer.
 // NHWC (AVX2): vectorised over channels; per output pixel the list of taps inside the image is built
@@ -254,11 +257,10 @@ PYC_AVX2 inline void store_part(float* p, __m256 v, int64_t n) {
 // Two ways to run it, chosen by the shape:
 //   rows:  a plane at a time; bands of image rows in a buffer whose rows hold sw phases of L floats
 //          (phase p, index q = column p + q sw), 8 output columns per vector.
-//   lanes: small planes (Wo < lanes_below: less than a vector of outputs per row; the weight
-//          gradient up to a full vector): 8 planes (8 channels of one image) at a time, the image
+//   lanes: small planes (Wo < lanes_below: at most a vector of outputs per row): 8 planes (8 channels of one image) at a time, the image
 //          as a tile [img_rows][cols][8] with lanes over the planes, one output per vector.
 constexpr int64_t kBufferFloats = 8192;  // 32 KB: a band stays in L1
-constexpr int64_t kLanesBelowFwd = 8, kLanesBelowWgrad = 9;
+constexpr int64_t kLanesBelowFwd = 9, kLanesBelowWgrad = 9;
 constexpr int64_t kLanesMaxTile = 4096;  // image positions of a lanes tile (x 8 floats)
 
 struct Plan {

@@ -277,6 +277,8 @@ PLANE_SHAPES = [
     # crosses rows), 10 planes so that two threads share them.
     (2, 3, 14, 19, 3, 1, 1, 1), (1, 4, 11, 33, 5, 1, 2, 1), (1, 3, 37, 203, 5, 1, 2, 1),
     (2, 5, 900, 3, 3, 1, 1, 1), (1, 2, 900, 2, 5, 1, 2, 1),
+    # lanes mode at stride 1 (blocks of four outputs, the last one overlapping): 8 and 6 wide
+    (2, 10, 8, 8, 3, 1, 1, 1), (1, 9, 8, 8, 5, 1, 2, 1), (2, 11, 6, 6, 3, 1, 1, 1),
 ]
 
 
