@@ -306,6 +306,44 @@ def test_small_and_large_planes(backend, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_path_is_the_registered_op(backend):
+    """Plain eager calls skip the custom-op dispatch (_DepthwiseEager); they must give the registered
+    op's outputs and gradients bit for bit, refuse double backward like it, and step aside under
+    tracing modes (here: a dispatch mode), where the registered op runs."""
+    needs_triton_module(backend)
+    x, w, _ = make_inputs(backend, (3, 1, 1, 1), torch.float32)
+    C, dev = x.shape[1], x.device
+    scale, shift = torch.rand(C, device=dev) + 0.5, torch.randn(C, device=dev)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(dev)
+    results = []
+    for path in ("public", "op"):
+        ins = [t.detach().clone().requires_grad_() for t in (x, w, scale, shift)]
+        if path == "public":
+            y = depthwise_conv2d_bn_act(*ins, 1, 1, 1, "relu6", backend=backend)
+            assert "DepthwiseEager" in type(y.grad_fn).__name__
+        else:
+            y = torch.ops.pycompress.depthwise_conv2d(*ins, [1, 1, 1, 1, 1, 1], 2, backend)
+            assert "DepthwiseEager" not in type(y.grad_fn).__name__
+        grads = torch.autograd.grad(y, ins, g, create_graph=path == "public")
+        if path == "public":
+            with pytest.raises(RuntimeError):
+                torch.autograd.grad(grads[0].sum(), ins[0])
+        results.append((y,) + tuple(t.detach() for t in grads))
+    for name, a, b in zip(("y", "grad_x", "grad_w", "grad_scale", "grad_shift"), *results):
+        assert torch.equal(a, b), name
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        y = depthwise_conv2d(x.detach().clone().requires_grad_(), w, None, 1, 1, backend=backend)
+    assert "DepthwiseEager" not in type(y.grad_fn).__name__
+    assert torch.equal(y.detach(), depthwise_conv2d(x, w, None, 1, 1, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bn_act_with_batch_statistics_is_training_batchnorm(backend):
     """Batch-statistics BN through the fused op: scale / shift computed from the batch's mean and
     biased variance of the convolution are differentiable inputs, so autograd reproduces training-
