@@ -2,9 +2,12 @@
 // stores of fp32 / fp16 / bf16 data, and output allocation with transparent huge pages.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
@@ -110,6 +113,30 @@ PYC_AVX2_F16C inline void store8_stream(T* p, __m256 v) {
 }
 inline void stream_fence() { _mm_sfence(); }
 #endif  // PYC_X86
+
+// at::parallel_for's contract (f(b, e) over pieces of [begin, end), pieces of at least `grain`),
+// but the pieces (about 8 per thread) are handed out one at a time from a shared counter: a thread
+// slowed by other load on its core takes fewer of them. at::parallel_for gives every thread one
+// fixed share, so on a shared machine the slowest thread sets the time. f must not depend on how
+// the range is cut (the kernels' results do not).
+template <typename F>
+void parallel_chunks(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t nt = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + 8 * nt - 1) / (8 * nt));
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  if (nchunks <= 1 || nt <= 1 || at::in_parallel_region()) {
+    f(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nt, nchunks), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < nchunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      f(begin + c * chunk, begin + std::min(n, (c + 1) * chunk));
+  });
+}
 
 }  // namespace cpu
 }  // namespace pycompress

@@ -1,6 +1,7 @@
 // Depthwise 2-D convolution, CPU kernels: forward with the fused per-channel affine + activation
 // epilogue, backward to the input and backward to the weight (and bias). AVX2 (+FMA, F16C) kernels
-// chosen at run time, a portable scalar path for other CPUs; parallel with at::parallel_for.
+// chosen at run time, a portable scalar path for other CPUs; parallel with at::parallel_for (the
+// AVX2 paths: cpu::parallel_chunks, pieces handed out dynamically).
 //
 // Math (pycompress/ops/depthwise_ref.py): fp32 accumulation whatever the dtype,
 //   y[n, c, i, j] = act(sum_{a,b} x[n, c, i*sh - ph + a*dh, j*sw - pw + b*dw] * w[c, a, b] * scale[c] + shift[c])
@@ -681,14 +682,14 @@ void conv_planes_avx2(const Plan& P, const T* src, int64_t src_plane, T* out, in
       sb[c] = af.shift[c];
     }
     const int64_t tile_floats = P.img_rows * P.cols * 8, out_floats = P.Ho * P.Wo * 8;
-    at::parallel_for(0, N * G, grain_for(8 * P.Ho * P.Wo * kk / 4), [&](int64_t t0, int64_t t1) {
+    cpu::parallel_chunks(0, N * G, grain_for(8 * P.Ho * P.Wo * kk / 4), [&](int64_t t0, int64_t t1) {
       std::vector<float> tile(tile_floats + 8, 0.0f), otile(out_floats + 8);
       run_lanes_tasks(P, src, src_plane, out, out_plane, C, G, Cp, wT.data(), sc.data(), sb.data(), act, k3, k5,
                       tile.data(), otile.data(), t0, t1);
     });
     return;
   }
-  at::parallel_for(0, N * C, grain_for(P.Ho * P.Wo * kk / 4), [&](int64_t p0, int64_t p1) {
+  cpu::parallel_chunks(0, N * C, grain_for(P.Ho * P.Wo * kk / 4), [&](int64_t p0, int64_t p1) {
     std::vector<float> buf(P.rows * P.ld + 8, 0.0f);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C;
@@ -1011,7 +1012,7 @@ void gather_nhwc_avx2(const T* src, T* out, const float* wT, const Affine& af, i
   const bool slide = g.sw == 1 && g.dw == 1 && (g.kw == 3 || g.kw == 5);
   // outputs far larger than the caches: streaming stores (no read of each destination line first)
   const bool stream = g.N * OH * OW * C * int64_t(sizeof(T)) > (int64_t(8) << 20);
-  at::parallel_for(0, g.N * OH, grain_for(OW * C * g.kh * g.kw), [&](int64_t r0, int64_t r1) {
+  cpu::parallel_chunks(0, g.N * OH, grain_for(OW * C * g.kh * g.kw), [&](int64_t r0, int64_t r1) {
     Tap taps[kMaxTaps];
     int64_t ka[kMaxK], sa[kMaxK], kb[kMaxK], sb[kMaxK];
     for (int64_t r = r0; r < r1; ++r) {
@@ -1300,6 +1301,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_bwd_weight_cpu(const at::Tensor& go
     if (use_avx2()) {
       if (cl) {
         const int64_t nvec = (g.C + 7) / 8;
+        // static shares: a piece of one vector (32 B of each 64-B line) would split lines between threads
         at::parallel_for(0, nvec, 1, [&](int64_t v0, int64_t v1) {
           std::vector<double> sums((v1 - v0) * kk * 8, 0.0), bias((v1 - v0) * 8, 0.0);
           switch (kw) {
@@ -1322,7 +1324,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_bwd_weight_cpu(const at::Tensor& go
         const int64_t xpl = g.H * g.W, gpl = g.Ho * g.Wo;
         if (P.lanes) {
           const int64_t G = (g.C + 7) / 8;
-          at::parallel_for(0, G, 1, [&](int64_t q0, int64_t q1) {
+          cpu::parallel_chunks(0, G, 1, [&](int64_t q0, int64_t q1) {
             std::vector<float> tile(P.img_rows * P.cols * 8 + 8, 0.0f), gtile(g.Ho * g.Wo * 8 + 8, 0.0f);
             std::vector<double> sums((q1 - q0) * kMaxTaps * 8, 0.0), bias((q1 - q0) * 8, 0.0);
             for (int64_t n = 0; n < g.N; ++n)
@@ -1348,7 +1350,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_bwd_weight_cpu(const at::Tensor& go
           });
           return;
         }
-        at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+        cpu::parallel_chunks(0, g.C, 1, [&](int64_t c0, int64_t c1) {
           std::vector<float> buf(P.rows * P.ld + 8, 0.0f), gbuf(P.band * P.Wv + 8, 0.0f);
           std::vector<double> sums((c1 - c0) * kMaxTaps, 0.0), bias(c1 - c0, 0.0);
           for (int64_t n = 0; n < g.N; ++n)
