@@ -258,8 +258,9 @@ PYC_AVX2 inline void store_part(float* p, __m256 v, int64_t n) {
 // Two ways to run it, chosen by the shape:
 //   rows:  a plane at a time; bands of image rows in a buffer whose rows hold sw phases of L floats
 //          (phase p, index q = column p + q sw), 8 output columns per vector.
-//   lanes: small planes (Wo < lanes_below: at most a vector of outputs per row): 8 planes (8 channels of one image) at a time, the image
-//          as a tile [img_rows][cols][8] with lanes over the planes, one output per vector.
+//   lanes: small planes (Wo < lanes_below: at most a vector of outputs per row): 8 planes (8
+//          channels of one image) at a time, the image as a tile [img_rows][cols][8] with lanes
+//          over the planes, one output per vector.
 constexpr int64_t kBufferFloats = 8192;  // 32 KB: a band stays in L1
 constexpr int64_t kLanesBelowFwd = 9, kLanesBelowWgrad = 9;
 constexpr int64_t kLanesMaxTile = 4096;  // image positions of a lanes tile (x 8 floats)
