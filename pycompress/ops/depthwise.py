@@ -298,12 +298,17 @@ _register_cpp_fakes()
 
 
 def _pair(name: str, v, fn: str, low: int, allowed: Optional[Tuple[int, ...]] = None) -> Tuple[int, int]:
-    vals = [v, v] if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
-    if not isinstance(vals, (list, tuple)) or len(vals) != 2 or not all(
-        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in vals
-    ):
-        raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
-    vals = [int(t) for t in vals]
+    if type(v) is int:  # the common cases first: the ABC checks below cost microseconds per call
+        vals = (v, v)
+    elif type(v) in (tuple, list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        vals = tuple(v)
+    else:
+        vals = [v, v] if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+        if not isinstance(vals, (list, tuple)) or len(vals) != 2 or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in vals
+        ):
+            raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
+        vals = [int(t) for t in vals]
     for t in vals:
         if t < low:
             raise ValueError(f"{fn}: {name} must be >= {low}, got {v!r}")
