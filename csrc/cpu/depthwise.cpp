@@ -421,6 +421,16 @@ PYC_AVX2 inline void fill_rows_s1(const Plan& P, const T* src, int64_t r0, int64
   }
 }
 
+// Image rows r0 .. r0 + nrows - 1 into buffer rows 0 .. nrows - 1 (every caller fills consecutive
+// rows): fill_rows_s1 when it applies, else fill_row per row.
+template <typename T>
+PYC_AVX2 inline void fill_rows(const Plan& P, const T* src, int64_t r0, int64_t nrows, float* buf) {
+  if (P.up_h == 1 && P.up_w == 1 && P.sw == 1)
+    fill_rows_s1(P, src, r0, nrows, buf);
+  else  // strided rows, or the backward to the input of a strided convolution (zeros between)
+    for (int64_t r = 0; r < nrows; ++r) fill_row(P, src, r0 + r, buf + r * P.ld);
+}
+
 // Stride 1, dilation 1, a K x K kernel known at compile time (3 or 5; the forward and the stride-1
 // backward to the input): R output rows x NV vectors of 8 columns from buffer rows base... Each
 // input vector is loaded once per tap column and used for every output row it feeds: a 3x3 block
@@ -517,10 +527,7 @@ PYC_AVX2 void conv_plane(const Plan& P, const T* src, const float* w, float s, f
       for (int t = 0; t < K * K; ++t) wk[t] = _mm256_set1_ps(w[t]);
       for (int64_t i0 = 0; i0 < P.Ho; i0 += P.band) {
         const int64_t i1 = std::min(P.Ho, i0 + P.band);
-        if (P.up_h == 1 && P.up_w == 1)
-          fill_rows_s1(P, src, i0, i1 - i0 + K - 1, buf);
-        else  // the backward to the input of a strided convolution: grad_out with zeros between
-          for (int64_t r = 0; r < i1 - i0 + K - 1; ++r) fill_row(P, src, i0 + r, buf + r * P.ld);
+        fill_rows(P, src, i0, i1 - i0 + K - 1, buf);
         s1_band<K, T>(P, buf, i0, i1, wk, vs, vb, act, out);
       }
       return;
@@ -529,12 +536,23 @@ PYC_AVX2 void conv_plane(const Plan& P, const T* src, const float* w, float s, f
   for (int64_t i0 = 0; i0 < P.Ho; i0 += P.band) {
     const int64_t i1 = std::min(P.Ho, i0 + P.band);
     const int64_t nrows = (i1 - 1 - i0) * P.sh + (P.kh - 1) * P.dh + 1;
-    for (int64_t r = 0; r < nrows; ++r) fill_row(P, src, i0 * P.sh + r, buf + r * P.ld);
+    fill_rows(P, src, i0 * P.sh, nrows, buf);
     int64_t i = i0;
     for (; i + 2 <= i1; i += 2)
       conv_rows<K, 2, T>(P, buf + (i - i0) * P.sh * P.ld, wv, off, vs, vb, act, out + i * P.Wo);
     if (i < i1) conv_rows<K, 1, T>(P, buf + (i - i0) * P.sh * P.ld, wv, off, vs, vb, act, out + i * P.Wo);
   }
+}
+
+// Elements off .. off + 3 of 8 fp32 planes p[0..7] to 4 vectors at dst (dst[k * 8 + l] =
+// p[l][off + k]): two 4x4 transposes.
+PYC_AVX2 inline void planes4_to_lanes(const float* const* p, int64_t off, float* dst) {
+  __m128 q[8];
+  for (int l = 0; l < 8; ++l) q[l] = _mm_loadu_ps(p[l] + off);
+  _MM_TRANSPOSE4_PS(q[0], q[1], q[2], q[3]);
+  _MM_TRANSPOSE4_PS(q[4], q[5], q[6], q[7]);
+  for (int k = 0; k < 4; ++k)
+    _mm256_storeu_ps(dst + k * 8, _mm256_insertf128_ps(_mm256_castps128_ps256(q[k]), q[4 + k], 1));
 }
 
 // Lanes mode: the image tile of planes src + l * plane (l < nl; lanes past nl keep stale values,
@@ -559,14 +577,8 @@ PYC_AVX2 void fill_tile(const Plan& P, const T* src, int64_t plane, int64_t nl, 
     float* trow = tile + r * P.cols * 8;
     int64_t c = P.clo;
     if (std::is_same<T, float>::value) {
-      for (; c + 4 <= P.chi; c += 4) {
-        __m128 q[8];
-        for (int l = 0; l < 8; ++l) q[l] = _mm_loadu_ps(reinterpret_cast<const float*>(lp[l]) + so + c);
-        _MM_TRANSPOSE4_PS(q[0], q[1], q[2], q[3]);
-        _MM_TRANSPOSE4_PS(q[4], q[5], q[6], q[7]);
-        for (int k = 0; k < 4; ++k)
-          _mm256_storeu_ps(trow + (c + k) * 8, _mm256_insertf128_ps(_mm256_castps128_ps256(q[k]), q[4 + k], 1));
-      }
+      const float* const* fp = reinterpret_cast<const float* const*>(lp);
+      for (; c + 4 <= P.chi; c += 4) planes4_to_lanes(fp, so + c, trow + c * 8);
     }
     for (; c < P.chi; ++c)
       for (int64_t l = 0; l < nl; ++l) trow[c * 8 + l] = to_f(lp[l][so + c]);
@@ -756,10 +768,7 @@ PYC_AVX2 void wgrad_plane(const Plan& P, const T* xs, const T* gs, float* buf, f
   for (int64_t i0 = 0; i0 < P.Ho; i0 += P.band) {
     const int64_t i1 = std::min(P.Ho, i0 + P.band);
     const int64_t nrows = (i1 - 1 - i0) * P.sh + (P.kh - 1) * P.dh + 1;
-    if (P.sw == 1)
-      fill_rows_s1(P, xs, i0 * P.sh, nrows, buf);
-    else
-      for (int64_t r = 0; r < nrows; ++r) fill_row(P, xs, i0 * P.sh + r, buf + r * P.ld);
+    fill_rows(P, xs, i0 * P.sh, nrows, buf);
     for (int64_t i = i0; i < i1; ++i) {
       float* gr = gbuf + (i - i0) * P.Wv;  // the zeros past Wo were written when the task started
       to_f32(gs + i * P.Wo, gr, P.Wo);
@@ -794,14 +803,7 @@ PYC_AVX2 void wgrad_lanes(const Plan& P, const T* x, const T* go, int64_t nl, fl
     if (std::is_same<T, float>::value) {  // 4 outputs x 8 planes per pair of 4x4 transposes
       const float* gp[8];
       for (int64_t l = 0; l < 8; ++l) gp[l] = reinterpret_cast<const float*>(go) + (l < nl ? l : 0) * g_plane;
-      for (; e0 + 4 <= n_out; e0 += 4) {
-        __m128 q[8];
-        for (int l = 0; l < 8; ++l) q[l] = _mm_loadu_ps(gp[l] + e0);
-        _MM_TRANSPOSE4_PS(q[0], q[1], q[2], q[3]);
-        _MM_TRANSPOSE4_PS(q[4], q[5], q[6], q[7]);
-        for (int k = 0; k < 4; ++k)
-          _mm256_storeu_ps(gtile + (e0 + k) * 8, _mm256_insertf128_ps(_mm256_castps128_ps256(q[k]), q[4 + k], 1));
-      }
+      for (; e0 + 4 <= n_out; e0 += 4) planes4_to_lanes(gp, e0, gtile + e0 * 8);
     }
     for (int64_t l = 0; l < nl; ++l) {
       const T* g = go + l * g_plane;

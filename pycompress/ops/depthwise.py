@@ -220,14 +220,19 @@ def _(grad, x, weight, scale, shift, params, act, backend, needs):
     return gx, gw, gs, gb
 
 
-def _backward(ctx, grad):
+def _autograd_backward(ctx, grad, backward_fn):
+    """The autograd formula of both paths: backward_fn is the registered backward op or
+    _backward_impl; inputs that need no gradient (and an empty scale / shift) get None."""
     x, weight, scale, shift = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    gx, gw, gs, gb = torch.ops.pycompress.depthwise_conv2d_backward(grad, x, weight, scale, shift, ctx.params,
-                                                                     ctx.act, ctx.backend, needs)
+    gx, gw, gs, gb = backward_fn(grad, x, weight, scale, shift, ctx.params, ctx.act, ctx.backend, needs)
     return (gx if needs[0] else None, gw if needs[1] else None,
             gs if needs[2] and scale.numel() else None, gb if needs[3] and shift.numel() else None,
             None, None, None)
+
+
+def _backward(ctx, grad):
+    return _autograd_backward(ctx, grad, torch.ops.pycompress.depthwise_conv2d_backward)
 
 
 _depthwise_op.register_autograd(_backward, setup_context=_setup_context)
@@ -241,19 +246,13 @@ class _DepthwiseEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, shift, params, act, backend):
-        ctx.params, ctx.act, ctx.backend = list(params), act, backend
-        ctx.save_for_backward(x, weight, scale, shift)
+        _setup_context(ctx, (x, weight, scale, shift, params, act, backend), None)
         return _forward_impl(x, weight, scale, shift, params, act, backend)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, weight, scale, shift = ctx.saved_tensors
-        needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-        gx, gw, gs, gb = _backward_impl(grad, x, weight, scale, shift, ctx.params, ctx.act, ctx.backend, needs)
-        return (gx if needs[0] else None, gw if needs[1] else None,
-                gs if needs[2] and scale.numel() else None, gb if needs[3] and shift.numel() else None,
-                None, None, None)
+        return _autograd_backward(ctx, grad, _backward_impl)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
