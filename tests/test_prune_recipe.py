@@ -95,7 +95,7 @@ def test_prune_recipe_killed_mid_regrow_resumes_bit_identical(pruned_run, tmp_pa
     # 4 steps per epoch: step 6 is in the prune stage's second epoch, masks still regrowing
     res = _run_cli(["run", path, "--out", out], env_extra={"PYCOMPRESS_DEBUG_KILL_AT": "prune:6"})
     assert res.returncode == -9, res.stdout + res.stderr
-    ck = torch.load(os.path.join(out, "stages/02-prune/checkpoint.pt"), weights_only=False)
+    ck = torch.load(os.path.join(out, "stages/02-prune/checkpoint.pt"), weights_only=True)
     assert any(k.endswith("weight_shadow") for k in ck["model"])  # the dense shadows were saved
     res = _run_cli(["run", path, "--out", out, "--resume"])
     assert res.returncode == 0, res.stdout + res.stderr
