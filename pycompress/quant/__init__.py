@@ -10,7 +10,8 @@ Layers chosen by a ``QuantSpec`` are swapped, in place, for ``QuantConv2d`` / ``
   s_c = 1 and stays exactly 0.
 * Q_a: per tensor on the layer input; unsigned [0, 2^b - 1] with s = max(x) / (2^b - 1) when the
   calibrated minimum is >= 0 (after a ReLU), else signed with s = max|x| / (2^(b-1) - 1) ("auto");
-  calibrated by max over a few batches, then "frozen" or learned ("lsq").
+  calibrated over a few batches (observer "minmax": the max; "percentile": the mean over batches
+  of a high percentile, which clips outliers), then "frozen" or learned ("lsq").
 * Backward: straight-through to W and x, zero where the value was clamped (see
   pycompress.ops.fake_quantize, which runs on the backend chosen by pycompress.backends).
 
@@ -32,10 +33,15 @@ Usage::
 
     quant.model_size(model)["mb"]          # storage at the quantized bit widths
     quant.strip_qat(model, bake=True)      # plain nn.Conv2d / nn.Linear holding quantized values
+
+    # post-training quantization (no training): prepare_qat + calibrate, eval mode
+    quant.quantize_post_training(model, {"weight_bits": 8, "act_bits": 8, "act_observer": "percentile"},
+                                 train_loader, num_batches=8)
 """
 from .modules import QAT_LAYERS, QuantConv2d, QuantLinear
+from .ptq import quantize_post_training
 from .qat import apply_plan, calibrate, is_qat, model_size, prepare_qat, qat_modules, qat_plan, strip_qat
-from .quantizer import LSQ_EPS, FakeQuantizer, scale_divisor, scale_from_range
+from .quantizer import LSQ_EPS, OBSERVERS, FakeQuantizer, scale_divisor, scale_from_range
 from .spec import QuantSpec
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "qat_plan",
     "apply_plan",
     "calibrate",
+    "quantize_post_training",
     "strip_qat",
     "is_qat",
     "qat_modules",
@@ -55,4 +62,5 @@ __all__ = [
     "scale_divisor",
     "scale_from_range",
     "LSQ_EPS",
+    "OBSERVERS",
 ]

@@ -4,7 +4,8 @@
 
 ``weight_quant``: per output channel (axis 0), symmetric signed, s_c = max|w_c| / (2^(b-1) - 1) in mode
 "max" (see pycompress.quant.quantizer). ``act_quant``: per tensor on the layer input, zero point 0,
-signed or unsigned ("auto": unsigned iff the calibrated minimum is >= 0). Either is None when its
+signed or unsigned ("auto": unsigned iff the calibrated minimum is >= 0), its range observed by
+``act_observer`` ("minmax" | "percentile" with ``act_percentile``) during calibration. Either is None when its
 bit width is None (first / last layer exceptions). The float ``weight`` / ``bias`` Parameters are
 the very objects of the float layer (``from_float`` moves them, it does not copy), so state-dict
 keys ``weight`` / ``bias`` and an optimizer built on them stay valid; gradients reach the float
@@ -12,13 +13,13 @@ weight through the straight-through estimator.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizer import LSQ_EPS, FakeQuantizer
+from .quantizer import DEFAULT_PERCENTILE, LSQ_EPS, OBSERVERS, FakeQuantizer, check_percentile
 
 __all__ = ["QuantConv2d", "QuantLinear", "QAT_LAYERS", "layer_type"]
 
@@ -77,7 +78,8 @@ class _QuantLayer:
     _float_cls: type
     _type_name: str
 
-    def _init_quant(self, weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches) -> None:
+    def _init_quant(self, weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches,
+                    act_observer="minmax", act_percentile=DEFAULT_PERCENTILE) -> None:
         self.register_module("weight_quant", None)
         self.register_module("act_quant", None)
         self.weight_bits: Optional[int] = None
@@ -85,6 +87,8 @@ class _QuantLayer:
         self.weight_scale = "max"
         self.act_scale = "frozen"
         self.act_signed = "auto"
+        self.act_observer = "minmax"
+        self.act_percentile = DEFAULT_PERCENTILE
         self.calib_batches = 4
         self.configure(
             weight_bits=weight_bits,
@@ -93,6 +97,8 @@ class _QuantLayer:
             act_scale=act_scale,
             act_signed=act_signed,
             calib_batches=calib_batches,
+            act_observer=act_observer,
+            act_percentile=act_percentile,
         )
 
     def configure(
@@ -104,11 +110,15 @@ class _QuantLayer:
         act_scale: str = "frozen",
         act_signed="auto",
         calib_batches: int = 4,
+        act_observer: str = "minmax",
+        act_percentile: float = DEFAULT_PERCENTILE,
     ) -> None:
         """(Re)build the quantizers. The weight is untouched. A quantizer whose configuration is
         unchanged is kept with its state; a changed weight quantizer is re-initialised from the
         current weight; a changed activation quantizer needs calibration again, unless only its
-        scale mode changed (then it keeps the calibrated range and scale)."""
+        scale mode changed (then it keeps the calibrated range and scale). act_observer /
+        act_percentile choose how calibrate observes the input's range (changing them asks for
+        calibration again, except act_percentile while the observer is "minmax")."""
         cls = type(self).__name__
         _check_bits(f"{cls}: weight_bits", weight_bits)
         _check_bits(f"{cls}: act_bits", act_bits)
@@ -118,6 +128,10 @@ class _QuantLayer:
             raise ValueError(f"{cls}: act_signed must be 'auto', True or False, got {act_signed!r}")
         if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
             raise ValueError(f"{cls}: calib_batches must be an int >= 1, got {calib_batches!r}")
+        _check_scale_mode(f"{cls}: act_observer", act_observer, OBSERVERS)
+        if not check_percentile(act_percentile):
+            raise ValueError(f"{cls}: act_percentile must be a number in (50, 100], got {act_percentile!r}")
+        act_percentile = float(act_percentile)
         weight = self.weight
         device = weight.device
 
@@ -137,16 +151,19 @@ class _QuantLayer:
             self.act_quant = None
         else:
             cfg = dict(bits=act_bits, signed=act_signed, axis=None, num_channels=1,
-                       mode=act_scale, kind="act", eps=LSQ_EPS)
+                       mode=act_scale, kind="act", eps=LSQ_EPS, observer=act_observer, percentile=act_percentile)
             old = self.act_quant
             if old is None or old.config() != cfg:
                 aq = FakeQuantizer(**cfg, device=device)
-                if old is not None and old.bits == act_bits and old.signed_config == act_signed:
+                same_range = old is not None and old.observer == act_observer and (
+                    act_observer == "minmax" or old.percentile == act_percentile)
+                if same_range and old.bits == act_bits and old.signed_config == act_signed:
                     aq.copy_calibration_from(old)
                 self.act_quant = aq
 
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.weight_scale, self.act_scale, self.act_signed = weight_scale, act_scale, act_signed
+        self.act_observer, self.act_percentile = act_observer, act_percentile
         self.calib_batches = calib_batches
 
     def qconfig(self) -> dict:
@@ -158,6 +175,8 @@ class _QuantLayer:
             "weight_scale": self.weight_scale,
             "act_scale": self.act_scale,
             "act_signed": self.act_signed,
+            "act_observer": self.act_observer,
+            "act_percentile": self.act_percentile,
             "calib_batches": self.calib_batches,
         }
 
@@ -166,6 +185,29 @@ class _QuantLayer:
         w = self.weight
         return w if self.weight_quant is None else self.weight_quant(w)
 
+    def weight_codes(self) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(codes, scale, bits, qmin)``: the integer codes of the weight (int32, the weight's
+        shape) and the fp32 per-output-channel scale the forward uses, so that
+        ``codes * scale[c] == quantized_weight()`` bit for bit. No state changes (in mode "max"
+        the scale is computed from the current weight, as the next forward would)."""
+        from ..ops import quant_range
+        from .quantizer import _minmax, scale_from_range
+
+        wq = self.weight_quant
+        if wq is None:
+            raise ValueError(f"{type(self).__name__}: the weight is not quantized (weight_bits is None)")
+        w = self.weight.detach().float()
+        if wq.mode == "max":
+            scale = scale_from_range(*_minmax(w, wq.axis), wq.bits, True).float()
+        else:
+            scale = wq.scale.detach().float()
+            if wq.mode == "lsq":
+                scale = scale.clamp_min(wq.eps)
+        qmin, qmax = quant_range(wq.bits, True)
+        c = w.shape[0]
+        codes = torch.round(w.reshape(c, -1) * torch.reciprocal(scale).view(c, 1)).clamp(qmin, qmax)
+        return codes.reshape(w.shape).to(torch.int32), scale, wq.bits, qmin
+
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act_quant is None else self.act_quant(x)
 
@@ -173,8 +215,8 @@ class _QuantLayer:
     def from_float(cls, module: nn.Module, **qconfig):
         """A QAT layer holding module's own Parameters, buffers and forward hooks.
 
-        qconfig: weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches (see
-        configure). The module itself is not modified, but it shares its Parameters with the result.
+        qconfig: weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches,
+        act_observer, act_percentile (see configure). The module itself is not modified, but it shares its Parameters with the result.
         """
         if type(module) is not cls._float_cls and not _is_depthwise_layer(module):
             raise TypeError(
@@ -240,10 +282,13 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         act_scale: str = "frozen",
         act_signed="auto",
         calib_batches: int = 4,
+        act_observer: str = "minmax",
+        act_percentile: float = DEFAULT_PERCENTILE,
     ):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                            padding_mode, device, dtype)
-        self._init_quant(weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches)
+        self._init_quant(weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches,
+                         act_observer, act_percentile)
 
     @staticmethod
     def _conv_args(m: nn.Conv2d) -> dict:
@@ -298,9 +343,12 @@ class QuantLinear(_QuantLayer, nn.Linear):
         act_scale: str = "frozen",
         act_signed="auto",
         calib_batches: int = 4,
+        act_observer: str = "minmax",
+        act_percentile: float = DEFAULT_PERCENTILE,
     ):
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self._init_quant(weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches)
+        self._init_quant(weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches,
+                         act_observer, act_percentile)
 
     @classmethod
     def _empty_like(cls, m: nn.Linear) -> "QuantLinear":

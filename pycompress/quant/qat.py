@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .modules import QAT_LAYERS, QuantConv2d, QuantLinear, _is_parametrized, layer_type
-from .quantizer import FakeQuantizer
+from .quantizer import DEFAULT_PERCENTILE, OBSERVERS, FakeQuantizer, check_percentile
 from .spec import ACT_SCALES, WEIGHT_SCALES, QuantSpec
 
 __all__ = [
@@ -25,7 +25,10 @@ __all__ = [
 ]
 
 _QAT_CLS = {"conv": QuantConv2d, "linear": QuantLinear}
-_PLAN_KEYS = ("type", "weight_bits", "act_bits", "weight_scale", "act_scale", "act_signed", "calib_batches")
+_PLAN_KEYS = ("type", "weight_bits", "act_bits", "weight_scale", "act_scale", "act_signed", "act_observer",
+              "act_percentile", "calib_batches")
+# Keys added after plans were first saved: an entry without them (an older checkpoint) gets these.
+_PLAN_DEFAULTS = {"act_observer": "minmax", "act_percentile": DEFAULT_PERCENTILE}
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -105,6 +108,8 @@ def _resolve(model: nn.Module, spec: QuantSpec) -> Dict[str, Dict[str, Any]]:
             "weight_scale": spec.weight_scale,
             "act_scale": spec.act_scale,
             "act_signed": spec.act_signed,
+            "act_observer": spec.act_observer,
+            "act_percentile": spec.act_percentile,
             "calib_batches": spec.calib_batches,
         }
     if not plan:
@@ -123,7 +128,7 @@ def _check_plan(plan: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
         if not isinstance(e, Mapping):
             raise ValueError(f"apply_plan: plan[{name!r}] must be a mapping, got {e!r}")
         unknown = [k for k in e if k not in _PLAN_KEYS]
-        missing = [k for k in _PLAN_KEYS if k not in e]
+        missing = [k for k in _PLAN_KEYS if k not in e and k not in _PLAN_DEFAULTS]
         if unknown or missing:
             raise ValueError(
                 f"apply_plan: plan[{name!r}] has " + (f"unknown keys {unknown}" if unknown else f"missing keys {missing}")
@@ -133,13 +138,24 @@ def _check_plan(plan: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
             raise ValueError(f"apply_plan: plan[{name!r}].type must be 'conv' or 'linear', got {e['type']!r}")
         if e["weight_scale"] not in WEIGHT_SCALES or e["act_scale"] not in ACT_SCALES:
             raise ValueError(f"apply_plan: plan[{name!r}] has a bad weight_scale / act_scale: {dict(e)}")
-        out[str(name)] = dict(e)
+        e = {**_PLAN_DEFAULTS, **e}
+        if e["act_observer"] not in OBSERVERS:
+            raise ValueError(
+                f"apply_plan: plan[{name!r}].act_observer must be one of {list(OBSERVERS)}, got {e['act_observer']!r}"
+            )
+        if not check_percentile(e["act_percentile"]):
+            raise ValueError(
+                f"apply_plan: plan[{name!r}].act_percentile must be a number in (50, 100], got {e['act_percentile']!r}"
+            )
+        out[str(name)] = {k: e[k] for k in _PLAN_KEYS}
     return out
 
 
 def qat_plan(model: nn.Module) -> Dict[str, Dict[str, Any]]:
     """The per-layer plan of a prepared model (JSON-serialisable): name -> {type, weight_bits,
-    act_bits, weight_scale, act_scale, act_signed, calib_batches}. ``apply_plan`` rebuilds it."""
+    act_bits, weight_scale, act_scale, act_signed, act_observer, act_percentile, calib_batches}.
+    ``apply_plan`` rebuilds it (and accepts entries saved without act_observer / act_percentile,
+    from before they existed: "minmax" and 99.99 then)."""
     return {name: m.qconfig() for name, m in qat_modules(model).items()}
 
 
@@ -228,7 +244,8 @@ def calibrate(
 ) -> Dict[str, Dict[str, Any]]:
     """Calibrate the activation quantizers on a few batches; returns name -> {scale, signed, min, max}.
 
-    The quantizers observe (pass data through unchanged, record min / max) during forward passes in
+    The quantizers observe (pass data through unchanged, record min / max, or per-batch percentiles
+    for the "percentile" observer, see pycompress.quant.quantizer) during forward passes in
     eval mode under torch.no_grad() over up to ``num_batches`` batches (default: the largest
     ``calib_batches`` of the QAT layers, else 4); each batch is a tensor or an (inputs, targets)
     tuple/list, moved to ``device`` (default: the model's). Then each scale is set from the
@@ -304,17 +321,21 @@ def _counted_tensors(m: nn.Module):
             yield name, b
 
 
-def _weight_bits(w: torch.Tensor, bits_per_value: int, masked: bool) -> int:
-    """Bits of a weight: dense, or, for a pruned layer, a 1-bit mask per element plus the nonzero
-    values (MicroNet's rule), whichever is smaller."""
-    dense = bits_per_value * w.numel()
-    if not masked:
-        return dense
-    nonzero = int(torch.count_nonzero(w.detach()))
-    return min(dense, w.numel() + bits_per_value * nonzero)
+def weight_storage_bits(numel: int, nonzero: int, bits_per_value: int) -> int:
+    """Bits of a conv / linear weight: dense, or a 1-bit mask per element plus the nonzero values
+    (MicroNet's rule), whichever is smaller. pycompress.export stores weights the same way."""
+    return min(bits_per_value * numel, numel + bits_per_value * nonzero)
 
 
-def model_size(model: nn.Module) -> Dict[str, Any]:
+def _weight_nonzero(m: nn.Module) -> int:
+    """Nonzero stored values of a layer's weight: its nonzero integer codes when quantized (a
+    kept weight can round to code 0), else its nonzero values."""
+    if isinstance(m, QAT_LAYERS) and m.weight_quant is not None:
+        return int(torch.count_nonzero(m.weight_codes()[0]))
+    return int(torch.count_nonzero(m.weight.detach()))
+
+
+def model_size(model: nn.Module, fold_bn: bool = False) -> Dict[str, Any]:
     """Bits needed to store the model, quantized and as fp32.
 
     A quantized weight counts weight_bits per element plus one fp32 scale per output channel; an
@@ -322,14 +343,27 @@ def model_size(model: nn.Module) -> Dict[str, Any]:
     BN, unquantized layers) 32 bits per element. fp32 size: every such tensor at 32 bits, no scales.
     The quantizers' bookkeeping (observed ranges, flags) is not counted. In a QAT layer the weight is
     counted once, whether it is stored as ``weight`` or as torch.nn.utils.prune's
-    ``weight_orig`` + ``weight_mask``. The weight of a layer pruned by pycompress.prune (a
-    ``weight_mask`` buffer) counts a 1-bit mask per element plus its bits per nonzero value, when
-    that is smaller than dense; pruning's dense shadow weights are training state, not counted.
+    ``weight_orig`` + ``weight_mask``. Every conv / linear weight counts dense or, when smaller, a
+    1-bit mask per element plus its bits per nonzero value (MicroNet's rule for a pruned layer; the
+    nonzeros of a quantized weight are its nonzero integer codes); pruning's dense shadow weights
+    are training state, not counted.
+
+    ``fold_bn=True`` counts the model as ``pycompress.export`` stores it: a BatchNorm that folds
+    into the conv / linear before it (``pycompress.export.bn_fold_pairs``) counts nothing, and that
+    layer gains a 32-bit bias per output channel if it had none. The pcz artifact's payload then
+    encodes exactly these bits (each tensor rounded up to whole bytes).
 
     Returns {"bits", "bytes", "mb", "fp32_bits", "fp32_bytes", "fp32_mb", "compression",
     "layers": {name: {"params", "weight_bits", "act_bits", "bits", "fp32_bits"}}}; bytes are
-    ceil(bits / 8), MB are 10^6 bytes, compression = fp32_bits / bits.
+    ceil(bits / 8), MB are 10^6 bytes, compression = fp32_bits / bits. fp32 bits are always those
+    of the model as it is (unfolded).
     """
+    folded: Dict[str, str] = {}
+    if fold_bn:
+        from ..export.fold import bn_fold_pairs
+
+        folded, _ = bn_fold_pairs(model)
+    gains_bias = set(folded.values())
     layers: Dict[str, Dict[str, Any]] = {}
     total = fp32_total = 0
     for name, m in model.named_modules():
@@ -337,8 +371,7 @@ def model_size(model: nn.Module) -> Dict[str, Any]:
             continue  # counted by its layer
         bits = fp32 = numel = 0
         wb = ab = None
-        masked = isinstance(m._buffers.get("weight_mask"), torch.Tensor) and \
-            m._buffers["weight_mask"].dtype == torch.uint8
+        weighted = layer_type(m) is not None and isinstance(getattr(m, "weight", None), torch.Tensor)
         if isinstance(m, QAT_LAYERS):
             w = m.weight
             numel += w.numel()
@@ -346,18 +379,18 @@ def model_size(model: nn.Module) -> Dict[str, Any]:
             wq = m.weight_quant
             if wq is not None:
                 wb = wq.bits
-                bits += _weight_bits(w, wq.bits, masked) + 32 * wq.num_channels
+                bits += weight_storage_bits(w.numel(), _weight_nonzero(m), wq.bits) + 32 * wq.num_channels
             else:
-                bits += _weight_bits(w, 32, masked)
+                bits += weight_storage_bits(w.numel(), _weight_nonzero(m), 32)
             if m.act_quant is not None:
                 ab = m.act_quant.bits
                 bits += 32
             tensors = [(n, t) for n, t in _counted_tensors(m) if n not in ("weight", "weight_orig", "weight_mask")]
-        elif masked and isinstance(m._parameters.get("weight"), torch.Tensor):
+        elif weighted and isinstance(m._parameters.get("weight"), torch.Tensor):
             w = m.weight
             numel += w.numel()
             fp32 += 32 * w.numel()
-            bits += _weight_bits(w, 32, True)
+            bits += weight_storage_bits(w.numel(), _weight_nonzero(m), 32)
             tensors = [(n, t) for n, t in _counted_tensors(m) if n != "weight"]
         else:
             tensors = list(_counted_tensors(m))
@@ -365,6 +398,10 @@ def model_size(model: nn.Module) -> Dict[str, Any]:
             numel += t.numel()
             bits += 32 * t.numel()
             fp32 += 32 * t.numel()
+        if name in folded:
+            bits = 0  # folded into the layer before it
+        elif name in gains_bias and getattr(m, "bias", None) is None:
+            bits += 32 * m.weight.shape[0]
         if numel == 0 and bits == 0:
             continue
         layers[name] = {"params": numel, "weight_bits": wb, "act_bits": ab, "bits": bits, "fp32_bits": fp32}

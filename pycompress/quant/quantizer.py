@@ -32,6 +32,27 @@ Scale modes:
 
 n in the LSQ factor g is the number of elements per channel for a weight (LSQ's N_W) and the
 number of elements per sample (per channel, if per-channel) for an activation (LSQ's N_F).
+
+Observers (how calibration turns the batches it sees into a range; ``observer=``):
+    "minmax"      min_val = min over batches of min(x), max_val = max over batches of max(x).
+    "percentile"  with p = ``percentile`` in (50, 100], for each calibration batch
+                      q_lo = quantile(x, 1 - p/100),   q_hi = quantile(x, p/100)
+                  (torch.quantile, linear interpolation; per channel along ``axis`` for a
+                  per-channel quantizer, per tensor otherwise), computed in fp32 on at most 2^24
+                  elements: a larger batch is subsampled deterministically, every k-th element of
+                  the flattened tensor (per channel: every k-th element of each channel), with
+                  k = ceil(numel / 2^24). Over the batches q_lo and q_hi are averaged (the mean
+                  of the per-batch percentiles, as NNCF's / TensorRT's "mean percentile"), and
+                  the scale is ``scale_from_range(mean q_lo, mean q_hi, ...)``, exactly as for
+                  min-max. The true minimum is tracked as well: "auto" signedness is decided by
+                  it (unsigned iff the true observed minimum is >= 0), not by q_lo. min_val /
+                  max_val hold the averaged q_lo / q_hi, what the scale was computed from.
+                  p = 100 is min-max exactly (the extremes over all batches, not the mean of the
+                  per-batch extremes; no subsampling), so p = 100 gives the min-max result bit
+                  for bit; for p < 100 the batch means apply, so p -> 100 is not continuous at
+                  100 when there are several batches.
+The observer governs calibration only (``begin_calibration`` / ``end_calibration``, driven by
+pycompress.quant.calibrate); ``init_from`` (weights) and mode "max" always use the exact min / max.
 """
 from __future__ import annotations
 
@@ -43,12 +64,18 @@ import torch.nn as nn
 
 from ..ops import fake_quantize, quant_range
 
-__all__ = ["FakeQuantizer", "scale_from_range", "scale_divisor", "LSQ_EPS", "MODES", "KINDS"]
+__all__ = [
+    "FakeQuantizer", "scale_from_range", "scale_divisor", "LSQ_EPS", "MODES", "KINDS", "OBSERVERS",
+    "DEFAULT_PERCENTILE", "QUANTILE_MAX_ELEMENTS", "check_percentile",
+]
 
 LSQ_EPS = 2.0**-23  # torch.finfo(torch.float32).eps, as torch.ao's _LearnableFakeQuantize
 _TINY = torch.finfo(torch.float32).tiny  # floor of computed scales: keeps 1/s finite in fp32
 MODES = ("max", "frozen", "lsq")
 KINDS = ("weight", "act")
+OBSERVERS = ("minmax", "percentile")
+DEFAULT_PERCENTILE = 99.99
+QUANTILE_MAX_ELEMENTS = 2**24  # the percentile observer subsamples larger batches to this many
 
 Signed = Union[bool, str]
 
@@ -70,6 +97,28 @@ def _check_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"FakeQuantizer: bits must be an int in 1..16, got {bits!r}")
     return bits
+
+
+def check_percentile(value) -> bool:
+    """Whether value is a valid percentile: a real number in (50, 100] (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and 50 < value <= 100)
+
+
+def _percentiles(x: torch.Tensor, axis: Optional[int], p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (quantile(x, 1 - p/100), quantile(x, p/100)) per channel along axis, shape [C]; per
+    tensor: shape [1]. At most QUANTILE_MAX_ELEMENTS elements enter torch.quantile (a strided,
+    deterministic subsample of larger tensors)."""
+    xd = x.detach()
+    rows = xd.reshape(1, -1) if axis is None else xd.movedim(axis, 0).reshape(xd.shape[axis], -1)
+    c, n = rows.shape
+    step = max(1, -(-c * n // QUANTILE_MAX_ELEMENTS))  # ceil
+    if step > 1:
+        rows = rows[:, ::step]
+    rows = rows.float()
+    q = torch.tensor([1.0 - p / 100.0, p / 100.0], dtype=torch.float32, device=rows.device)
+    lo, hi = torch.quantile(rows, q, dim=1)
+    return lo, hi
 
 
 def _minmax(x: torch.Tensor, axis: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +159,14 @@ class FakeQuantizer(nn.Module):
         kind: "weight" or "act"; decides the LSQ gradient factor and the error messages.
         eps: the floor of a learned (lsq) scale.
         name: the module's qualified name, used in error messages (prepare_qat / calibrate set it).
+        observer: "minmax" | "percentile": how calibration derives the range (module docstring);
+            "percentile" needs mode "frozen" or "lsq".
+        percentile: p in (50, 100] for observer "percentile" (kept, unused, for "minmax").
 
     State (in the state dict): ``scale`` [C] (a Parameter in "lsq" mode, else a buffer; in "max"
     mode the scale of the last forward), ``signed`` and ``calibrated`` (0-d bool), ``min_val`` /
-    ``max_val`` [C] (the range of the last calibration or ``init_from``). bits / mode / axis are
+    ``max_val`` [C] (the range of the last calibration or ``init_from``; for the percentile
+    observer the averaged percentiles the scale came from). bits / mode / axis / observer are
     configuration, recorded by ``pycompress.quant.qat_plan``.
 
     An activation quantizer is calibrated by ``pycompress.quant.calibrate`` (it observes min / max
@@ -133,6 +186,8 @@ class FakeQuantizer(nn.Module):
         kind: str = "act",
         eps: float = LSQ_EPS,
         name: str = "",
+        observer: str = "minmax",
+        percentile: float = DEFAULT_PERCENTILE,
         device=None,
     ):
         super().__init__()
@@ -145,6 +200,13 @@ class FakeQuantizer(nn.Module):
             raise ValueError(f"FakeQuantizer: kind must be one of {KINDS}, got {kind!r}")
         if mode == "max" and signed == "auto":
             raise ValueError("FakeQuantizer: mode 'max' needs signed=True or False ('auto' is decided at calibration)")
+        if observer not in OBSERVERS:
+            raise ValueError(f"FakeQuantizer: observer must be one of {OBSERVERS}, got {observer!r}")
+        if not check_percentile(percentile):
+            raise ValueError(f"FakeQuantizer: percentile must be a number in (50, 100], got {percentile!r}")
+        if mode == "max" and observer != "minmax":
+            raise ValueError("FakeQuantizer: mode 'max' computes its scale from every tensor; observer "
+                             f"{observer!r} needs mode 'frozen' or 'lsq'")
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
             raise ValueError(f"FakeQuantizer: axis must be an int or None, got {axis!r}")
         if axis is None:
@@ -160,8 +222,11 @@ class FakeQuantizer(nn.Module):
         self.kind = kind
         self.eps = float(eps)
         self.name = name
+        self.observer = observer
+        self.percentile = float(percentile)
         self.observing = False
-        self._obs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # minmax: (min, max); percentile: (sum q_lo, sum q_hi, batches, true min, true max)
+        self._obs: Optional[tuple] = None
 
         c = num_channels
         ones = torch.ones(c, dtype=torch.float32, device=device)
@@ -194,6 +259,8 @@ class FakeQuantizer(nn.Module):
             "mode": self.mode,
             "kind": self.kind,
             "eps": self.eps,
+            "observer": self.observer,
+            "percentile": self.percentile,
         }
 
     @property
@@ -213,7 +280,9 @@ class FakeQuantizer(nn.Module):
     def extra_repr(self) -> str:
         signed = self.signed_config if self.signed_config != "auto" else f"auto({self._signed})"
         where = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis}, {self.num_channels})"
-        return f"bits={self.bits}, signed={signed}, {where}, mode={self.mode}, kind={self.kind}, calibrated={self._calibrated}"
+        obs = "" if self.observer == "minmax" else f", observer=percentile({self.percentile:g})"
+        return (f"bits={self.bits}, signed={signed}, {where}, mode={self.mode}, kind={self.kind}{obs}, "
+                f"calibrated={self._calibrated}")
 
     def _label(self) -> str:
         what = "activation quantizer" if self.kind == "act" else "weight quantizer"
@@ -229,14 +298,18 @@ class FakeQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ state
 
-    def _set_state(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
-        """Record a range and derive signedness and scale from it (the end of a calibration)."""
+    def _set_state(self, min_val: torch.Tensor, max_val: torch.Tensor, signed: Optional[bool] = None) -> None:
+        """Record a range and derive signedness and scale from it (the end of a calibration).
+        signed: the "auto" decision when it was made elsewhere (default: from min_val)."""
         if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
             raise RuntimeError(
                 f"{self._label()}: the observed range is not finite (min {min_val.min().item()}, "
                 f"max {max_val.max().item()}); the data holds inf or NaN"
             )
-        signed = self.signed_config if self.signed_config != "auto" else bool((min_val < 0).any())
+        if self.signed_config != "auto":
+            signed = self.signed_config
+        elif signed is None:
+            signed = bool((min_val < 0).any())
         scale = scale_from_range(min_val, max_val, self.bits, signed)
         with torch.no_grad():
             self.min_val.copy_(min_val)
@@ -259,7 +332,7 @@ class FakeQuantizer(nn.Module):
     def copy_calibration_from(self, other: "FakeQuantizer") -> None:
         """Take other's calibration (range, signedness and scale), e.g. when only the mode changes."""
         if other._calibrated and other.num_channels == self.num_channels and torch.isfinite(other.min_val).all():
-            self._set_state(other.min_val.detach().clone(), other.max_val.detach().clone())
+            self._set_state(other.min_val.detach().clone(), other.max_val.detach().clone(), signed=other._signed)
             with torch.no_grad():  # keep a learned scale (clamped like the lsq forward does)
                 self.scale.copy_(other.scale.detach().float().clamp_min(other.eps))
 
@@ -285,7 +358,7 @@ class FakeQuantizer(nn.Module):
     # ------------------------------------------------------------------ calibration
 
     def begin_calibration(self) -> None:
-        """Observe mode: forward passes data through unchanged and records its min / max."""
+        """Observe mode: forward passes data through unchanged and records its range (the observer's)."""
         self.observing = True
         self._obs = None
 
@@ -295,7 +368,11 @@ class FakeQuantizer(nn.Module):
         obs, self._obs = self._obs, None
         if obs is None:
             return False
-        self._set_state(*obs)
+        if len(obs) == 2:  # min-max
+            self._set_state(*obs)
+        else:  # percentile: the mean of the per-batch percentiles; signedness from the true minimum
+            lo_sum, hi_sum, n, true_min, _ = obs
+            self._set_state(lo_sum / n, hi_sum / n, signed=bool((true_min < 0).any()))
         return True
 
     def abort_calibration(self) -> None:
@@ -307,11 +384,21 @@ class FakeQuantizer(nn.Module):
         if x.numel() == 0:
             return
         self._check_channels(x)
+        dev = self.min_val.device
         mn, mx = _minmax(x, self.axis)
-        mn, mx = mn.to(self.min_val.device), mx.to(self.max_val.device)
-        if self._obs is not None:
-            mn, mx = torch.minimum(self._obs[0], mn), torch.maximum(self._obs[1], mx)
-        self._obs = (mn, mx)
+        mn, mx = mn.to(dev), mx.to(dev)
+        if self.observer == "minmax" or self.percentile == 100:
+            if self._obs is not None:
+                mn, mx = torch.minimum(self._obs[0], mn), torch.maximum(self._obs[1], mx)
+            self._obs = (mn, mx)
+            return
+        lo, hi = _percentiles(x, self.axis, self.percentile)
+        lo, hi = lo.to(dev), hi.to(dev)
+        if self._obs is None:
+            self._obs = (lo, hi, 1, mn, mx)
+        else:
+            lo_sum, hi_sum, n, tmn, tmx = self._obs
+            self._obs = (lo_sum + lo, hi_sum + hi, n + 1, torch.minimum(tmn, mn), torch.maximum(tmx, mx))
 
     def _check_channels(self, x: torch.Tensor) -> None:
         if self.axis is not None:

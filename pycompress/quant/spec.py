@@ -10,6 +10,10 @@ Resolution for each layer, in ``model.named_modules()`` order:
    first selected layer and ``last`` for the last one ("skip" leaves that layer float; a dict
    overrides its bits). First / last are applied after the overrides, so they always hold.
 3. A layer left with neither weight nor activation bits stays float.
+
+Every quantized layer gets the same scale modes, ``act_signed``, ``act_observer`` ("minmax" |
+"percentile": how ``calibrate`` turns the batches into an activation range, see
+pycompress.quant.quantizer) and ``act_percentile`` (p in (50, 100], used by "percentile").
 """
 from __future__ import annotations
 
@@ -18,12 +22,16 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from ..layer_spec import LAYER_TYPES, LayerSelectionSpec, check_regex
+from .quantizer import DEFAULT_PERCENTILE, OBSERVERS, check_percentile
 
-__all__ = ["QuantSpec", "LAYER_TYPES", "WEIGHT_SCALES", "ACT_SCALES"]
+__all__ = ["QuantSpec", "LAYER_TYPES", "WEIGHT_SCALES", "ACT_SCALES", "OBSERVERS", "DEFAULT_PERCENTILE"]
 
 WEIGHT_SCALES = ("max", "lsq", "frozen")
 ACT_SCALES = ("frozen", "lsq")
 _BITS_KEYS = ("weight_bits", "act_bits")
+
+# Settings added after specs were first serialised, with their defaults (see QuantSpec.to_dict).
+_LATER_DEFAULTS = {"act_observer": "minmax", "act_percentile": DEFAULT_PERCENTILE}
 
 Position = Union[None, str, Dict[str, Optional[int]]]
 
@@ -72,7 +80,8 @@ class QuantSpec(LayerSelectionSpec):
     include / exclude: regexes on qualified names (include None = all). first / last: None, "skip" or
     {"weight_bits"?, "act_bits"?}. overrides: [{"pattern", "weight_bits"?, "act_bits"?}], later wins.
     weight_scale: "max" | "lsq" | "frozen". act_scale: "frozen" | "lsq". act_signed: "auto" | True |
-    False. calib_batches: batches calibrate() uses by default.
+    False. act_observer: "minmax" | "percentile". act_percentile: p in (50, 100] (default 99.99).
+    calib_batches: batches calibrate() uses by default.
     """
 
     _fail = staticmethod(_fail)
@@ -88,6 +97,8 @@ class QuantSpec(LayerSelectionSpec):
     weight_scale: str = "max"
     act_scale: str = "frozen"
     act_signed: Union[str, bool] = "auto"
+    act_observer: str = "minmax"
+    act_percentile: float = DEFAULT_PERCENTILE
     calib_batches: int = 4
 
     def __post_init__(self) -> None:
@@ -113,9 +124,24 @@ class QuantSpec(LayerSelectionSpec):
             _fail("act_scale", f"must be one of {list(ACT_SCALES)}, got {self.act_scale!r}")
         if not (self.act_signed == "auto" or isinstance(self.act_signed, bool)):
             _fail("act_signed", f"must be 'auto', true or false, got {self.act_signed!r}")
+        if self.act_observer not in OBSERVERS:
+            _fail("act_observer", f"must be one of {list(OBSERVERS)}, got {self.act_observer!r}")
+        if not check_percentile(self.act_percentile):
+            _fail("act_percentile", f"must be a number in (50, 100], got {self.act_percentile!r}")
+        self.act_percentile = float(self.act_percentile)
         cb = self.calib_batches
         if isinstance(cb, bool) or not isinstance(cb, int) or cb < 1:
             _fail("calib_batches", f"must be an int >= 1, got {cb!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain, JSON/YAML-serialisable dict; ``from_dict(spec.to_dict()) == spec``. act_observer /
+        act_percentile (added later) are left out while at their defaults, so a spec written before
+        they existed serialises exactly as it did."""
+        d = super().to_dict()
+        for key, default in _LATER_DEFAULTS.items():
+            if d.get(key) == default:
+                del d[key]
+        return d
 
     # ---------------------------------------------------------------- resolution
 

@@ -1,5 +1,6 @@
-"""Training: the loop (:class:`Trainer`), optimizers, per-iteration LR schedules, metrics and
-atomic checkpoints."""
+"""Training: the loop (:class:`Trainer`), optimizers, per-iteration LR schedules, metrics,
+atomic checkpoints and BatchNorm recalibration (:func:`recalibrate_bn`)."""
+from .bn import recalibrate_bn
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
 from .metrics import plot_curves, topk_correct, write_metrics
 from .schedules import (
@@ -28,5 +29,5 @@ __all__ = [
     "WarmupStep", "build_scheduler", "CheckpointError", "load_checkpoint", "save_checkpoint",
     "seed_everything", "plot_curves", "topk_correct", "write_metrics", "OPTIMIZERS", "Hook",
     "Trainer", "TrainingDiverged", "build_optimizer", "evaluate", "param_groups",
-    "validate_optimizer_spec",
+    "validate_optimizer_spec", "recalibrate_bn",
 ]
