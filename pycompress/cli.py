@@ -23,8 +23,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command")
 
-    info = sub.add_parser("info", help="versions, the compiled extension and which op backends run here")
+    info = sub.add_parser("info", help="versions, extension and backends; with FILE: an artifact's manifest and "
+                                       "per-layer table")
+    info.add_argument("file", nargs="?", help="a .pcz artifact to describe")
+    info.add_argument("--json", metavar="FILE", help="with an artifact: write its manifest and table as JSON")
     info.set_defaults(func=_info)
+
+    ex = sub.add_parser("export", help="write the compressed artifact of a run or checkpoint (.pcz, fp16, uint8, "
+                                       "onnx)")
+    ex.add_argument("source", help="a run directory (its final student), a checkpoint (best.pt), or a .pcz "
+                                   "artifact (for --format onnx)")
+    ex.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write")
+    ex.add_argument("--format", choices=["pcz", "fp16", "uint8", "onnx"], default="pcz",
+                    help="pcz: quantized weights as integer codes, other tensors fp32 (default); fp16 / uint8: "
+                         "other tensors as IEEE half / hw7's per-tensor min-max uint8; onnx: a QDQ ONNX graph")
+    ex.add_argument("--stage", metavar="NAME", help="with a run directory: export this stage's best model")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    ex.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers instead of folding them")
+    ex.add_argument("--no-eval", action="store_true", help="do not evaluate on the test set")
+    ex.add_argument("--data-root", metavar="DIR")
+    ex.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    ex.add_argument("--input-size", metavar="CxHxW", help="input shape for ONNX when the source does not record it")
+    ex.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    ex.set_defaults(func=_export)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="what", required=True)
@@ -62,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.set_defaults(func=_check)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint (best.pt / checkpoint.pt of a run) on its test set")
-    ev.add_argument("checkpoint")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (best.pt / checkpoint.pt of a run) or a .pcz artifact "
+                                     "on its test set")
+    ev.add_argument("checkpoint", help="a checkpoint or a .pcz artifact")
     ev.add_argument("--data-root", metavar="DIR")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default="auto")
@@ -172,8 +194,18 @@ def _eval(args) -> int:
         return _err("eval", "--device cuda but no CUDA device is available")
     if args.backend != "auto" and backends.status(args.backend) is not None:
         return _err("eval", f"backend {args.backend!r} unavailable: {backends.status(args.backend)}")
+    from pycompress.export import ArtifactError, is_artifact
+    from pycompress.export import load as load_artifact
+
+    artifact = None
     try:
-        model, ckpt = load_model(args.checkpoint)
+        if is_artifact(args.checkpoint):
+            model = load_artifact(args.checkpoint)
+            artifact = model.artifact
+            man = artifact.manifest
+            ckpt = {"data": man.get("data"), "stage": (man.get("source") or {}).get("stage"), "epoch": None}
+        else:
+            model, ckpt = load_model(args.checkpoint)
         data = ckpt.get("data")
         if not data:
             raise CheckpointError(f"{args.checkpoint!r} does not record its dataset")
@@ -183,17 +215,30 @@ def _eval(args) -> int:
         # "auto" keeps PYCOMPRESS_BACKEND in force, as `run` does
         with (backends.use(args.backend) if args.backend != "auto" else contextlib.nullcontext()):
             ev = evaluate(model, loader, device)
-    except (CheckpointError, DatasetNotFoundError, ValueError) as exc:
+    except (CheckpointError, ArtifactError, DatasetNotFoundError, ValueError) as exc:
         return _err("eval", exc)
-    from pycompress.quant import model_size
-    size = model_size(model)
+    if artifact is not None:
+        sizes = artifact.manifest.get("size", {})
+        size = {"bytes": (int(sizes.get("bits", 0)) + 7) // 8, "fp32_bytes": sizes.get("fp32_bytes")}
+    else:
+        from pycompress.quant import model_size
+        size = model_size(model)
     res = {"checkpoint": args.checkpoint, "dataset": data["dataset"], "top1": ev["top1"],
            "top5": ev["top5"], "loss": ev["loss"], "samples": ev["samples"],
-           "size_bytes": int(size["bytes"]), "fp32_bytes": int(size["fp32_bytes"]),
+           "size_bytes": int(size["bytes"]),
+           "fp32_bytes": None if size["fp32_bytes"] is None else int(size["fp32_bytes"]),
            "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch")}
+    if artifact is not None:
+        res["file_bytes"] = artifact.facts["file_bytes"]
+        res["artifact"] = True
+        recorded = artifact.manifest.get("eval") or {}
+        if recorded.get("top1") is not None:
+            res["recorded_top1"] = recorded["top1"]
+    what = (f"file {res['file_bytes']:,} bytes (counted {res['size_bytes']:,})" if artifact is not None
+            else f"size {res['size_bytes']:,} bytes")
     print(f"{args.checkpoint}: {data['dataset']} test, {ev['samples']} images: top-1 {ev['top1']:.2f}%  "
-          f"top-5 {ev['top5']:.2f}%  loss {ev['loss']:.4f}  size {res['size_bytes']:,} bytes "
-          f"(fp32 {res['fp32_bytes']:,})")
+          f"top-5 {ev['top5']:.2f}%  loss {ev['loss']:.4f}  {what}"
+          + (f" (fp32 {res['fp32_bytes']:,})" if res["fp32_bytes"] else ""))
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2))
     return 0
@@ -201,6 +246,8 @@ def _eval(args) -> int:
 
 
 def _info(args) -> int:
+    if args.file:
+        return _info_file(args)
     import torch
 
     import pycompress
@@ -214,6 +261,170 @@ def _info(args) -> int:
         print(f"  backend {name:9s} {'available' if reason is None else 'unavailable: ' + reason}")
     for op in backends.ops():
         print(f"  op {op}: {', '.join(backends.available(op))}")
+    return 0
+
+
+def _info_file(args) -> int:
+    import json
+
+    from pycompress.export import ArtifactError, layer_table, read
+    from pycompress.utils import atomic_write_text
+
+    try:
+        art = read(args.file)
+    except ArtifactError as exc:
+        return _err("info", exc)
+    m, f = art.manifest, art.facts
+    arch = m.get("arch", {})
+    print(f"{args.file}: pycompress artifact, format version {f['format_version']}, encoding {m.get('encoding')}")
+    print(f"  written by pycompress {m.get('pycompress')} with torch {m.get('torch')}")
+    print(f"  model: {arch.get('model')} {arch.get('args') or {}} (in_channels {arch.get('in_channels')}, "
+          f"num_classes {arch.get('num_classes')})")
+    data = m.get("data") or {}
+    if data:
+        print(f"  data: {data.get('dataset')} {data.get('options') or {}}, input {data.get('in_channels')}x"
+              f"{'x'.join(str(v) for v in data.get('image_size') or [])}")
+    src = m.get("source") or {}
+    if src:
+        print(f"  source: " + ", ".join(f"{k} {v}" for k, v in src.items() if v is not None))
+    ev = m.get("eval") or {}
+    if ev:
+        print(f"  evaluation at export: top-1 {ev.get('top1'):.2f}%, top-5 {ev.get('top5'):.2f}% on "
+              f"{ev.get('samples')} {ev.get('dataset')} {ev.get('split')} images")
+    bn = m.get("bn_folding") or {}
+    print(f"  BatchNorm folded: {bn.get('folded', 0)}" + (f" ({bn['note']})" if bn.get("note") else ""))
+    counted = (int(m.get("size", {}).get("bits", 0)) + 7) // 8
+    print(f"  file {f['file_bytes']:,} bytes = payload {f['payload_bytes']:,} + manifest {f['manifest_bytes']:,} "
+          f"+ header/trailer 56; counted bits {counted:,} bytes; sha256 {f['sha256']}")
+    rows = layer_table(m)
+    w = max([len(r["name"]) for r in rows] + [6])
+    print(f"\n{'tensor':{w}s}  {'shape':18s} {'encoding':12s} {'bits':>4s} {'sparsity':>8s} {'bytes':>9s}")
+    for r in rows:
+        sp = "-" if r["sparsity"] is None else f"{100 * r['sparsity']:.1f}%"
+        shape = "x".join(str(v) for v in r["shape"]) or "scalar"
+        print(f"{r['name']:{w}s}  {shape:18s} {r['encoding']:12s} {r['bits']:4d} {sp:>8s} {r['bytes']:9,d}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"manifest": m, "facts": f, "tensors": rows}, indent=1) + "\n")
+    return 0
+
+
+def _resolve_source(source: str, stage: str = None):
+    """(model, checkpoint path, checkpoint dict) for a run directory or a checkpoint file."""
+    import json
+    import os
+
+    from pycompress.recipe import load_model
+    from pycompress.train import CheckpointError
+
+    if os.path.isdir(source):
+        run_json = os.path.join(source, "run.json")
+        if not os.path.isfile(run_json):
+            raise CheckpointError(f"{source!r} is a directory without run.json: not a pycompress run directory")
+        with open(run_json, encoding="utf-8") as f:
+            state = json.load(f)
+        stages = state.get("stages", {})
+        done = [(st.get("index", 0), name, st) for name, st in stages.items()
+                if st.get("status") == "done" and (st.get("result") or {}).get("best")]
+        if stage is not None:
+            pick = [d for d in done if d[1] == stage]
+            if not pick:
+                raise CheckpointError(f"{source}: no finished stage {stage!r} with a model (finished: "
+                                      f"{', '.join(d[1] for d in sorted(done)) or 'none'})")
+        else:
+            pick = [d for d in sorted(done) if d[2].get("target", "student") == "student"][-1:]
+            if not pick:
+                raise CheckpointError(f"{source}: no finished student stage with a model yet")
+        path = os.path.join(source, pick[0][2]["result"]["best"])
+    else:
+        if stage is not None:
+            raise CheckpointError("--stage applies to a run directory, not to a checkpoint file")
+        path = source
+    model, ckpt = load_model(path)
+    return model, path, ckpt
+
+
+def _export(args) -> int:
+    import json
+    import os
+
+    import torch
+
+    from pycompress.data import DatasetNotFoundError, build_dataset, make_loader
+    from pycompress.export import ArtifactError, ExportError, is_artifact
+    from pycompress.export.pipeline import export_formats
+    from pycompress.train import CheckpointError
+    from pycompress.utils import atomic_write_text
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if os.path.exists(args.output) and not args.force:
+        return _err("export", f"{args.output} already exists; pass --force to overwrite it")
+    try:
+        if os.path.isfile(args.source) and is_artifact(args.source):
+            return _export_artifact(args)
+        model, path, ckpt = _resolve_source(args.source, args.stage)
+        arch = {k: v for k, v in ckpt["arch"].items() if k != "qat"}
+        data = ckpt.get("data")
+        if args.input_size:
+            c, h, w = _parse_shape(args.input_size)
+            data = dict(data or {}, in_channels=c, image_size=[h, w])
+        loader = None
+        if not args.no_eval:
+            if not data or not data.get("dataset"):
+                print("pycompress export: note: the checkpoint records no dataset; exporting without evaluation",
+                      file=sys.stderr)
+            else:
+                try:
+                    test_set, _ = build_dataset(data["dataset"], "test", data_root=args.data_root, augment=False,
+                                                **data.get("options", {}))
+                    loader = make_loader(test_set, 500, shuffle=False)
+                except DatasetNotFoundError as exc:
+                    print(f"pycompress export: note: no evaluation, the test set is missing: {exc}", file=sys.stderr)
+        source = {"checkpoint": os.path.abspath(path), "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch"),
+                  "recipe": ckpt.get("recipe")}
+        res = export_formats(model, {args.format: args.output}, arch=arch, data=data, source=source, loader=loader,
+                             device=device, fold_bn=not args.no_fold_bn, force=args.force,
+                             log=lambda line: print(line))
+    except (CheckpointError, ArtifactError, ExportError, ValueError, FileExistsError, ImportError) as exc:
+        return _err("export", exc)
+    row = res["artifacts"][0]
+    if args.format != "onnx":
+        print(f"wrote {args.output}: {row['file_bytes']:,} bytes (payload {row['payload_bytes']:,}, manifest "
+              f"{row['manifest_bytes']:,}, header 56); counted by model_size: {res['counted_bytes']:,} bytes "
+              f"(fp32 {res['fp32_bytes']:,})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=2, default=str) + "\n")
+    return 0
+
+
+def _parse_shape(text: str):
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 1:
+        raise ValueError(f"--input-size must look like 1x32x32 (channels x height x width), got {text!r}")
+    return parts
+
+
+def _export_artifact(args) -> int:
+    """An artifact as the source: only ONNX can be made from it (its codes are final)."""
+    from pycompress.export import load
+    from pycompress.export.pipeline import input_shape_of
+
+    if args.format != "onnx":
+        raise ValueError(f"{args.source} is already a .pcz artifact; re-encoding it as {args.format} needs the "
+                         f"checkpoint it came from (only --format onnx works from an artifact)")
+    from pycompress.export import onnx as onnx_export
+
+    model = load(args.source)
+    man = model.artifact.manifest
+    shape = _parse_shape(args.input_size) if args.input_size else input_shape_of(man.get("data"), man["arch"])
+    if shape is None:
+        raise ValueError("the artifact records no input shape; pass --input-size CxHxW")
+    facts = onnx_export.export_onnx(model, args.output, shape, force=args.force)
+    print(f"wrote {args.output}: {facts['file_bytes']:,} bytes")
     return 0
 
 

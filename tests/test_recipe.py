@@ -68,7 +68,8 @@ def test_recipes_dir_is_not_empty():
 
 def test_tiny_validates_and_dumps():
     r = validate(tiny(), "tiny.yaml")
-    assert [s.name for s in r.stages] == ["teacher", "kd", "qat8", "qat4", "final"]
+    # a recipe that quantizes gets an export stage at the end
+    assert [s.name for s in r.stages] == ["teacher", "kd", "qat8", "qat4", "final", "export"]
     assert r.stage("kd").optimizer["no_bias_decay"] is True
     d = r.to_dict()
     assert validate(d, "again.yaml").to_dict() == d  # the resolved form validates to itself
@@ -201,10 +202,11 @@ def test_tiny_recipe_runs_end_to_end(uninterrupted):
               "stages/03-qat4/metrics.jsonl"]:
         assert os.path.exists(os.path.join(out, f)), f
     report = json.load(open(os.path.join(out, "report.json")))
-    assert [s["name"] for s in report["stages"]] == ["teacher", "kd", "qat8", "qat4", "final"]
+    assert [s["name"] for s in report["stages"]] == ["teacher", "kd", "qat8", "qat4", "final", "export"]
     assert all(s["status"] == "done" for s in report["stages"])
     st = report["student"]
-    assert st["stage"] == "final" and st["quantized"] and 0 <= st["top1"] <= 100
+    assert st["stage"] == "export" and st["quantized"] and 0 <= st["top1"] <= 100
+    assert st["size_bytes"] == st["file_bytes"] == os.path.getsize(os.path.join(out, "model.pcz"))
     assert st["size_bytes"] < st["fp32_bytes"]
     assert report["teacher"]["top1"] is not None
     # the metrics log has one row per epoch with the columns users plot
@@ -217,7 +219,7 @@ def test_tiny_recipe_runs_end_to_end(uninterrupted):
     jl = [json.loads(line) for line in open(os.path.join(out, "stages/03-qat4/metrics.jsonl"))]
     assert [r["epoch"] for r in jl] == [1, 2]
     md = open(os.path.join(out, "report.md")).read()
-    assert "| student (final) |" in md and "qat4" in md
+    assert "| student (export) |" in md and "qat4" in md
     # the 4-bit checkpoint rebuilds as a QAT model and evaluates from the CLI
     state, ckpt = _final_state(out)
     assert ckpt["arch"]["qat"] and any("weight_quant" in k for k in state)
@@ -235,7 +237,7 @@ def test_existing_run_dir_needs_resume(uninterrupted):
     # resuming a finished run is a no-op that rewrites the report
     res = _run_cli(["run", path, "--out", out, "--resume"])
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("already done, skipped") == 5
+    assert res.stdout.count("already done, skipped") == 6
     # a changed recipe is refused
     res = _run_cli(["run", path, "--out", out, "--resume", "--set", "qat4.epochs=3"])
     assert res.returncode == 2 and "the recipe changed" in res.stderr and "qat4" in res.stderr

@@ -132,6 +132,11 @@ def build(name: str, *, in_channels: int = 3, num_classes: int = 10, **kwargs: A
             f"model {name!r} got unexpected argument(s) {unknown}; "
             f"it accepts: {', '.join(extra) if extra else '(none besides in_channels, num_classes)'}"
         )
-    return entry.factory(
+    model = entry.factory(
         in_channels=in_channels, num_classes=num_classes, **entry.fixed, **kwargs
     )
+    # How to build it again (pycompress.export records it in artifacts); a plain attribute, so
+    # deepcopy keeps it and state_dict ignores it.
+    model._pycompress_build = {"model": name, "args": dict(kwargs), "in_channels": in_channels,
+                               "num_classes": num_classes}
+    return model

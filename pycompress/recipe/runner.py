@@ -28,9 +28,9 @@ import torch.nn as nn
 import yaml
 
 from .. import backends
-from ..train.checkpoint import CheckpointError, load_checkpoint, seed_everything
+from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
 from ..utils import atomic_write_text
-from .schema import TRAINING_KINDS, Recipe, StageSpec, dump_recipe
+from .schema import CHECKPOINT_KINDS, DEFAULT_EXPORT_FORMATS, TRAINING_KINDS, Recipe, StageSpec, dump_recipe
 
 RUN_FORMAT = "pycompress-run"
 
@@ -81,8 +81,12 @@ def _load_teacher_weights(model: nn.Module, path: str) -> None:
     try:
         ckpt = load_checkpoint(path)
         state = ckpt["model"]
-    except CheckpointError:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError as first:
+        try:  # a plain state_dict file (weights only: a file from someone else runs no code)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - unreadable, or refused by the weights-only load
+            raise RunError(f"teacher.checkpoint {path!r} is neither a pycompress checkpoint ({first}) nor a "
+                           f"weights-only state_dict file ({type(exc).__name__}: {str(exc)[:200]})") from None
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     try:
         model.load_state_dict(state)
@@ -176,7 +180,8 @@ class Runner:
         self.data_desc = {"dataset": d.dataset, "options": dict(d.options),
                           "train_samples": len(train_set), "test_samples": len(test_set),
                           "num_classes": info.num_classes, "in_channels": info.in_channels,
-                          "image_size": list(info.image_size)}
+                          "image_size": list(info.image_size), "mean": list(info.mean),
+                          "std": list(info.std)}
 
     def _train_loader(self, batch_size: int):
         from ..data import make_loader
@@ -291,6 +296,118 @@ class Runner:
         summary["arch"] = arch
         return summary
 
+    def _seeded_train_loader(self, index: int, stage: StageSpec):
+        """The stage's training loader, its shuffling seeded from (seed, stage index)."""
+        loader = self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
+        gen = getattr(loader, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(self.recipe.seed * 7 + index)
+        seed_everything(self.recipe.seed * 7 + index)
+        return loader
+
+    def _eval_loader(self, stage: StageSpec):
+        return self.eval_loader if stage.eval_batches is None else _Limited(self.eval_loader, stage.eval_batches)
+
+    def _save_stage_model(self, index: int, stage: StageSpec, model: nn.Module, arch: Dict[str, Any],
+                          history, best: Dict[str, Any]) -> str:
+        """best.pt of a stage that does not train (ptq, bn_recalibrate), loadable like a trained one."""
+        sdir = self.stage_dir(index, stage)
+        path = os.path.join(sdir, "best.pt")
+        save_checkpoint(path, {"stage": stage.name, "epoch": len(history), "epochs": len(history),
+                               "model": model.state_dict(), "history": history,
+                               "best_metric": best.get("top1"), "complete": True, "arch": arch,
+                               "data": self.data_desc, "recipe": self.recipe.name, "target": stage.target,
+                               "kernel_backend": self.backend})
+        self.current[stage.target] = {"arch": arch, "path": path, "fresh": False}
+        return path
+
+    def _run_ptq(self, index: int, stage: StageSpec) -> Dict[str, Any]:
+        """Post-training quantization: per-channel weights, calibrated activations, no training."""
+        from ..quant import QuantSpec, quantize_post_training
+        from ..train import evaluate
+        t0 = time.perf_counter()
+        model = self._materialize(stage.target).to(self.device)
+        qspec = QuantSpec.from_dict(stage.quantize)
+        eval_loader = self._eval_loader(stage)
+        before = evaluate(model, eval_loader, self.device, progress=self.progress, desc=f"{stage.name} float")
+        batches = stage.batches or qspec.calib_batches
+        res = quantize_post_training(model, qspec, self._seeded_train_loader(index, stage), num_batches=batches,
+                                     device=self.device)
+        ev = evaluate(model, eval_loader, self.device, progress=self.progress, desc=stage.name)
+        arch = dict(self.current[stage.target]["arch"])
+        arch["qat"] = res["plan"]
+        self.log(f"[{stage.name}] post-training quantization of {len(res['plan'])} layers, {batches} calibration "
+                 f"batches: top1 {before['top1']:.2f} -> {ev['top1']:.2f}")
+        history = [{"epoch": 1, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"]}]
+        best_path = self._save_stage_model(index, stage, model, arch, history, ev)
+        out = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "float_top1": before["top1"],
+               "calib_batches": batches, "layers": len(res["plan"]), "best": os.path.relpath(best_path, self.out),
+               "arch": arch, "seconds": time.perf_counter() - t0}
+        out.update(_model_facts(model))
+        return out
+
+    def _run_bn_recalibrate(self, index: int, stage: StageSpec) -> Dict[str, Any]:
+        """MicroNet step 5: re-estimate BatchNorm statistics (a true average over ``batches`` per
+        round, rounds continuing the same average), evaluate after each round, keep the best
+        (the model as it came in counts as round 0)."""
+        import copy
+
+        from ..train import evaluate, recalibrate_bn
+        t0 = time.perf_counter()
+        model = self._materialize(stage.target).to(self.device)
+        eval_loader = self._eval_loader(stage)
+        loader = self._seeded_train_loader(index, stage)
+        batches = stage.batches or len(loader)
+        ev = evaluate(model, eval_loader, self.device, progress=self.progress, desc=f"{stage.name} before")
+        history = [{"round": 0, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "batches": 0}]
+        best, best_state = history[0], copy.deepcopy(model.state_dict())
+        self.log(f"[{stage.name}] before recalibration: top1 {ev['top1']:.2f}")
+        seen = 0
+        for r in range(1, (stage.rounds or 1) + 1):
+            info = recalibrate_bn(model, loader, num_batches=batches, device=self.device, reset=r == 1)
+            seen += info["batches"]
+            ev = evaluate(model, eval_loader, self.device, progress=self.progress, desc=f"{stage.name} round {r}")
+            history.append({"round": r, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "batches": seen})
+            self.log(f"[{stage.name}] round {r}: {info['layers']} BatchNorm layers over {seen} batches: "
+                     f"top1 {ev['top1']:.2f}")
+            if ev["top1"] > best["top1"]:
+                best, best_state = history[-1], copy.deepcopy(model.state_dict())
+        model.load_state_dict(best_state)
+        arch = dict(self.current[stage.target]["arch"])
+        best_path = self._save_stage_model(index, stage, model, arch, history, best)
+        self.log(f"[{stage.name}] kept round {best['round']} (top1 {best['top1']:.2f}; before {history[0]['top1']:.2f})")
+        out = {"top1": best["top1"], "top5": best["top5"], "loss": best["loss"], "before_top1": history[0]["top1"],
+               "best_round": best["round"], "rounds": history, "best": os.path.relpath(best_path, self.out),
+               "arch": arch, "seconds": time.perf_counter() - t0}
+        out.update(_model_facts(model))
+        return out
+
+    def _run_export(self, index: int, stage: StageSpec) -> Dict[str, Any]:
+        """Write the student's compressed artifacts and measure each file on the test set."""
+        from ..export.pipeline import artifact_paths, export_formats
+        t0 = time.perf_counter()
+        cur = self.current["student"]
+        model = self._materialize("student")
+        formats = stage.formats or list(DEFAULT_EXPORT_FORMATS)
+        base = self._p("model" if stage.name == "export" else stage.name)
+        arch = {k: v for k, v in cur["arch"].items() if k != "qat"}
+        source = {"checkpoint": os.path.relpath(cur["path"], self.out) if cur["path"] else None,
+                  "recipe": self.recipe.name, "run": os.path.basename(os.path.abspath(self.out))}
+        res = export_formats(model, artifact_paths(base, formats), arch=arch, data=self.data_desc, source=source,
+                             loader=self._eval_loader(stage), device=self.device,
+                             fold_bn=True if stage.fold_bn is None else stage.fold_bn, force=True,
+                             log=lambda line: self.log(f"[{stage.name}] {line}"))
+        for a in res["artifacts"]:
+            a["file"] = os.path.relpath(a.pop("path"), self.out)
+        main = next((a for a in res["artifacts"] if a["format"] == "pcz"), res["artifacts"][0])
+        facts = _model_facts(model)
+        out = {"top1": main.get("top1"), "top5": main.get("top5"), "params": facts["params"],
+               "size_bytes": main["file_bytes"], "counted_bytes": res["counted_bytes"],
+               "counted_bytes_unfolded": res["counted_bytes_unfolded"], "fp32_bytes": res["fp32_bytes"],
+               "quantized": facts["quantized"], "checkpoint_top1": (res["source"] or {}).get("top1"),
+               "artifacts": res["artifacts"], "seconds": time.perf_counter() - t0}
+        return out
+
     def run(self) -> Dict[str, Any]:
         from ..ops import value_checks
         ctx = backends.use(self.backend) if self.backend != "auto" else contextlib.nullcontext()
@@ -315,7 +432,7 @@ class Runner:
             st = self.state["stages"].get(stage.name, {})
             if st.get("status") == "done":
                 res = st["result"]
-                if stage.kind in TRAINING_KINDS:
+                if stage.kind in CHECKPOINT_KINDS:
                     self.current[stage.target] = {"arch": res["arch"], "path": self._p(res["best"]),
                                                   "fresh": False}
                 self.log(f"[{stage.name}] already done, skipped")
@@ -324,6 +441,12 @@ class Runner:
             self._save_state()
             if stage.kind in TRAINING_KINDS:
                 res = self._run_training(i, stage)
+            elif stage.kind == "ptq":
+                res = self._run_ptq(i, stage)
+            elif stage.kind == "bn_recalibrate":
+                res = self._run_bn_recalibrate(i, stage)
+            elif stage.kind == "export":
+                res = self._run_export(i, stage)
             else:
                 res = self._run_evaluate(i, stage)
             self.state["stages"][stage.name] = {"index": i, "kind": stage.kind, "target": stage.target,
@@ -395,6 +518,7 @@ def build_report(recipe: Recipe, state: Dict[str, Any], data: Dict[str, Any], de
             break
     teacher = next((s for s in reversed(stages) if s["target"] == "teacher"
                     and s.get("status") == "done"), None)
+    export = next((s for s in reversed(stages) if s["kind"] == "export" and s.get("status") == "done"), None)
 
     def acc(s, key):
         if s is None:
@@ -413,7 +537,12 @@ def build_report(recipe: Recipe, state: Dict[str, Any], data: Dict[str, Any], de
             "size_bytes": final.get("size_bytes"), "fp32_bytes": final.get("fp32_bytes"),
             "compression": (final["fp32_bytes"] / final["size_bytes"]) if final and final.get("size_bytes") else None,
             "quantized": final.get("quantized"), "stage": final["name"],
-            "sparsity": _last_sparsity(stages)},
+            "sparsity": _last_sparsity(stages),
+            # where an artifact was written, size_bytes is its real file size
+            "file_bytes": export.get("size_bytes") if export else None,
+            "counted_bytes": export.get("counted_bytes") if export else final.get("size_bytes"),
+            "checkpoint_top1": export.get("checkpoint_top1") if export else None},
+        "artifacts": export.get("artifacts") if export else None,
         "teacher": None if teacher is None else {
             "top1": acc(teacher, "top1"), "top5": acc(teacher, "top5"),
             "params": teacher.get("params"), "stage": teacher["name"]},
@@ -452,8 +581,9 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
               f"{report['total_seconds'] / 60:.1f} min", ""]
     s = report.get("student")
     if s:
+        size_head = "file size (bytes)" if s.get("file_bytes") else "size (bytes)"
         lines += ["## Result", "",
-                  "| model | top-1 (%) | top-5 (%) | parameters | size (bytes) | fp32 size | compression |",
+                  f"| model | top-1 (%) | top-5 (%) | parameters | {size_head} | fp32 size | compression |",
                   "|---|---|---|---|---|---|---|",
                   f"| student ({s['stage']}) | {_fmt(s['top1'])} | {_fmt(s['top5'])} | {s['params']:,} | "
                   f"{s['size_bytes']:,} | {s['fp32_bytes']:,} | {_fmt(s['compression'], '.2f')}x |"]
@@ -462,11 +592,31 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
             lines.append(f"| teacher ({t['stage']}) | {_fmt(t['top1'])} | {_fmt(t['top5'])} | "
                          f"{t['params']:,} | | | |")
         lines.append("")
+        if s.get("file_bytes"):
+            lines += [f"The student's size is the byte count of its artifact file `model.pcz`; its counted bits "
+                      f"(`pycompress.quant.model_size` with BatchNorm folded) give {s['counted_bytes']:,} bytes, "
+                      f"the rest is the manifest and header. The top-1 is measured on the file "
+                      f"(the checkpoint it came from: {_fmt(s.get('checkpoint_top1'))}%).", ""]
         sp = s.get("sparsity")
         if sp:
             lines += [f"Sparsity: {100 * sp['selected']:.2f}% of the weights of the {sp['layers']} pruned layers "
                       f"are 0 ({100 * sp['overall']:.2f}% of all parameters; {sp['nonzero_params']:,} nonzero). "
                       "The size counts a 1-bit mask plus the nonzero values of each pruned layer.", ""]
+    arts = report.get("artifacts")
+    if arts:
+        lines += ["## Artifacts", "",
+                  "| format | file | file bytes | counted bytes | top-1 (%) | same prediction as the checkpoint |",
+                  "|---|---|---|---|---|---|"]
+        for a in arts:
+            agree = a.get("agreement")
+            counted = a.get("counted_bits")
+            lines.append(f"| {a['format']} | `{a['file']}` | {a['file_bytes']:,} | "
+                         f"{'-' if counted is None else f'{(counted + 7) // 8:,}'} | {_fmt(a.get('top1'))} | "
+                         f"{'-' if agree is None else f'{100 * agree:.2f}%'} |")
+        lines += ["", "pcz: quantized weights as integer codes, other tensors fp32; fp16 / uint8: the other "
+                      "tensors in IEEE half / hw7's per-tensor min-max uint8; onnx: a QDQ graph for ONNX "
+                      "Runtime (top-1 measured with ONNX Runtime). Load a .pcz with "
+                      "`pycompress.export.load`, evaluate it with `pycompress eval FILE`.", ""]
     lines += ["## Stages", "",
               "| # | stage | kind | target | epochs | best top-1 | final top-1 | sparsity | size (bytes) | time (s) |",
               "|---|---|---|---|---|---|---|---|---|---|"]

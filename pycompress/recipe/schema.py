@@ -16,7 +16,7 @@ Layout (see recipes/quickstart.yaml for a full example)::
     teacher: {name: lenet5, args: {}, checkpoint: null}     # optional
     stages:
       - name: teacher           # unique, [A-Za-z0-9_-]
-        kind: train             # train | distill | prune | quantize | finetune | evaluate
+        kind: train             # train | distill | prune | quantize | finetune | ptq | bn_recalibrate | evaluate | export
         target: teacher         # student (default) | teacher
         epochs: 3
         optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}
@@ -27,7 +27,12 @@ Layout (see recipes/quickstart.yaml for a full example)::
 
 Stage kinds only differ in what they require: ``distill`` needs a ``distill`` section, ``prune`` a
 ``prune`` section (see pycompress.prune.PruneSpec), ``quantize`` a ``quantize`` section, ``evaluate``
-takes no training settings. KD, pruning and QAT compose within one stage; masks chosen in one stage
+takes no training settings. Stages that do not train: ``ptq`` (post-training quantization:
+``quantize`` + ``batches`` of calibration), ``bn_recalibrate`` (MicroNet's BatchNorm
+re-estimation: ``batches`` per round, ``rounds``, the best round kept), ``evaluate``, and
+``export`` (``formats``: pcz, fp16, uint8, onnx; ``fold_bn``), which writes the compressed
+artifacts. A recipe that quantizes or prunes gets an ``export`` stage at the end unless it has
+one or sets ``auto_export: false``. KD, pruning and QAT compose within one stage; masks chosen in one stage
 stay fixed in every later training stage. Each stage starts from the best
 checkpoint of the previous stage with the same target. New kinds (prune, bn_update, export) slot in
 as new sections and kinds.
@@ -45,8 +50,20 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-STAGE_KINDS = ("train", "distill", "prune", "quantize", "finetune", "evaluate")
+STAGE_KINDS = ("train", "distill", "prune", "quantize", "finetune", "ptq", "bn_recalibrate", "evaluate", "export")
 TRAINING_KINDS = ("train", "distill", "prune", "quantize", "finetune")
+# kinds that end with a new best checkpoint of their target (the next stage starts from it)
+CHECKPOINT_KINDS = TRAINING_KINDS + ("ptq", "bn_recalibrate")
+EXPORT_FORMATS = ("pcz", "fp16", "uint8", "onnx")
+DEFAULT_EXPORT_FORMATS = ("pcz", "fp16", "uint8")
+# the keys each kind that does not train may carry (besides name, kind, target)
+_NON_TRAINING_KEYS = {
+    "evaluate": (),
+    "export": ("formats", "fold_bn"),
+    "ptq": ("quantize", "batches", "batch_size", "eval_batches"),
+    "bn_recalibrate": ("batches", "rounds", "batch_size", "eval_batches"),
+}
+_KIND_ONLY_KEYS = ("formats", "fold_bn", "batches", "rounds")  # never on a training stage
 TARGETS = ("student", "teacher")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("csv", "jsonl")
@@ -98,6 +115,10 @@ class StageSpec:
     eval_batches: Optional[int] = None     # cap on eval batches per epoch (None: the whole set)
     batch_size: Optional[int] = None       # this stage's training batch size (default: data's)
     log_format: str = "csv"
+    formats: Optional[List[str]] = None    # export: artifact formats (default pcz, fp16, uint8)
+    fold_bn: Optional[bool] = None         # export: fold BatchNorm into the layer before it (default true)
+    batches: Optional[int] = None          # ptq: calibration batches; bn_recalibrate: batches per round
+    rounds: Optional[int] = None           # bn_recalibrate: rounds, each evaluated (default 1)
 
 
 @dataclass
@@ -111,6 +132,7 @@ class Recipe:
     kernel_backend: str = "auto"
     device: str = "auto"
     teacher: Optional[TeacherSpec] = None
+    auto_export: bool = True   # append an export stage to recipes that quantize or prune
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> Dict[str, Any]:
@@ -274,22 +296,56 @@ def _stage(ctx, raw, index) -> StageSpec:
                            low=1),
         log_format=_want(ctx, where, "log_format", raw.get("log_format", "csv"), str,
                          choices=LOG_FORMATS),
+        formats=_formats(ctx, where, raw.get("formats")),
+        fold_bn=_want(ctx, where, "fold_bn", raw.get("fold_bn"), bool, optional=True),
+        batches=_want(ctx, where, "batches", raw.get("batches"), int, optional=True, low=1),
+        rounds=_want(ctx, where, "rounds", raw.get("rounds"), int, optional=True, low=1),
     )
     _stage_semantics(ctx, where, s, raw)
     return s
 
 
+def _formats(ctx, where, value) -> Optional[List[str]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ctx.fail(where, f"'formats' must be a non-empty list of {', '.join(EXPORT_FORMATS)}, got {value!r}")
+    for v in value:
+        if v not in EXPORT_FORMATS:
+            raise ctx.fail(where, f"'formats': unknown format {v!r}{_suggest(v, EXPORT_FORMATS)}; known: "
+                                  f"{', '.join(EXPORT_FORMATS)}")
+    if len(set(value)) != len(value):
+        raise ctx.fail(where, f"'formats' lists a format twice: {value}")
+    return list(value)
+
+
 def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
     training = s.kind in TRAINING_KINDS
+    defaults = {f.name: f.default for f in dataclasses.fields(StageSpec)}
+    # (a resolved recipe spells the defaults out; only a set value is an error)
+    given = [k for k in raw if k not in ("name", "kind", "target") and raw[k] is not None and raw[k] != defaults[k]]
     if not training:
-        defaults = {f.name: f.default for f in dataclasses.fields(StageSpec)}
-        # (a resolved recipe spells the defaults out; only a set value is an error)
-        extra = [k for k in ("epochs", "optimizer", "schedule", "distill", "quantize", "prune", "amp",
-                             "grad_clip", "max_steps_per_epoch", "log_format", "batch_size")
-                 if k in raw and raw[k] is not None and raw[k] != defaults[k]]
+        allowed = _NON_TRAINING_KEYS[s.kind]
+        extra = [k for k in given if k not in allowed]
         if extra:
-            raise ctx.fail(where, f"{extra[0]!r} does not apply to a {s.kind!r} stage")
+            raise ctx.fail(where, f"{extra[0]!r} does not apply to a {s.kind!r} stage"
+                                  + (f" (it takes: {', '.join(allowed)})" if allowed else ""))
+        if s.kind in ("export", "ptq") and s.target != "student":
+            raise ctx.fail(where, f"a {s.kind!r} stage works on the student (target: student)")
+        if s.kind == "ptq":
+            if s.quantize is None:
+                raise ctx.fail(where, "missing required key 'quantize' (the settings of a 'ptq' stage)")
+            from ..quant import QuantSpec
+            try:
+                QuantSpec.from_dict(s.quantize)
+            except (TypeError, ValueError) as exc:
+                raise ctx.fail(f"{where}: quantize", str(exc)) from None
         return
+    extra = [k for k in given if k in _KIND_ONLY_KEYS]
+    if extra:
+        raise ctx.fail(where, f"{extra[0]!r} does not apply to a {s.kind!r} stage")
     if s.epochs is None:
         raise ctx.fail(where, f"missing required key 'epochs' (a {s.kind!r} stage trains)")
     if s.optimizer is None:
@@ -364,6 +420,7 @@ def _recipe(ctx, raw) -> Recipe:
         model=_model(ctx, raw["model"], ModelSpec, "model"),
         teacher=None if raw.get("teacher") is None else _model(ctx, raw["teacher"], TeacherSpec, "teacher"),
         stages=[_stage(ctx, s, i) for i, s in enumerate(stages_raw)],
+        auto_export=_want(ctx, "", "auto_export", raw.get("auto_export", True), bool),
     )
     seen = {}
     for i, s in enumerate(r.stages):
@@ -384,6 +441,13 @@ def _recipe(ctx, raw) -> Recipe:
             raise ctx.fail(where, "'distill' needs a trained teacher: add a 'teacher' section and "
                                   "either train it in an earlier stage (target: teacher) or set "
                                   "teacher.checkpoint")
+    compresses = any(s.target == "student" and (s.quantize is not None or s.prune is not None)
+                     for s in r.stages)
+    if r.auto_export and compresses and not any(s.kind == "export" for s in r.stages):
+        name = "export"
+        while name in seen:
+            name += "_"
+        r.stages.append(StageSpec(name=name, kind="export"))
     return r
 
 
@@ -481,5 +545,5 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 __all__ = ["RecipeError", "Recipe", "DataSpec", "ModelSpec", "TeacherSpec", "StageSpec",
-           "STAGE_KINDS", "load_recipe", "load_recipe_dict", "validate", "apply_overrides",
+           "STAGE_KINDS", "TRAINING_KINDS", "CHECKPOINT_KINDS", "EXPORT_FORMATS", "load_recipe", "load_recipe_dict", "validate", "apply_overrides",
            "dump_recipe"]

@@ -153,14 +153,16 @@ def _progress(iterable, total, desc, enabled):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: Any = "cpu", *, amp: bool = False,
              max_batches: Optional[int] = None, progress: Optional[bool] = False,
-             desc: str = "eval") -> Dict[str, float]:
+             desc: str = "eval", predictions: bool = False) -> Dict[str, Any]:
     """Cross-entropy loss, top-1 and top-5 accuracy (percent) of ``model`` in eval mode. The
-    model's train/eval mode is restored afterwards."""
+    model's train/eval mode is restored afterwards. ``predictions=True`` adds "predictions", the
+    top-1 class of every sample in loader order (int64 tensor on the CPU), to compare two models."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     loss, n = 0.0, 0
     c1 = c5 = 0
+    preds: List[torch.Tensor] = []
     total = len(loader) if hasattr(loader, "__len__") else None
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
@@ -178,11 +180,16 @@ def evaluate(model: nn.Module, loader: Iterable, device: Any = "cpu", *, amp: bo
             c1 += a1
             c5 += a5
             n += y.numel()
+            if predictions:
+                preds.append(logits.argmax(dim=1).cpu())
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: the loader produced no samples")
-    return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "samples": n}
+    out: Dict[str, Any] = {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "samples": n}
+    if predictions:
+        out["predictions"] = torch.cat(preds)
+    return out
 
 
 class Hook:
