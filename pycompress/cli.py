@@ -62,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
                           "next call pays page faults); by default the heap is kept warm for every backend alike")
     ops.set_defaults(func=_bench_ops)
 
+    bm = bench_sub.add_parser("model", help="inference latency and throughput of a .pcz artifact: fp32 torch, the "
+                                            "artifact module, ONNX Runtime fp32 and int8 (QDQ)")
+    bm.add_argument("file", help="a .pcz artifact")
+    bm.add_argument("--batch", type=_positive_int, action="append", metavar="N",
+                    help="batch size (repeatable; default 1 and 64)")
+    bm.add_argument("--threads", type=_positive_int, help="torch and ONNX Runtime threads (default: torch's)")
+    bm.add_argument("--repeats", type=_positive_int, default=20, help="timed calls per row (median reported)")
+    bm.add_argument("--warmup", type=_positive_int, default=5)
+    bm.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: also the torch rows on the GPU")
+    bm.add_argument("--input-size", metavar="CxHxW", help="when the artifact records no dataset")
+    bm.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    bm.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
+    bm.set_defaults(func=_bench_model)
+
     run = sub.add_parser("run", help="run a recipe (YAML) end to end into a run directory")
     run.add_argument("recipe", help="recipe file, e.g. recipes/quickstart.yaml")
     run.add_argument("--data-root", metavar="DIR", help="where datasets are (default: the known places, "
@@ -425,6 +440,25 @@ def _export_artifact(args) -> int:
         raise ValueError("the artifact records no input shape; pass --input-size CxHxW")
     facts = onnx_export.export_onnx(model, args.output, shape, force=args.force)
     print(f"wrote {args.output}: {facts['file_bytes']:,} bytes")
+    return 0
+
+
+def _bench_model(args) -> int:
+    from pycompress.bench import model as bench_model
+    from pycompress.export import ArtifactError
+
+    try:
+        shape = _parse_shape(args.input_size) if args.input_size else None
+        meta: dict = {}
+        rows = bench_model.run(args.file, batch_sizes=args.batch or (1, 64), threads=args.threads,
+                               warmup=args.warmup, repeats=args.repeats, device=args.device, input_shape=shape,
+                               onnx=not args.no_onnx, meta=meta)
+    except (ArtifactError, ValueError, RuntimeError, ImportError) as exc:
+        return _err("bench model", exc)
+    print(bench_model.format_table(rows))
+    if args.json:
+        bench_model.write_json(args.json, rows, meta)
+        print(f"\nwrote {args.json}")
     return 0
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: Debian's Fashion-MNIST package, a virtual environment in .venv with torch 2.14.1 and
-# torchvision 0.29.1, the test and runtime dependencies, and pycompress built in place (the C++
+# torchvision 0.29.1, the test and runtime dependencies (with the onnx extra: onnx, onnxruntime, onnxscript, pinned), and
+# pycompress built in place (the C++
 # extension, plus the CUDA kernels when nvcc is found). Safe to run twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +16,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 ninja numpy pyyaml tqdm matplotlib pytest \
+  onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 \
   2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -c "import torch" # fail loudly if the install above did not work
+.venv/bin/python -c "import torch, onnx, onnxruntime" # fail loudly if the install above did not work
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi

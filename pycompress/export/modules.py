@@ -14,9 +14,8 @@
   ``act_bits`` / ``act_signed``, through ``pycompress.ops.fake_quantize`` (any backend); None when
   the layer's input was not quantized.
 * Depthwise convolutions run on ``pycompress.ops.depthwise_conv2d`` as in training
-  (``pycompress.nn.conv2d``). While ``torch.onnx.export`` runs, the layers call torch's own
-  ``fake_quantize_per_*_affine`` and ``F.conv2d`` instead, which the ONNX exporter turns into
-  QuantizeLinear / DequantizeLinear nodes (see ``pycompress.export.onnx``).
+  (``pycompress.nn.conv2d``). ``pycompress.export.onnx`` swaps these layers for export-only
+  versions that the ONNX exporters turn into QuantizeLinear / DequantizeLinear nodes.
 """
 from __future__ import annotations
 
@@ -81,49 +80,15 @@ class _Quantized:
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
             return x
-        qmin, qmax = self.act_range()
-        if torch.onnx.is_in_onnx_export():
-            return _onnx_act_quant(x, self.act_scale, qmin, qmax)
         from ..ops import fake_quantize
 
+        qmin, qmax = self.act_range()
         return fake_quantize(x, self.act_scale, 0, qmin, qmax)
-
-    def _export_weight(self) -> torch.Tensor:
-        """The weight as the ONNX exporter should see it: a per-channel fake-quantization of the
-        dequantized weight in the int8 range (which returns the same values), so the exporter
-        writes QuantizeLinear -> DequantizeLinear(axis=0); pycompress.export.onnx then stores the
-        codes as an int8 initializer."""
-        if self.weight_bits is None or not torch.onnx.is_in_onnx_export():
-            return self.weight
-        if self.weight_bits > 8:
-            return self.weight  # no int16 Q/DQ below opset 21: exported as the float values
-        neg = self.weight_scale < 0
-        if self.weight_bits == 8 and bool((neg.view((-1,) + (1,) * (self.weight_codes.dim() - 1))
-                                           & (self.weight_codes == -128)).any()):
-            raise ValueError("ONNX export: an 8-bit channel with a negative folded scale holds code -128, whose "
-                             "negation does not fit int8; export with fold_bn=False (--no-fold-bn)")
-        scale = self.weight_scale.abs()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zp = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
-        return torch.fake_quantize_per_channel_affine(self.weight, scale, zp, 0, -128, 127)
 
     def _quant_repr(self) -> str:
         a = "float" if self.act_bits is None else f"{self.act_bits}-bit {'signed' if self.act_signed else 'unsigned'}"
         w = "float" if self.weight_bits is None else f"{self.weight_bits}-bit codes"
         return f"weight={w}, input={a}"
-
-
-def _onnx_act_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Activation fake-quantization written with torch ops the ONNX exporters know: grids narrower
-    than 8 bits clamp first, then quantize on the 8-bit grid of the same sign (identical values)."""
-    if qmax - qmin > 255:
-        raise ValueError(f"ONNX export: {qmax - qmin + 1}-level activation grids (more than 8 bits) have no "
-                         f"QuantizeLinear below opset 21; quantize activations to at most 8 bits")
-    s = float(scale.reshape(-1)[0])
-    lo, hi = (-128, 127) if qmin < 0 else (0, 255)
-    if (qmin, qmax) != (lo, hi):
-        x = torch.clamp(x, qmin * s, qmax * s)
-    return torch.fake_quantize_per_tensor_affine(x, s, 0, lo, hi)
 
 
 class QuantizedConv2d(_Quantized, nn.Conv2d):
@@ -145,12 +110,11 @@ class QuantizedConv2d(_Quantized, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quant_input(x)
-        w = self._export_weight()
-        if self.padding_mode != "zeros" or torch.onnx.is_in_onnx_export():
-            return nn.Conv2d._conv_forward(self, x, w, self.bias)
+        if self.padding_mode != "zeros":
+            return nn.Conv2d._conv_forward(self, x, self.weight, self.bias)
         from ..nn import conv2d
 
-        return conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{nn.Conv2d.extra_repr(self)}, {self._quant_repr()}"
@@ -170,7 +134,7 @@ class QuantizedLinear(_Quantized, nn.Linear):
                    act_signed=act_signed, device="meta" if lin.weight.is_meta else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quant_input(x), self._export_weight(), self.bias)
+        return F.linear(self._quant_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._quant_repr()}"

@@ -334,6 +334,12 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
                                   + (f" (it takes: {', '.join(allowed)})" if allowed else ""))
         if s.kind in ("export", "ptq") and s.target != "student":
             raise ctx.fail(where, f"a {s.kind!r} stage works on the student (target: student)")
+        if s.kind == "export" and "onnx" in (s.formats or ()):
+            import importlib.util
+            missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ctx.fail(where, f"format 'onnx' needs the onnx extra (missing: {', '.join(missing)}): "
+                                      f"pip install 'pycompress[onnx]'")
         if s.kind == "ptq":
             if s.quantize is None:
                 raise ctx.fail(where, "missing required key 'quantize' (the settings of a 'ptq' stage)")
