@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -406,8 +407,8 @@ def _export(args) -> int:
     row = res["artifacts"][0]
     if args.format != "onnx":
         print(f"wrote {args.output}: {row['file_bytes']:,} bytes (payload {row['payload_bytes']:,}, manifest "
-              f"{row['manifest_bytes']:,}, header 56); counted by model_size: {res['counted_bytes']:,} bytes "
-              f"(fp32 {res['fp32_bytes']:,})")
+              f"{row['manifest_bytes']:,}, header and checksum 56); the payload encodes "
+              f"{(row['counted_bits'] + 7) // 8:,} bytes of information (fp32 model: {res['fp32_bytes']:,} bytes)")
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2, default=str) + "\n")
     return 0
@@ -504,7 +505,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `pycompress info model.pcz | head`: the reader left, not an error
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
 
 
 if __name__ == "__main__":

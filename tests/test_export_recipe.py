@@ -80,6 +80,7 @@ def test_auto_export_stage_added_only_when_compressing():
     ({"name": "e", "kind": "export", "epochs": 2}, "'epochs' does not apply to a 'export' stage"),
     ({"name": "e", "kind": "export", "target": "teacher"}, "works on the student"),
     ({"name": "p", "kind": "ptq"}, "missing required key 'quantize'"),
+    ([{"name": "e", "kind": "export"}], "needs an earlier stage that trains the student"),
     ({"name": "p", "kind": "ptq", "quantize": {"weight_bits": 17}}, "weight_bits"),
     ({"name": "b", "kind": "bn_recalibrate", "rounds": 0}, "'rounds' must be >= 1"),
     ({"name": "b", "kind": "bn_recalibrate", "optimizer": {"name": "sgd", "lr": 0.1}}, "does not apply"),
@@ -88,7 +89,7 @@ def test_auto_export_stage_added_only_when_compressing():
 ])
 def test_bad_stages(stage, match):
     raw = copy.deepcopy(TINY)
-    raw["stages"] = raw["stages"][:1] + [stage]
+    raw["stages"] = stage if isinstance(stage, list) else raw["stages"][:1] + [stage]
     with pytest.raises(RecipeError, match=match):
         validate(raw, "bad.yaml")
 
@@ -193,3 +194,18 @@ def test_ptq_stage(tmp_path):
     model, ckpt = load_model(os.path.join(out, st["ptq8"]["best"]))
     assert ckpt["arch"]["qat"] and type(model.cnn[2][3]).__name__ == "QuantConv2d"
     assert [a["format"] for a in report["artifacts"]] == ["pcz"]
+
+
+def test_onnx_format_without_the_extra_fails_before_training(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pycompress.recipe import RunError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    raw = copy.deepcopy(TINY)
+    raw["stages"] = raw["stages"][:1] + [{"name": "export", "kind": "export", "formats": ["pcz", "onnx"]}]
+    recipe = validate(raw, "x.yaml")  # a valid recipe: the machine lacks the extra
+    with pytest.raises(RunError, match=r"needs the onnx extra \(missing: onnxruntime\)"):
+        run_recipe(recipe, str(tmp_path / "out"), progress=False, log=lambda s: None)
+    assert not os.path.exists(tmp_path / "out" / "stages")

@@ -185,7 +185,7 @@ def _weight_codes(layer, name: str) -> Tuple[torch.Tensor, torch.Tensor, int, in
     w = layer.weight.detach().float()
     c = w.shape[0]
     with torch.no_grad():
-        ref = fake_quantize(w, scale, torch.zeros(c, dtype=torch.int32), qmin, qmin + (1 << bits) - 1, 0)
+        ref = fake_quantize(w, scale, torch.zeros(c, dtype=torch.int32, device=w.device), qmin, qmin + (1 << bits) - 1, 0)
     if not torch.equal(codes.float() * scale.view((c,) + (1,) * (w.dim() - 1)), ref):
         raise ExportError(f"layer {name!r}: the integer codes do not reproduce the layer's fake-quantized weight "
                           f"(internal error; please report)")

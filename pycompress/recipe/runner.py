@@ -122,6 +122,14 @@ class Runner:
             reason = backends.status(self.backend)
             if reason is not None:
                 raise RunError(f"kernel backend {self.backend!r} is not available here: {reason}")
+        for stage in recipe.stages:  # fail before anything trains, not at the end of the run
+            if stage.kind == "export" and "onnx" in (stage.formats or ()):
+                import importlib.util
+                missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+                if missing:
+                    raise RunError(f"stage {stage.name!r} exports onnx, which needs the onnx extra (missing: "
+                                   f"{', '.join(missing)}): pip install 'pycompress[onnx]', or drop onnx from its "
+                                   f"formats")
         self.state: Dict[str, Any] = {}
         self.current: Dict[str, Dict[str, Any]] = {}   # target -> {"arch", "path"}
 

@@ -334,12 +334,6 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
                                   + (f" (it takes: {', '.join(allowed)})" if allowed else ""))
         if s.kind in ("export", "ptq") and s.target != "student":
             raise ctx.fail(where, f"a {s.kind!r} stage works on the student (target: student)")
-        if s.kind == "export" and "onnx" in (s.formats or ()):
-            import importlib.util
-            missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-            if missing:
-                raise ctx.fail(where, f"format 'onnx' needs the onnx extra (missing: {', '.join(missing)}): "
-                                      f"pip install 'pycompress[onnx]'")
         if s.kind == "ptq":
             if s.quantize is None:
                 raise ctx.fail(where, "missing required key 'quantize' (the settings of a 'ptq' stage)")
@@ -443,6 +437,10 @@ def _recipe(ctx, raw) -> Recipe:
                 teacher_ready = True
         if s.prune is not None:
             _check_prune_layers(ctx, where, r.model, s.prune)
+        if s.kind in ("export", "ptq") and not any(
+                p.target == "student" and p.kind in CHECKPOINT_KINDS for p in r.stages[:i]):
+            raise ctx.fail(where, f"a {s.kind!r} stage needs an earlier stage that trains the student "
+                                  f"(there is no trained model to {'export' if s.kind == 'export' else 'quantize'} yet)")
         if s.distill is not None and not teacher_ready:
             raise ctx.fail(where, "'distill' needs a trained teacher: add a 'teacher' section and "
                                   "either train it in an earlier stage (target: teacher) or set "
