@@ -302,7 +302,7 @@ def _info_file(args) -> int:
               f"{'x'.join(str(v) for v in data.get('image_size') or [])}")
     src = m.get("source") or {}
     if src:
-        print(f"  source: " + ", ".join(f"{k} {v}" for k, v in src.items() if v is not None))
+        print("  source: " + ", ".join(f"{k} {v}" for k, v in src.items() if v is not None))
     ev = m.get("eval") or {}
     if ev:
         print(f"  evaluation at export: top-1 {ev.get('top1'):.2f}%, top-5 {ev.get('top5'):.2f}% on "

@@ -1,8 +1,12 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, the input of a batch, a model's device."""
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
+from typing import Optional
+
+import torch
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -31,3 +35,20 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def batch_input(batch, who: str) -> torch.Tensor:
+    """The input tensor of a batch: the batch itself or the first item of an (inputs, targets)
+    tuple / list. ``who`` names the caller in the error."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(f"{who}: a batch must be a tensor or an (inputs, targets) tuple/list, got {type(batch).__name__}")
+
+
+def model_device(model: torch.nn.Module) -> Optional[torch.device]:
+    """The device of a model's first parameter or buffer (None for a model without any)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None

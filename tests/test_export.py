@@ -1,9 +1,7 @@
 """The .pcz artifact: codecs, round trips per encoding and per zoo model, size accounting, bad files."""
 from __future__ import annotations
 
-import builtins
 import hashlib
-import io
 import json
 import os
 import pickle

@@ -707,21 +707,9 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Se
     model_proto.producer_name = "pycompress"
     onnx_mod.checker.check_model(model_proto, full_check=True)
     data = model_proto.SerializeToString()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
-        raise
+    from ..utils import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
     ops = Counter(n.op_type for n in model_proto.graph.node)
     opset_written = next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     return {

@@ -9,6 +9,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..utils import batch_input, model_device
+
 from .modules import QAT_LAYERS, QuantConv2d, QuantLinear, _is_parametrized, layer_type
 from .quantizer import DEFAULT_PERCENTILE, OBSERVERS, FakeQuantizer, check_percentile
 from .spec import ACT_SCALES, WEIGHT_SCALES, QuantSpec
@@ -219,19 +221,8 @@ def strip_qat(model: nn.Module, bake: bool = False) -> nn.Module:
 
 
 def _batch_input(batch) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(
-        f"calibrate: a batch must be a tensor or an (inputs, targets) tuple/list, got {type(batch).__name__}"
-    )
+    return batch_input(batch, "calibrate")
 
-
-def _model_device(model: nn.Module) -> Optional[torch.device]:
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return None
 
 
 def calibrate(
@@ -267,7 +258,7 @@ def calibrate(
         num_batches = max((m.calib_batches for m in qat_modules(model).values()), default=4)
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"calibrate: num_batches must be an int >= 1 or None, got {num_batches!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     modes = [(m, m.training) for m in model.modules()]
     for name, q in quantizers:
         q.name = name

@@ -21,11 +21,13 @@ new batches a weight of only 1 / num_batches_tracked each.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable
 
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..utils import batch_input, model_device
 
 __all__ = ["recalibrate_bn"]
 
@@ -33,19 +35,8 @@ _STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _batch_input(batch) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(
-        f"recalibrate_bn: a batch must be a tensor or an (inputs, targets) tuple/list, got {type(batch).__name__}"
-    )
+    return batch_input(batch, "recalibrate_bn")
 
-
-def _model_device(model: nn.Module) -> Optional[torch.device]:
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return None
 
 
 def recalibrate_bn(
@@ -72,7 +63,7 @@ def recalibrate_bn(
     if not bns:
         raise ValueError(f"recalibrate_bn: the model ({type(model).__name__}) has no BatchNorm layer to recalibrate "
                          f"(with track_running_stats=True)")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     it = iter(batches)
     sentinel = object()
     first = next(it, sentinel)
