@@ -32,10 +32,9 @@ takes no training settings. Stages that do not train: ``ptq`` (post-training qua
 re-estimation: ``batches`` per round, ``rounds``, the best round kept), ``evaluate``, and
 ``export`` (``formats``: pcz, fp16, uint8, onnx; ``fold_bn``), which writes the compressed
 artifacts. A recipe that quantizes or prunes gets an ``export`` stage at the end unless it has
-one or sets ``auto_export: false``. KD, pruning and QAT compose within one stage; masks chosen in one stage
-stay fixed in every later training stage. Each stage starts from the best
-checkpoint of the previous stage with the same target. New kinds (prune, bn_update, export) slot in
-as new sections and kinds.
+one or sets ``auto_export: false``. KD, pruning and QAT compose within one stage; masks chosen in
+one stage stay fixed in every later training stage. Each stage starts from the best checkpoint of
+the previous stage with the same target (``ptq`` and ``bn_recalibrate`` write one too).
 """
 from __future__ import annotations
 
