@@ -71,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--threads", type=_positive_int, help="torch and ONNX Runtime threads (default: torch's)")
     bm.add_argument("--repeats", type=_positive_int, default=20, help="timed calls per row (median reported)")
     bm.add_argument("--warmup", type=_positive_int, default=5)
-    bm.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="cuda: also the torch rows on the GPU")
+    bm.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="cuda: also the torch rows on the GPU; auto (default): cuda when a GPU is present")
     bm.add_argument("--input-size", metavar="CxHxW", help="when the artifact records no dataset")
     bm.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     bm.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
@@ -448,11 +448,16 @@ def _bench_model(args) -> int:
     from pycompress.bench import model as bench_model
     from pycompress.export import ArtifactError
 
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         shape = _parse_shape(args.input_size) if args.input_size else None
         meta: dict = {}
         rows = bench_model.run(args.file, batch_sizes=args.batch or (1, 64), threads=args.threads,
-                               warmup=args.warmup, repeats=args.repeats, device=args.device, input_shape=shape,
+                               warmup=args.warmup, repeats=args.repeats, device=device, input_shape=shape,
                                onnx=not args.no_onnx, meta=meta)
     except (ArtifactError, ValueError, RuntimeError, ImportError) as exc:
         return _err("bench model", exc)
