@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
     bm.set_defaults(func=_bench_model)
 
+    from pycompress import profile as _profile
+    pr = sub.add_parser("profile", help="parameters, MACs and activation memory per layer, and inference latency, of a "
+                                        "model name, checkpoint or .pcz artifact")
+    _profile.add_arguments(pr)
+    pr.set_defaults(func=_profile.cli_main)
+
     run = sub.add_parser("run", help="run a recipe (YAML) end to end into a run directory")
     run.add_argument("recipe", help="recipe file, e.g. recipes/quickstart.yaml")
     run.add_argument("--data-root", metavar="DIR", help="where datasets are (default: the known places, "

@@ -160,7 +160,9 @@ def test_half_inputs_computed_in_float32(dtype):
 
 
 def test_registry_and_is_group():
-    assert set(REGULARIZERS) == set(ELEMENTWISE + GROUP)
+    # bn_l1 is L1 applied by the Pruner to BatchNorm scales (network slimming)
+    assert set(REGULARIZERS) == set(ELEMENTWISE + GROUP) | {"bn_l1"}
+    assert REGULARIZERS["bn_l1"] is REGULARIZERS["l1"] and not is_group("bn_l1")
     assert [is_group(k) for k in ELEMENTWISE] == [False] * 4
     assert [is_group(k) for k in GROUP] == [True] * 3
     with pytest.raises(ValueError, match="valid"):

@@ -82,7 +82,10 @@ def arch_of(model: nn.Module) -> Dict[str, Any]:
             f"cannot record how to rebuild this {type(model).__name__}: it was not built by "
             f"pycompress.models.build; pass arch={{'model': <registry name>, 'args': {{...}}, "
             f"'in_channels': C, 'num_classes': K}}")
-    return {k: arch[k] for k in ("model", "args", "in_channels", "num_classes")}
+    out = {k: arch[k] for k in ("model", "args", "in_channels", "num_classes")}
+    if arch.get("slim"):
+        out["slim"] = arch["slim"]
+    return out
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -409,6 +412,13 @@ def decode(manifest: Dict[str, Any], payload: bytes, path: str = "<memory>") -> 
                              **dict(arch.get("args") or {}))
     except (KeyError, TypeError, ValueError) as exc:
         raise _fail(path, f"cannot rebuild model {name!r} with the recorded arguments: {exc}") from None
+    if arch.get("slim"):  # a slimmed network: its layers' channel counts
+        from ..prune.structured import apply_plan as apply_slim_plan
+
+        try:
+            apply_slim_plan(model, arch["slim"])
+        except ValueError as exc:
+            raise _fail(path, f"cannot rebuild the slimmed {name!r}: {exc}") from None
     mods = dict(model.named_modules())
     layers = manifest.get("layers") or {}
     for lname, entry in layers.items():

@@ -65,6 +65,15 @@ def prune_model(model: nn.Module, spec: Union[PruneSpec, Mapping[str, Any]]) -> 
     return sparsity_report(model, selected=[f"{n}.weight" for n in layers])
 
 
+def bn_scales(model: nn.Module) -> List[torch.Tensor]:
+    """The scales (gamma) of every affine BatchNorm of ``model``: what ``regularizer: bn_l1``
+    pushes towards 0 so that network slimming (``pycompress.prune.structured``, criterion
+    ``bn_gamma``) can remove those channels."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [m.weight for m in model.modules() if isinstance(m, _BatchNorm) and m.affine and m.weight is not None]
+
+
 class Pruner:
     """A trainer hook running ``spec`` on ``model`` (see the module docstring).
 
@@ -174,6 +183,8 @@ class Pruner:
         spec = self.spec
         if spec is None or spec.regularizer is None:
             return None
+        if spec.regularizer == "bn_l1":  # network slimming: sparsity on the BatchNorm scales
+            return regularization(bn_scales(self.model), "l1", spec.strength)
         mods = dict(self.model.named_modules())
         return regularization([mods[n].weight for n in self.layers], spec.regularizer, spec.strength)
 

@@ -144,6 +144,9 @@ REGULARIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "group_lasso": group_lasso,
     "group_hoyer": group_hoyer,
     "group_hs": group_hs,
+    # network slimming (Liu et al. 2017): L1 on the BatchNorm scales gamma (the Pruner applies it to
+    # every affine BatchNorm of the model, not to the selected conv / linear weights)
+    "bn_l1": l1,
 }
 
 GROUP_REGULARIZERS = frozenset({"group_lasso", "group_hoyer", "group_hs"})

@@ -42,7 +42,8 @@ class RunError(RuntimeError):
 # ------------------------------------------------------------------------------ models from arch
 def model_arch(name: str, args: Dict[str, Any], in_channels: int, num_classes: int,
                qat: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Everything needed to rebuild a model before loading its state dict."""
+    """Everything needed to rebuild a model before loading its state dict (a slimmed model also
+    carries ``"slim"``: its per-layer channel counts)."""
     return {"model": name, "args": dict(args), "in_channels": int(in_channels),
             "num_classes": int(num_classes), "qat": qat}
 
@@ -51,6 +52,9 @@ def build_from_arch(arch: Dict[str, Any]) -> nn.Module:
     from ..models import build
     model = build(arch["model"], in_channels=arch["in_channels"], num_classes=arch["num_classes"],
                   **arch.get("args", {}))
+    if arch.get("slim"):
+        from ..prune.structured import apply_plan as apply_slim_plan
+        apply_slim_plan(model, arch["slim"])
     if arch.get("qat"):
         from ..quant import apply_plan
         apply_plan(model, arch["qat"])
@@ -225,18 +229,21 @@ class Runner:
                       desc=f"{stage.name}")
         res = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "samples": ev["samples"],
                "seconds": time.perf_counter() - t0}
-        res.update(_model_facts(model))
+        res.update(_model_facts(model, self._input_shape()))
         self.log(f"[{stage.name}] {stage.target}: top1 {ev['top1']:.2f} top5 {ev['top5']:.2f} "
                  f"loss {ev['loss']:.4f} on {ev['samples']} test samples "
                  f"({res['params']:,} params, {res['size_bytes']:,} bytes)")
         return res
 
+    def _input_shape(self):
+        return [int(self.data_desc["in_channels"])] + [int(v) for v in self.data_desc["image_size"]]
+
     def _run_training(self, index: int, stage: StageSpec) -> Dict[str, Any]:
-        from ..train import Trainer
+        if stage.slim is not None:
+            return self._run_slim(index, stage)
         t0 = time.perf_counter()
         sdir = self.stage_dir(index, stage)
-        ckpt_path = os.path.join(sdir, "checkpoint.pt")
-        resuming = os.path.exists(ckpt_path)
+        resuming = os.path.exists(os.path.join(sdir, "checkpoint.pt"))
         train_loader = self.train_loader if stage.batch_size is None \
             else self._train_loader(stage.batch_size)
         model = self._materialize(stage.target)
@@ -258,6 +265,16 @@ class Runner:
                 seed_everything(self.recipe.seed * 7 + index)
                 calibrate(model, train_loader, num_batches=qspec.calib_batches, device=self.device)
             arch["qat"] = qat_plan(model)
+        summary, trainer = self._fit(stage, model, arch, sdir, stage.name, resuming, train_loader)
+        # epochs of earlier sessions (resume) + everything this session did (set-up, calibration)
+        summary["seconds"] = trainer.elapsed - trainer.session_elapsed + (time.perf_counter() - t0)
+        return summary
+
+    def _fit(self, stage: StageSpec, model: nn.Module, arch: Dict[str, Any], sdir: str, name: str, resuming: bool,
+             train_loader):
+        """Train ``model`` as ``stage`` says into ``sdir``; the best checkpoint becomes the target's
+        current model. Returns (summary, trainer)."""
+        from ..train import Trainer
         hooks, optimizer = [], stage.optimizer
         pruner = None
         from ..prune import Pruner, build_masked_optimizer, has_masks
@@ -271,15 +288,12 @@ class Runner:
         if stage.distill is not None:
             from ..distill import Distiller
             distiller = Distiller(self._materialize("teacher"), stage.distill)
-        eval_loader = self.eval_loader
-        if stage.eval_batches is not None:
-            eval_loader = _Limited(self.eval_loader, stage.eval_batches)
         trainer = Trainer(
-            model, train_loader, eval_loader, epochs=stage.epochs, optimizer=optimizer, hooks=hooks,
+            model, train_loader, self._eval_loader(stage), epochs=stage.epochs, optimizer=optimizer, hooks=hooks,
             schedule=stage.schedule, device=self.device, distiller=distiller, amp=stage.amp,
             seed=self.recipe.seed, out_dir=sdir, log_format=stage.log_format, progress=self.progress,
             max_steps_per_epoch=stage.max_steps_per_epoch, grad_clip=stage.grad_clip,
-            name=stage.name, log=self.log,
+            name=name, log=self.log,
             checkpoint_extra=lambda: {"arch": arch, "data": self.data_desc,
                                       "recipe": self.recipe.name, "target": stage.target,
                                       "kernel_backend": self.backend})
@@ -287,7 +301,7 @@ class Runner:
         best_path = os.path.join(sdir, "best.pt")
         self.current[stage.target] = {"arch": arch, "path": best_path, "fresh": False}
         best_model, _ = load_model(best_path)
-        summary.update(_model_facts(best_model))
+        summary.update(_model_facts(best_model, self._input_shape()))
         if pruner is not None:
             from ..prune import sparsity_report
             rep = sparsity_report(best_model, selected=pruner.selected_params())
@@ -297,12 +311,67 @@ class Runner:
                                    "selected_params": rep.selected_total, "nonzero_params": rep.alive,
                                    "compression_rate": _finite(rep.compression_rate),
                                    "layers": len(pruner.layers)}
-            self.log(f"[{stage.name}] sparsity of the best model ({sdir}/sparsity.txt):\n{rep.format()}")
-        # epochs of earlier sessions (resume) + everything this session did (set-up, calibration)
-        summary["seconds"] = trainer.elapsed - trainer.session_elapsed + (time.perf_counter() - t0)
+            self.log(f"[{name}] sparsity of the best model ({sdir}/sparsity.txt):\n{rep.format()}")
         summary["best"] = os.path.relpath(best_path, self.out)  # the run directory may move
         summary["arch"] = arch
+        return summary, trainer
+
+    def _run_slim(self, index: int, stage: StageSpec) -> Dict[str, Any]:
+        """Network slimming: each round removes its share of channels from the current best model
+        (``pycompress.prune.structured``), builds a NEW optimizer and schedule for the smaller
+        network and fine-tunes it for ``epochs``, keeping the round's best epoch; the next round
+        starts from that. A round interrupted mid-way resumes from its own checkpoint."""
+        from ..prune.structured import SlimSpec, slim
+        t0 = time.perf_counter()
+        spec = SlimSpec.from_dict(stage.slim)
+        sdir = self.stage_dir(index, stage)
+        shape = self._input_shape()
+        train_loader = self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
+        before = _model_facts(self._materialize(stage.target), shape)
+        rounds, seconds, summary = [], 0.0, {}
+        for r in range(1, spec.rounds + 1):
+            rdir = os.path.join(sdir, f"round-{r}")
+            name = stage.name if spec.rounds == 1 else f"{stage.name}-r{r}"
+            ckpt = os.path.join(rdir, "checkpoint.pt")
+            if os.path.exists(ckpt):  # an interrupted (or finished) round: its own architecture
+                arch = load_checkpoint(ckpt)["arch"]
+                seed_everything(self.recipe.seed * 2)
+                model = build_from_arch(arch)
+                resuming = True
+            else:
+                model = self._materialize(stage.target)
+                res = slim(model, spec, input_shape=shape, per_round=True, last_round=r == spec.rounds)
+                arch = dict(self.current[stage.target]["arch"], slim=res.plan)
+                self.log(f"[{name}] slimmed ({spec.criterion}, {100 * spec.ratio_for('', True):.1f}% of each group's "
+                         f"channels this round):\n{res.format()}")
+                resuming = False
+            summary, trainer = self._fit(stage, model, arch, rdir, name, resuming, train_loader)
+            seconds += trainer.elapsed - trainer.session_elapsed  # epochs of earlier sessions (resume)
+            rounds.append({"round": r, "params": summary["params"], "macs": summary.get("macs"),
+                           "latency_ms": summary.get("latency_ms"), "best_top1": summary.get("best_top1"),
+                           "best_epoch": summary.get("best_epoch"), "best": summary["best"]})
+        summary["slim"] = {"rounds": rounds, "before": before, "criterion": spec.criterion, "ratio": spec.ratio,
+                           "params_ratio": summary["params"] / max(before["params"], 1),
+                           "macs_ratio": (summary.get("macs") or 0) / max(before.get("macs") or 1, 1)}
+        summary["seconds"] = seconds + (time.perf_counter() - t0)
+        summary["epochs"] = stage.epochs * spec.rounds
         return summary
+
+    def _preflight(self) -> None:
+        """Checks that need the data's shapes, before anything trains: every slim stage's settings
+        are tried on a throwaway copy of the student (a graph the analysis cannot follow, or
+        exclusions that leave nothing to prune, fail here, not after hours of training)."""
+        slims = [s for s in self.recipe.stages if s.slim is not None]
+        if not slims:
+            return
+        from ..prune.structured import SlimError, SlimSpec, slim
+        spec = self.recipe.model
+        for stage in slims:
+            probe = build_from_arch(model_arch(spec.name, spec.args, self.info.in_channels, self.info.num_classes))
+            try:
+                slim(probe, SlimSpec.from_dict(stage.slim), input_shape=self._input_shape(), per_round=True)
+            except SlimError as exc:
+                raise RunError(f"stage {stage.name!r}: {exc}") from None
 
     def _seeded_train_loader(self, index: int, stage: StageSpec):
         """The stage's training loader, its shuffling seeded from (seed, stage index)."""
@@ -351,7 +420,7 @@ class Runner:
         out = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "float_top1": before["top1"],
                "calib_batches": batches, "layers": len(res["plan"]), "best": os.path.relpath(best_path, self.out),
                "arch": arch, "seconds": time.perf_counter() - t0}
-        out.update(_model_facts(model))
+        out.update(_model_facts(model, self._input_shape()))
         return out
 
     def _run_bn_recalibrate(self, index: int, stage: StageSpec) -> Dict[str, Any]:
@@ -387,7 +456,7 @@ class Runner:
         out = {"top1": best["top1"], "top5": best["top5"], "loss": best["loss"], "before_top1": history[0]["top1"],
                "best_round": best["round"], "rounds": history, "best": os.path.relpath(best_path, self.out),
                "arch": arch, "seconds": time.perf_counter() - t0}
-        out.update(_model_facts(model))
+        out.update(_model_facts(model, self._input_shape()))
         return out
 
     def _run_export(self, index: int, stage: StageSpec) -> Dict[str, Any]:
@@ -429,6 +498,7 @@ class Runner:
         self._prepare_dir()
         t_start = time.perf_counter()
         self._data()
+        self._preflight()
         self.current["student"] = self._initial("student")
         if self.recipe.teacher is not None:
             self.current["teacher"] = self._initial("teacher")
@@ -485,11 +555,20 @@ class _Limited:
             yield b
 
 
-def _model_facts(model: nn.Module) -> Dict[str, Any]:
+def _model_facts(model: nn.Module, input_shape=None) -> Dict[str, Any]:
+    """Parameters, counted size, and with an input shape the MACs per image and the batch-64 CPU
+    inference latency of the model as it is (pycompress.profile)."""
     from ..quant import is_qat, model_size
     size = model_size(model)
-    return {"params": count_params(model), "size_bytes": int(size["bytes"]),
-            "fp32_bytes": int(size["fp32_bytes"]), "quantized": bool(is_qat(model))}
+    facts = {"params": count_params(model), "size_bytes": int(size["bytes"]),
+             "fp32_bytes": int(size["fp32_bytes"]), "quantized": bool(is_qat(model))}
+    if input_shape is not None:
+        from ..profile import measure_latency, profile_model
+        model = model.cpu()
+        facts["macs"] = int(profile_model(model, input_shape)["macs"])
+        lat = measure_latency(model, input_shape, batch_sizes=(64,), warmup=2, repeats=7)
+        facts["latency_ms"] = float(lat[0]["ms"])  # median ms per batch of 64 on the CPU
+    return facts
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list:
@@ -625,18 +704,33 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
                       "tensors in IEEE half / hw7's per-tensor min-max uint8; onnx: a QDQ graph for ONNX "
                       "Runtime (top-1 measured with ONNX Runtime). Load a .pcz with "
                       "`pycompress.export.load`, evaluate it with `pycompress eval FILE`.", ""]
+    for st in report["stages"]:
+        sl = st.get("slim")
+        if not sl:
+            continue
+        b = sl["before"]
+        lines.append(f"Slimming ({st['name']}: {sl['criterion']}, {len(sl['rounds'])} round(s), "
+                     f"{100 * sl['ratio']:.1f}% of each group's channels): parameters {b['params']:,} -> "
+                     f"{st['params']:,} ({100 * sl['params_ratio']:.1f}%), MACs {b.get('macs', 0) / 1e6:.3f} M -> "
+                     f"{(st.get('macs') or 0) / 1e6:.3f} M ({100 * sl['macs_ratio']:.1f}%), batch-64 CPU latency "
+                     f"{_fmt(b.get('latency_ms'))} -> {_fmt(st.get('latency_ms'))} ms"
+                     + (f" ({b['latency_ms'] / st['latency_ms']:.2f}x)" if b.get("latency_ms") and st.get("latency_ms")
+                        else "") + ".")
+        lines.append("")
     lines += ["## Stages", "",
-              "| # | stage | kind | target | epochs | best top-1 | final top-1 | sparsity | size (bytes) | time (s) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| # | stage | kind | target | epochs | best top-1 | final top-1 | sparsity | size (bytes) | MACs (M) | "
+              "latency b64 (ms) | time (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, st in enumerate(report["stages"]):
         best = st.get("best_top1", st.get("top1"))
         final = st.get("final_top1", st.get("top1"))
         size = st.get("size_bytes")
         sp = (st.get("sparsity") or {}).get("selected")
+        macs = st.get("macs")
         lines.append(f"| {i} | {st['name']} | {st['kind']} | {st['target']} | {st.get('epochs', '-')} | "
                      f"{_fmt(best)} | {_fmt(final)} | {'-' if sp is None else f'{100 * sp:.1f}%'} | "
-                     f"{'-' if size is None else f'{size:,}'} | "
-                     f"{_fmt(st.get('seconds'), '.1f')} |")
+                     f"{'-' if size is None else f'{size:,}'} | {'-' if macs is None else f'{macs / 1e6:.3f}'} | "
+                     f"{_fmt(st.get('latency_ms'))} | {_fmt(st.get('seconds'), '.1f')} |")
     lines += ["", "Per-stage logs and curves: `stages/NN-<name>/metrics.*`, `curves.png`; best "
               "checkpoints: `stages/NN-<name>/best.pt` (evaluate one with `pycompress eval`).", ""]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))

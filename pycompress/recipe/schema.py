@@ -49,8 +49,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-STAGE_KINDS = ("train", "distill", "prune", "quantize", "finetune", "ptq", "bn_recalibrate", "evaluate", "export")
-TRAINING_KINDS = ("train", "distill", "prune", "quantize", "finetune")
+STAGE_KINDS = ("train", "distill", "prune", "slim", "quantize", "finetune", "ptq", "bn_recalibrate", "evaluate",
+               "export")
+TRAINING_KINDS = ("train", "distill", "prune", "slim", "quantize", "finetune")
 # kinds that end with a new best checkpoint of their target (the next stage starts from it)
 CHECKPOINT_KINDS = TRAINING_KINDS + ("ptq", "bn_recalibrate")
 EXPORT_FORMATS = ("pcz", "fp16", "uint8", "onnx")
@@ -108,6 +109,7 @@ class StageSpec:
     distill: Optional[Any] = None          # dict, "kind:weight[:T]" string or a list of them
     quantize: Optional[Dict[str, Any]] = None
     prune: Optional[Dict[str, Any]] = None
+    slim: Optional[Dict[str, Any]] = None    # structured pruning: channels removed, fine-tuned per round
     amp: bool = False
     grad_clip: Optional[float] = None
     max_steps_per_epoch: Optional[int] = None
@@ -285,6 +287,7 @@ def _stage(ctx, raw, index) -> StageSpec:
         distill=raw.get("distill"),
         quantize=_want(ctx, where, "quantize", raw.get("quantize"), dict, optional=True),
         prune=_want(ctx, where, "prune", raw.get("prune"), dict, optional=True),
+        slim=_want(ctx, where, "slim", raw.get("slim"), dict, optional=True),
         amp=_want(ctx, where, "amp", raw.get("amp", False), bool),
         grad_clip=_want(ctx, where, "grad_clip", raw.get("grad_clip"), float, optional=True, low=0,
                         low_ok=False),
@@ -362,6 +365,21 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
         raise ctx.fail(where, "missing required key 'quantize' (the QAT settings of a 'quantize' stage)")
     if s.kind == "prune" and s.prune is None:
         raise ctx.fail(where, "missing required key 'prune' (the pruning settings of a 'prune' stage)")
+    if s.kind == "slim" and s.slim is None:
+        raise ctx.fail(where, "missing required key 'slim' (the channel-removal settings of a 'slim' stage)")
+    if s.slim is not None:
+        if s.target != "student":
+            raise ctx.fail(where, "'slim' works on the student (target: student)")
+        for other in ("quantize", "prune"):
+            if getattr(s, other) is not None:
+                raise ctx.fail(where, f"'slim' and {other!r} in one stage: slim the float network first, then "
+                                      f"{'quantize' if other == 'quantize' else 'prune'} it in a later stage "
+                                      f"(masks of earlier stages are carried over)")
+        from ..prune.structured import SlimSpec
+        try:
+            s.slim = SlimSpec.from_dict(s.slim).to_dict()
+        except (TypeError, ValueError) as exc:
+            raise ctx.fail(f"{where}: slim", str(exc)) from None
     if s.target == "teacher" and (s.distill is not None or s.quantize is not None or s.prune is not None):
         key = "distill" if s.distill is not None else "quantize" if s.quantize is not None else "prune"
         raise ctx.fail(where, f"{key!r} is not supported on a stage with target 'teacher'")
@@ -427,8 +445,14 @@ def _recipe(ctx, raw) -> Recipe:
             raise ctx.fail(f"stages[{i}] {s.name!r}", f"duplicate stage name (also stages[{seen[s.name]}])")
         seen[s.name] = i
     teacher_ready = r.teacher is not None and r.teacher.checkpoint is not None
+    quantized = None
     for i, s in enumerate(r.stages):
         where = f"stages[{i}] {s.name!r}"
+        if s.slim is not None and quantized is not None:
+            raise ctx.fail(where, f"'slim' after the student was quantized in stage {quantized!r}: slim the float "
+                                  f"network first, then quantize it")
+        if s.target == "student" and (s.quantize is not None or s.kind == "ptq"):
+            quantized = quantized or s.name
         if s.target == "teacher":
             if r.teacher is None:
                 raise ctx.fail(where, "target 'teacher' but the recipe has no 'teacher' section")
@@ -444,7 +468,7 @@ def _recipe(ctx, raw) -> Recipe:
             raise ctx.fail(where, "'distill' needs a trained teacher: add a 'teacher' section and "
                                   "either train it in an earlier stage (target: teacher) or set "
                                   "teacher.checkpoint")
-    compresses = any(s.target == "student" and (s.quantize is not None or s.prune is not None)
+    compresses = any(s.target == "student" and (s.quantize is not None or s.prune is not None or s.slim is not None)
                      for s in r.stages)
     if r.auto_export and compresses and not any(s.kind == "export" for s in r.stages):
         name = "export"
