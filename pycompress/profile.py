@@ -45,9 +45,10 @@ Latency (:func:`measure_latency`): eval mode, ``torch.inference_mode()``, one fi
 batch per batch size (never zeros: zeros would make sparse and quantized paths look cheap),
 ``warmup`` untimed calls then ``repeats`` calls each timed alone with ``time.perf_counter`` (on
 CUDA with ``torch.cuda.synchronize()`` before and after each); ``ms`` is the median, ``ms_min`` the
-fastest, ``images_per_s = batch / ms * 1000``. On a 2-core machine the depthwise kernel interleaved
-with torch's OpenMP ops can be far slower under OpenMP's default wait policy: set
-``OMP_WAIT_POLICY=PASSIVE`` when the numbers look implausible (see ``pycompress.bench.model``).
+fastest, ``images_per_s = batch / ms * 1000``. Measure on an otherwise idle machine: with another
+busy process on a 2-core VM, OpenMP's spinning worker threads compete with it and small kernels
+were measured up to 100x slower (on an idle machine the default wait policy is the fastest:
+1.07 ms against 2.82 ms with ``OMP_WAIT_POLICY=PASSIVE`` for the student at batch 1).
 """
 from __future__ import annotations
 

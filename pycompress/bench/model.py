@@ -34,10 +34,9 @@ Two things to know when reading the numbers. On x86, ORT fuses the QDQ convs int
 faster than fp32, but the stem conv (3 input channels: a 27-deep dot product) and the depthwise
 convs are slower in int8 than ORT's fp32 NCHWc kernels, and at full resolution they dominate a
 MobileNet-style student, so "ort int8" can be slower than "ort fp32"; weights below 8 bits gain
-nothing at run time (no int4 conv exists), only file size. And the torch rows run pycompress's
-depthwise kernel (as the artifact does); on a 2-core machine its calls, interleaved with torch's
-own OpenMP-parallel ops, were measured ~100x slower under OpenMP's default (active) wait policy:
-set ``OMP_WAIT_POLICY=PASSIVE`` when the torch rows look implausibly slow.
+nothing at run time (no int4 conv exists), only file size. And measure on an otherwise idle
+machine: another busy process competes with OpenMP's spinning threads on a 2-core VM and small
+kernels then take up to 100x longer (on an idle machine the default wait policy is the fastest).
 """
 from __future__ import annotations
 
