@@ -248,3 +248,34 @@ def test_refusals():
 def test_rounds_compose_to_the_total_ratio():
     spec = S.SlimSpec(criterion="bn_gamma", ratio=1 - 0.95 ** 5, rounds=5)
     assert spec.round_ratio() == pytest.approx(0.05)  # hw7: width x 0.95 per round
+
+
+class _Shuffle(nn.Module):
+    """A ShuffleNet-style channel shuffle (view + transpose): Torch-Pruning cannot map indices through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(torch.relu(self.b2(self.c2(x))).mean((2, 3)))
+
+
+def test_untraceable_graph_is_refused_and_the_model_kept():
+    m = _Shuffle().eval()
+    _randomize(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y0 = m(x)
+    with pytest.raises(S.SlimError, match="cannot follow _Shuffle.*nothing was removed"):
+        S.slim(m, {"criterion": "bn_gamma", "ratio": 0.5, "round_to": 1}, input_shape=(3, 8, 8))
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(m(x), y0)

@@ -15,8 +15,10 @@ analysis: it handled every model of the zoo and torchvision's resnet18 / mobilen
 try (tested), its index mapping for concat / flatten is exactly the part an fx analysis would
 have to rewrite, and keeping it behind this module (no other file imports it) keeps the choice
 replaceable. Its known failure modes are kept out: QAT models are refused (slim before QAT, as
-Torch-Pruning's own README says), the classifier's outputs are never pruned, and every slimmed
-model is checked by a forward pass.
+Torch-Pruning's own README says), the classifier's outputs are never pruned, and every removal is
+checked: the slimmed network must compute what the original computes with the removed channels
+zeroed (an op Torch-Pruning treats as element-wise but that moves channels, such as a channel
+shuffle, fails this), else the model is restored and SlimError raised.
 
 What is removed (``SlimSpec``):
 
@@ -437,13 +439,67 @@ def remove_channels(model: nn.Module, picks: Mapping[str, Sequence[int]], *, exa
 
 
 def _remove(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], example: torch.Tensor) -> None:
-    from . import masks as M
+    """Remove the picked channels; all or nothing: on any failure the model is restored as it was."""
+    import copy
 
+    snapshot = copy.deepcopy(model)
+    try:
+        _remove_in_place(g, model, picks, example)
+    except BaseException:
+        model.__dict__.update(snapshot.__dict__)  # the untouched modules, parameters and buffers
+        raise
+
+
+def _dead_copy(g: _Graph, model: nn.Module, picks: Dict[str, List[int]]) -> nn.Module:
+    """A copy of ``model`` in which the picked channels are dead: every producer of them (conv /
+    linear output rows and biases, BatchNorm gamma and beta, a depthwise conv's channels) zeroed.
+    Removing dead channels must not change the function; ``_remove_in_place`` checks that the
+    slimmed model computes what this copy computes, which catches an analysis that coupled the
+    wrong channels (an op it could not follow)."""
+    import copy
+
+    dead = copy.deepcopy(model)
+    names = dict(dead.named_modules())
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, idxs in picks.items():
+            if not idxs:
+                continue
+            root = mods[name]
+            fn = g.tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else g.tp.prune_linear_out_channels
+            for dep, ix in g.DG.get_pruning_group(root, fn, sorted(set(idxs))):
+                t = dep.target.module
+                if t not in g.names or not ix or not g._is_out(dep):
+                    continue
+                d = names[g.names[t]]
+                ix = list(ix)
+                if isinstance(d, _BatchNorm):
+                    if d.weight is not None:
+                        d.weight[ix] = 0
+                    if d.bias is not None:
+                        d.bias[ix] = 0
+                elif isinstance(d, (nn.Conv2d, nn.Linear)):
+                    d.weight[ix] = 0
+                    if d.bias is not None:
+                        d.bias[ix] = 0
+    return dead
+
+
+def _run_eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         was = model.training
         model.eval()
-        y0 = model(example)
-        model.train(was)
+        try:
+            return model(x)
+        finally:
+            model.train(was)
+
+
+def _remove_in_place(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], example: torch.Tensor) -> None:
+    from . import masks as M
+
+    y0 = _run_eval(model, example)
+    y_dead = _run_eval(_dead_copy(g, model, picks), example)
     mods = dict(model.named_modules())
     masks = {m: M.get_mask(m) for m in M.masked_layers(model).values()}
     for name, idxs in picks.items():
@@ -455,9 +511,17 @@ def _remove(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], example: t
             raise SlimError(f"layer {name!r}: cannot remove channels {sorted(idxs)[:8]}... of its {n} "
                             f"(out of range, or none would be left)")
         fn = g.tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else g.tp.prune_linear_out_channels
-        pg = g.DG.get_pruning_group(root, fn, sorted(set(idxs)))
-        cuts = g.dims(pg)
-        pg.prune()
+        try:
+            pg = g.DG.get_pruning_group(root, fn, sorted(set(idxs)))
+            cuts = g.dims(pg)
+            pg.prune()
+        except SlimError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Torch-Pruning could not map the indices through an op
+            raise SlimError(f"the dependency analysis cannot follow {type(model).__name__} at the channel group of "
+                            f"{name!r}: {type(exc).__name__}: {exc} (an op between its layers that it cannot map "
+                            f"channel indices through, e.g. a view / transpose channel shuffle); nothing was "
+                            f"removed") from None
         for m, dim, ix in cuts:
             if m in masks:
                 keep = torch.ones(masks[m].shape[dim], dtype=torch.bool)
@@ -473,11 +537,20 @@ def _remove(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], example: t
             y1 = model(example)
         except Exception as exc:  # noqa: BLE001
             raise SlimError(f"the slimmed {type(model).__name__} does not run ({type(exc).__name__}: {exc}): the "
-                            f"dependency analysis missed a coupling; the model is unusable now, rebuild it") from None
+                            f"dependency analysis missed a coupling (an op it treats as element-wise); nothing was "
+                            f"removed") from None
         finally:
             model.train(was)
     if tuple(y1.shape) != tuple(y0.shape):
-        raise SlimError(f"the slimmed model's output shape changed from {tuple(y0.shape)} to {tuple(y1.shape)}")
+        raise SlimError(f"the slimmed model's output shape changed from {tuple(y0.shape)} to {tuple(y1.shape)}; "
+                        f"nothing was removed")
+    scale = float(y_dead.abs().max()) if y_dead.numel() else 0.0
+    if not torch.allclose(y1.float(), y_dead.float(), rtol=1e-4, atol=1e-4 * scale + 1e-6):
+        raise SlimError(f"the dependency analysis cannot follow {type(model).__name__}: the slimmed network does not "
+                        f"compute what the network with the removed channels zeroed computes (largest difference "
+                        f"{float((y1 - y_dead).abs().max()):.3g}): an op between its layers maps channels in a way the "
+                        f"analysis does not see (a view / transpose channel shuffle, a normalization over channels); "
+                        f"nothing was removed")
     build = getattr(model, "_pycompress_build", None)
     if isinstance(build, dict):
         build["slim"] = model_plan(model)
