@@ -24,8 +24,14 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 # Build against the torch just installed (no build isolation); ninja rebuilds only what changed.
 # Skipped when the installed extension is newer than every C++/CUDA source and the build files.
+# PYCOMPRESS_CUDA (0 | 1 | auto, default auto) also decides whether an up-to-date CPU-only build must be
+# rebuilt with the CUDA kernels (scripts/quickstart.sh builds them only where a GPU can use them).
+WANT_CUDA=${PYCOMPRESS_CUDA:-auto}
+HAVE_NVCC=0; [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && HAVE_NVCC=1
 so=$(ls pycompress/_C*.so 2>/dev/null | head -1 || true)
-if [ -n "$so" ] && [ -x .venv/bin/pycompress ] && (cd / && "$OLDPWD/.venv/bin/python" -c "import pycompress") 2>/dev/null \
+if [ -n "$so" ] && [ -x .venv/bin/pycompress ] && (cd / && "$OLDPWD/.venv/bin/python" -c "
+import sys, pycompress._ext as e
+sys.exit(0 if e.cuda_built() or '$WANT_CUDA' == '0' or '$HAVE_NVCC' == '0' else 1)") 2>/dev/null \
    && [ -z "$(find csrc setup.py pyproject.toml -newer "$so" -type f 2>/dev/null | head -1)" ]; then
   echo "pycompress extension up to date ($so)"
 else
