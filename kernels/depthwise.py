@@ -23,27 +23,29 @@ Arithmetic: loads are upcast to fp32 at once, products are accumulated in fp32 w
 reference), and the result is cast once to the output dtype (round to nearest even). The
 summation order differs from the reference's (per-dtype tolerances). ReLU / ReLU6 are selects that
 keep a NaN (as torch.relu / clamp do). Under the interpreter (TRITON_INTERPRET=1, CPU tensors) bf16
-is converted by hand (see kernels/fake_quantize.py: _to_f32 / _from_f32).
+is converted by hand (see kernels/_common.py: to_f32 / from_f32).
 
 Tile shapes come from an autotuned (TILE elements per program, WCAP column cap, num_warps), shaped
 to the problem by a heuristic (powers of two, capped by the output extent); one config under the
 interpreter. The weight gradient is a deterministic two-stage reduction: each program writes its
 partial sums to a buffer whose shape depends only on the problem, and torch sums the partials in a
 fixed order (fp64) - no float atomics.
+
+The launchers take the op layer's validated arguments; they check, in O(1), what keeps the kernels
+in bounds (4-D tensors, weight [C, 1, kh, kw] and scale / shift of 0 or C elements on x's device,
+grad_out matching x's batch and channels, dtypes) and raise TypeError / ValueError otherwise.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .fake_quantize import _from_f32, _soft_bf16, _to_f32
+from ._common import check_dims, from_f32, interpreting, soft_bf16, to_f32
 
 __all__ = ["depthwise_fwd", "depthwise_bwd_input", "depthwise_bwd_weight"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 
 # Tile caps (powers of two), on top of each config's WCAP: NCHW tiles take up to _MAX_BW columns,
 # channels-last tiles up to _MAX_BC channels and _MAX_BW_CL columns, the rest of TILE in rows.
@@ -185,13 +187,13 @@ def _depthwise_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr, C, H, W, 
         for b in tl.static_range(KW):
             iw = iw0 + b * DW
             m = mh[:, None] & ((iw >= 0) & (iw < W))[None, :]
-            xv = _to_f32(tl.load(x_base + ih[:, None] * W + iw[None, :], mask=m, other=0.0), SOFT_BF16)
-            wv = _to_f32(tl.load(w_base + (a * KW + b)), SOFT_BF16)
+            xv = to_f32(tl.load(x_base + ih[:, None] * W + iw[None, :], mask=m, other=0.0), SOFT_BF16)
+            wv = to_f32(tl.load(w_base + (a * KW + b)), SOFT_BF16)
             acc = tl.fma(xv, tl.broadcast_to(wv, [BH, BW]), acc)
     y = _epilogue(acc, scale_ptr, shift_ptr, c, True, HAS_SCALE, HAS_SHIFT, ACT)
     out_base = out_ptr + pid_nc.to(tl.int64) * HT * WT
     om = (oh < HT)[:, None] & (ow < WT)[None, :]
-    tl.store(out_base + oh[:, None] * WT + ow[None, :], _from_f32(y, out_ptr.dtype.element_ty, SOFT_BF16), mask=om)
+    tl.store(out_base + oh[:, None] * WT + ow[None, :], from_f32(y, out_ptr.dtype.element_ty, SOFT_BF16), mask=om)
 
 
 @triton.autotune(configs=_configs(_GPU_CONFIGS_CL), key=_KEY)
@@ -233,14 +235,14 @@ def _depthwise_fwd_cl_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr, C, H, 
             iw = iw0 + b * DW
             mp = mh[:, None] & ((iw >= 0) & (iw < W))[None, :]
             offs = ((ih[:, None] * W + iw[None, :]) * C)[:, :, None] + c[None, None, :]
-            xv = _to_f32(tl.load(x_base + offs, mask=mp[:, :, None] & cm[None, None, :], other=0.0), SOFT_BF16)
-            wv = _to_f32(tl.load(w_ptr + c * (KH * KW) + (a * KW + b), mask=cm, other=0.0), SOFT_BF16)
+            xv = to_f32(tl.load(x_base + offs, mask=mp[:, :, None] & cm[None, None, :], other=0.0), SOFT_BF16)
+            wv = to_f32(tl.load(w_ptr + c * (KH * KW) + (a * KW + b), mask=cm, other=0.0), SOFT_BF16)
             acc = tl.fma(xv, tl.broadcast_to(wv[None, None, :], [BH, BW, BC]), acc)
     y = _epilogue(acc, scale_ptr, shift_ptr, c[None, None, :], cm[None, None, :], HAS_SCALE, HAS_SHIFT, ACT)
     out_base = out_ptr + n.to(tl.int64) * HT * WT * C
     om = ((oh < HT)[:, None] & (ow < WT)[None, :])[:, :, None] & cm[None, None, :]
     offs = ((oh[:, None] * WT + ow[None, :]) * C)[:, :, None] + c[None, None, :]
-    tl.store(out_base + offs, _from_f32(y, out_ptr.dtype.element_ty, SOFT_BF16), mask=om)
+    tl.store(out_base + offs, from_f32(y, out_ptr.dtype.element_ty, SOFT_BF16), mask=om)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,12 +294,12 @@ def _depthwise_bwd_input_kernel(g_ptr, w_ptr, gx_ptr, C, H, W, HT, WT, Ho, Wo, p
                     j = tw >> 1
                     mj = ((tw & 1) == 0) & (tw >= 0) & (j < Wo)
                 m = mi[:, None] & mj[None, :]
-                gv = _to_f32(tl.load(g_base + i[:, None] * Wo + j[None, :], mask=m, other=0.0), SOFT_BF16)
-                wv = _to_f32(tl.load(w_base + (a * KW + b)), SOFT_BF16)
+                gv = to_f32(tl.load(g_base + i[:, None] * Wo + j[None, :], mask=m, other=0.0), SOFT_BF16)
+                wv = to_f32(tl.load(w_base + (a * KW + b)), SOFT_BF16)
                 acc = tl.fma(gv, tl.broadcast_to(wv, [BH, BW]), acc)
     gx_base = gx_ptr + pid_nc.to(tl.int64) * H * W
     om = (h < H)[:, None] & (w < W)[None, :]
-    tl.store(gx_base + h[:, None] * W + w[None, :], _from_f32(acc, gx_ptr.dtype.element_ty, SOFT_BF16), mask=om)
+    tl.store(gx_base + h[:, None] * W + w[None, :], from_f32(acc, gx_ptr.dtype.element_ty, SOFT_BF16), mask=om)
 
 
 @triton.autotune(configs=_configs(_GPU_CONFIGS_CL), key=_KEY)
@@ -345,13 +347,13 @@ def _depthwise_bwd_input_cl_kernel(g_ptr, w_ptr, gx_ptr, C, H, W, HT, WT, Ho, Wo
                     mj = ((tw & 1) == 0) & (tw >= 0) & (j < Wo)
                 mp = mi[:, None] & mj[None, :]
                 offs = ((i[:, None] * Wo + j[None, :]) * C)[:, :, None] + c[None, None, :]
-                gv = _to_f32(tl.load(g_base + offs, mask=mp[:, :, None] & cm[None, None, :], other=0.0), SOFT_BF16)
-                wv = _to_f32(tl.load(w_ptr + c * (KH * KW) + (a * KW + b), mask=cm, other=0.0), SOFT_BF16)
+                gv = to_f32(tl.load(g_base + offs, mask=mp[:, :, None] & cm[None, None, :], other=0.0), SOFT_BF16)
+                wv = to_f32(tl.load(w_ptr + c * (KH * KW) + (a * KW + b), mask=cm, other=0.0), SOFT_BF16)
                 acc = tl.fma(gv, tl.broadcast_to(wv[None, None, :], [BH, BW, BC]), acc)
     gx_base = gx_ptr + n.to(tl.int64) * H * W * C
     om = ((h < H)[:, None] & (w < W)[None, :])[:, :, None] & cm[None, None, :]
     offs = ((h[:, None] * W + w[None, :]) * C)[:, :, None] + c[None, None, :]
-    tl.store(gx_base + offs, _from_f32(acc, gx_ptr.dtype.element_ty, SOFT_BF16), mask=om)
+    tl.store(gx_base + offs, from_f32(acc, gx_ptr.dtype.element_ty, SOFT_BF16), mask=om)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +400,12 @@ def _depthwise_bwd_weight_kernel(g_ptr, x_ptr, part_ptr, C, H, W, HT, WT, Ho, Wo
         for col0 in range(0, Wo, BW):
             ow = col0 + tl.arange(0, BW)
             mw = ow < Wo
-            gv = _to_f32(tl.load(g_base + oh[:, None] * Wo + ow[None, :], mask=mh[:, None] & mw[None, :],
-                                 other=0.0), SOFT_BF16)
+            gv = to_f32(tl.load(g_base + oh[:, None] * Wo + ow[None, :], mask=mh[:, None] & mw[None, :],
+                                other=0.0), SOFT_BF16)
             iw = (ow * SW - pw)[None, :] + kw_off[:, None]  # [KKP, BW]
             miw = (iw >= 0) & (iw < W) & mw[None, :]
             m = mih[:, :, None] & miw[:, None, :]
-            xv = _to_f32(tl.load(x_base + (ih * W)[:, :, None] + iw[:, None, :], mask=m, other=0.0), SOFT_BF16)
+            xv = to_f32(tl.load(x_base + (ih * W)[:, :, None] + iw[:, None, :], mask=m, other=0.0), SOFT_BF16)
             acc = tl.fma(xv, tl.broadcast_to(gv[None, :, :], [KKP, BH, BW]), acc)
             if HAS_BIAS:
                 accb += gv
@@ -453,11 +455,11 @@ def _depthwise_bwd_weight_cl_kernel(g_ptr, x_ptr, part_ptr, C, H, W, HT, WT, Ho,
             ow = col0 + tl.arange(0, BW)
             mw = ow < Wo
             mg = mw[:, None] & cm[None, :]
-            gv = _to_f32(tl.load(g_row + (ow * C)[:, None] + c[None, :], mask=mg, other=0.0), SOFT_BF16)
+            gv = to_f32(tl.load(g_row + (ow * C)[:, None] + c[None, :], mask=mg, other=0.0), SOFT_BF16)
             iw = (ow * SW - pw)[None, :] + kw_off[:, None]  # [KKP, BW]
             mp = mih[:, None] & (iw >= 0) & (iw < W) & mw[None, :]
             offs = ((ih[:, None] * W + iw) * C)[:, :, None] + c[None, None, :]
-            xv = _to_f32(tl.load(x_img + offs, mask=mp[:, :, None] & cm[None, None, :], other=0.0), SOFT_BF16)
+            xv = to_f32(tl.load(x_img + offs, mask=mp[:, :, None] & cm[None, None, :], other=0.0), SOFT_BF16)
             acc = tl.fma(xv, tl.broadcast_to(gv[None, :, :], [KKP, BW, BC]), acc)
             if HAS_BIAS:
                 accb += gv
@@ -497,6 +499,32 @@ def _out_size(n: int, k: int, s: int, p: int, d: int) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _check_x_weight(fn: str, x: torch.Tensor, weight: torch.Tensor, name: str = "x") -> None:
+    """x (or grad_out, `name`) 4-D fp32 / fp16 / bf16 [N, C, H, W] (any strides: the launchers
+    normalise them), weight [C, 1, kh, kw] in its dtype on its device (read at c * kh * kw + tap for
+    every channel c < C)."""
+    check_dims(fn, name, x, 4)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{fn}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{fn}: weight must have {name}'s dtype {x.dtype}, got {weight.dtype}")
+    check_dims(fn, "weight", weight, 4)
+    if weight.shape[0] != x.shape[1] or weight.shape[1] != 1 or weight.device != x.device:
+        raise ValueError(f"{fn}: weight must be [C = {x.shape[1]}, 1, kh, kw] on {x.device}, got "
+                         f"{tuple(weight.shape)} on {weight.device}")
+
+
+def _check_affine(fn: str, name: str, v: torch.Tensor, C: int, device: torch.device) -> None:
+    """scale / shift: an empty tensor (not read) or fp32 [C] on x's device (made contiguous by the
+    launcher)."""
+    if v.numel() == 0:
+        return
+    if v.dtype != torch.float32:
+        raise TypeError(f"{fn}: {name} must be float32, got {v.dtype}")
+    if v.numel() != C or v.device != device:
+        raise ValueError(f"{fn}: {name} must have 0 or C = {C} elements on {device}, got {v.numel()} on {v.device}")
+
+
 def _geometry(sh, sw, ph, pw, dh, dw):
     sh, sw, ph, pw, dh, dw = (int(v) for v in (sh, sw, ph, pw, dh, dw))
     if sh not in (1, 2) or sw not in (1, 2):
@@ -508,6 +536,12 @@ def _geometry(sh, sw, ph, pw, dh, dw):
 
 def depthwise_fwd(x, weight, scale, shift, sh, sw, ph, pw, dh, dw, act):
     """act(conv(x, weight) * scale + shift), x's dtype and memory format (see depthwise_fwd_ref)."""
+    fn = "depthwise_fwd (triton)"
+    _check_x_weight(fn, x, weight)
+    _check_affine(fn, "scale", scale, x.shape[1], x.device)
+    _check_affine(fn, "shift", shift, x.shape[1], x.device)
+    if act not in (0, 1, 2):
+        raise ValueError(f"{fn}: act must be 0 (none), 1 (relu) or 2 (relu6), got {act!r}")
     sh, sw, ph, pw, dh, dw = _geometry(sh, sw, ph, pw, dh, dw)
     x = _normalise(x)
     weight = weight.contiguous()
@@ -523,7 +557,7 @@ def depthwise_fwd(x, weight, scale, shift, sh, sw, ph, pw, dh, dw, act):
     sc = scale.contiguous() if has_scale else out
     sf = shift.contiguous() if has_shift else out
     meta = dict(KH=KH, KW=KW, SH=sh, SW=sw, DH=dh, DW=dw, HAS_SCALE=has_scale, HAS_SHIFT=has_shift, ACT=int(act),
-                SOFT_BF16=_soft_bf16(), **_OPTS)
+                SOFT_BF16=soft_bf16(), **_OPTS)
     if cl:
         _check_i32("image", max(H * W, Ho * Wo) * C)
         def grid(m):
@@ -541,6 +575,7 @@ def depthwise_fwd(x, weight, scale, shift, sh, sw, ph, pw, dh, dw, act):
 
 def depthwise_bwd_input(grad_out, weight, H, W, sh, sw, ph, pw, dh, dw):
     """grad_x [N, C, H, W] in grad_out's dtype and memory format (see depthwise_bwd_input_ref)."""
+    _check_x_weight("depthwise_bwd_input (triton)", grad_out, weight, "grad_out")
     sh, sw, ph, pw, dh, dw = _geometry(sh, sw, ph, pw, dh, dw)
     H, W = int(H), int(W)
     g = _normalise(grad_out)
@@ -555,7 +590,7 @@ def depthwise_bwd_input(grad_out, weight, H, W, sh, sw, ph, pw, dh, dw):
     if g.numel() == 0:
         return gx.zero_()
     HT = triton.cdiv(H, sh)  # rows per parity class
-    meta = dict(KH=KH, KW=KW, SH=sh, SW=sw, DH=dh, DW=dw, SOFT_BF16=_soft_bf16(), **_OPTS)
+    meta = dict(KH=KH, KW=KW, SH=sh, SW=sw, DH=dh, DW=dw, SOFT_BF16=soft_bf16(), **_OPTS)
     if cl:
         _check_i32("image", max(H * W, Ho * Wo) * C)
         def grid(m):
@@ -577,8 +612,19 @@ def depthwise_bwd_weight(grad_out, x, kh, kw, sh, sw, ph, pw, dh, dw, with_bias)
     Two stages, deterministic: the kernel writes fp32 partial sums (one per program and tap) whose
     layout depends only on the problem, then torch sums them in fp64 in a fixed order.
     """
+    fn = "depthwise_bwd_weight (triton)"
+    check_dims(fn, "x", x, 4)
+    check_dims(fn, "grad_out", grad_out, 4)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or grad_out.dtype != x.dtype:
+        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16 and grad_out of x's dtype, got {x.dtype} "
+                        f"and {grad_out.dtype}")
+    if grad_out.shape[:2] != x.shape[:2] or grad_out.device != x.device:
+        raise ValueError(f"{fn}: grad_out must be [N = {x.shape[0]}, C = {x.shape[1]}, Ho, Wo] on {x.device}, got "
+                         f"{tuple(grad_out.shape)} on {grad_out.device}")
     sh, sw, ph, pw, dh, dw = _geometry(sh, sw, ph, pw, dh, dw)
     KH, KW = int(kh), int(kw)
+    if KH < 1 or KW < 1:
+        raise ValueError(f"{fn}: kernel size must be >= 1, got {(KH, KW)}")
     x = _normalise(x)
     N, C, H, W = x.shape
     cl = _is_cl(x)
@@ -591,7 +637,7 @@ def depthwise_bwd_weight(grad_out, x, kh, kw, sh, sw, ph, pw, dh, dw, with_bias)
         gw = torch.zeros((C, 1, KH, KW), dtype=torch.float32, device=dev)
         return gw, (torch.zeros(C, dtype=torch.float32, device=dev) if with_bias else gb_empty)
     meta = dict(KH=KH, KW=KW, SH=sh, SW=sw, DH=dh, DW=dw, KKP=_np2(KK), HAS_BIAS=bool(with_bias),
-                SOFT_BF16=_soft_bf16(), **_OPTS)
+                SOFT_BF16=soft_bf16(), **_OPTS)
     if cl:
         _check_i32("image", max(H * W, Ho * Wo) * C)
         rows = N * Ho

@@ -6,9 +6,11 @@ is per-tensor), fp32 [C] inv_scale / scale / zero_point, arithmetic in fp32, for
 straight-through backward bit for bit equal to the reference, LSQ sums within float-summation
 tolerance of it.
 
-The launchers take the op layer's already validated, normalised arguments: they only allocate
-outputs, pick a strategy, block sizes and a grid, and launch. Everything also runs under the
-Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors), which is how it is tested without a GPU.
+The launchers take the op layer's already validated, normalised arguments: they allocate outputs,
+pick a strategy, block sizes and a grid, and launch, after O(1) checks of what keeps the kernels in
+bounds (dtypes, devices, contiguity, [C] parameters, a packed mask of exactly ceil(n / 32) * 4
+bytes; see ``kernels/_common.py``). Everything also runs under the Triton interpreter
+(``TRITON_INTERPRET=1``, CPU tensors), which is how it is tested without a GPU.
 
 Forward launch strategies (B = FWD_BLOCK elements per program):
     C == 1                  flat blocks, the three scalars loaded once per program
@@ -37,11 +39,12 @@ inner, e.g. channels-last).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import (check_float, check_like, check_packed, check_vector, from_f32, pack_bits, packed_mask_bytes,
+                      select_tile, soft_bf16, to_f32)
 
 __all__ = ["fake_quantize_fwd", "fake_quantize_bwd", "fake_quantize_bwd_learnable"]
 
@@ -85,37 +88,6 @@ def _magic(d: int, bits: int = _DIV_BITS) -> tuple[int, int]:
         return 0, 0
     s = bits + (d - 1).bit_length()
     return -(-(1 << s) // d), s
-
-
-# ---------------------------------------------------------------------------------------------
-# dtype conversions
-#
-# The interpreter converts bf16 <-> fp32 with its own bit manipulation, which truncates on the way
-# down and mangles subnormals on the way up. Under the interpreter (SOFT_BF16, set by the
-# launchers from TRITON_INTERPRET) bf16 is therefore converted here with integer ops, exactly as
-# the hardware does (upcast: the 16 bits shifted up; downcast: round to nearest even, NaN stays a
-# quiet NaN). Compiled kernels use the native conversions (cvt.rn.bf16.f32 and a shift).
-
-
-@triton.jit
-def _to_f32(v, SOFT_BF16: tl.constexpr):
-    """Upcast a loaded fp32 / fp16 / bf16 tensor to fp32 (exact)."""
-    if SOFT_BF16:
-        if v.dtype == tl.bfloat16:
-            v = (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return v.to(tl.float32)
-
-
-@triton.jit
-def _from_f32(v, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """Round fp32 v to nearest even in `dtype` (a NaN stays NaN)."""
-    if SOFT_BF16:
-        if dtype == tl.bfloat16:
-            b = v.to(tl.uint32, bitcast=True)
-            hi = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-            hi = tl.where((b & 0x7FFFFFFF) > 0x7F800000, (b >> 16) | 0x40, hi)
-            v = hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return v.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,9 +161,9 @@ def _fwd_tile(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_ptr, start, n, ma
     j = rows[:, None] * 8 + bit[None, :]  # int32 offset inside the block, added to `start`
     if MASKED:
         inb = j < n - start
-        x = _to_f32(tl.load(x_ptr + start + j, mask=inb, other=0.0), SOFT_BF16)
+        x = to_f32(tl.load(x_ptr + start + j, mask=inb, other=0.0), SOFT_BF16)
     else:
-        x = _to_f32(tl.load(x_ptr + start + j), SOFT_BF16)
+        x = to_f32(tl.load(x_ptr + start + j), SOFT_BF16)
 
     if MODE == 0:  # per-tensor
         inv = tl.load(inv_ptr)
@@ -220,7 +192,7 @@ def _fwd_tile(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_ptr, start, n, ma
         zp = tl.where(second, tl.load(zp_ptr + c1), tl.load(zp_ptr + c0))
 
     out, below, above = _quantize(x, inv, scale, zp, qmin, qmax)
-    out = _from_f32(out, out_ptr.dtype.element_ty, SOFT_BF16)
+    out = from_f32(out, out_ptr.dtype.element_ty, SOFT_BF16)
     if MASKED:
         tl.store(out_ptr + start + j, out, mask=inb)
     else:
@@ -230,7 +202,7 @@ def _fwd_tile(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_ptr, start, n, ma
         keep = (below | above) == 0
         if MASKED:
             keep = keep & inb  # padding bits past n are 0
-        byte = tl.sum(keep.to(tl.int32) << bit[None, :], axis=1).to(tl.uint8)
+        byte = pack_bits(keep, 8, 1).to(tl.uint8)
         byte_ptr = mask_ptr + start // 8 + rows
         if MASKED:
             tl.store(byte_ptr, byte, mask=rows < mask_nbytes - start // 8)
@@ -274,11 +246,11 @@ def _fwd_cols_tile(x_ptr, out_ptr, mask_ptr, offs, byte_offs, inv, scale, zp, rm
     """One [RO, BL // 8, 8] tile of _fake_quantize_fwd_cols_kernel; MASKED False: a full tile."""
     if MASKED:
         m = rmask[:, None, None] & cmask[None, :, :]
-        x = _to_f32(tl.load(x_ptr + offs, mask=m, other=0.0), SOFT_BF16)
+        x = to_f32(tl.load(x_ptr + offs, mask=m, other=0.0), SOFT_BF16)
     else:
-        x = _to_f32(tl.load(x_ptr + offs), SOFT_BF16)
+        x = to_f32(tl.load(x_ptr + offs), SOFT_BF16)
     out, below, above = _quantize(x, inv, scale, zp, qmin, qmax)
-    out = _from_f32(out, out_ptr.dtype.element_ty, SOFT_BF16)
+    out = from_f32(out, out_ptr.dtype.element_ty, SOFT_BF16)
     if MASKED:
         tl.store(out_ptr + offs, out, mask=m)
     else:
@@ -287,8 +259,7 @@ def _fwd_cols_tile(x_ptr, out_ptr, mask_ptr, offs, byte_offs, inv, scale, zp, rm
         keep = (below | above) == 0
         if MASKED:
             keep = keep & m
-        bit = tl.arange(0, 8)
-        byte = tl.sum(keep.to(tl.int32) << bit[None, None, :], axis=2).to(tl.uint8)
+        byte = pack_bits(keep, 8, 2).to(tl.uint8)
         if MASKED:
             tl.store(mask_ptr + byte_offs, byte, mask=rmask[:, None] & bmask[None, :])
         else:
@@ -341,27 +312,6 @@ def _fake_quantize_fwd_cols_kernel(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr,
 
 
 @triton.jit
-def _bwd_tile(g_ptr, mask_ptr, gx_ptr, start, n, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.arange(0, BLOCK // 8)
-    bit = tl.arange(0, 8)
-    j = rows[:, None] * 8 + bit[None, :]
-    byte_ptr = mask_ptr + start // 8 + rows
-    if MASKED:
-        inb = j < n - start
-        byte = tl.load(byte_ptr, mask=rows * 8 < n - start, other=0)
-        g = tl.load(g_ptr + start + j, mask=inb, other=0.0)
-    else:
-        byte = tl.load(byte_ptr)
-        g = tl.load(g_ptr + start + j)
-    keep = ((byte.to(tl.int32)[:, None] >> bit[None, :]) & 1) != 0
-    gx = tl.where(keep, g, tl.zeros_like(g))
-    if MASKED:
-        tl.store(gx_ptr + start + j, gx, mask=inb)
-    else:
-        tl.store(gx_ptr + start + j, gx)
-
-
-@triton.jit
 def _fake_quantize_bwd_kernel(g_ptr, mask_ptr, gx_ptr, n, BLOCK: tl.constexpr):
     """Straight-through backward: gx[i] = g[i] where bit i of the packed mask is set, else 0.
 
@@ -371,9 +321,9 @@ def _fake_quantize_bwd_kernel(g_ptr, mask_ptr, gx_ptr, n, BLOCK: tl.constexpr):
     """
     start = tl.program_id(0).to(tl.int64) * BLOCK
     if start + BLOCK <= n:
-        _bwd_tile(g_ptr, mask_ptr, gx_ptr, start, n, False, BLOCK)
+        select_tile(g_ptr, gx_ptr, mask_ptr, start, n, 8, False, BLOCK)
     else:
-        _bwd_tile(g_ptr, mask_ptr, gx_ptr, start, n, True, BLOCK)
+        select_tile(g_ptr, gx_ptr, mask_ptr, start, n, 8, True, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,11 +337,11 @@ def _lsq_flat_tile(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr, zp_ptr, part_ptr, s
     if MASKED:
         inb = j < n - start
         g_raw = tl.load(g_ptr + start + j, mask=inb, other=0.0)
-        x = _to_f32(tl.load(x_ptr + start + j, mask=inb, other=0.0), SOFT_BF16)
+        x = to_f32(tl.load(x_ptr + start + j, mask=inb, other=0.0), SOFT_BF16)
     else:
         g_raw = tl.load(g_ptr + start + j)
-        x = _to_f32(tl.load(x_ptr + start + j), SOFT_BF16)
-    clamped, d_scale, d_zero = _lsq_terms(x, _to_f32(g_raw, SOFT_BF16), tl.load(inv_ptr), tl.load(scale_ptr),
+        x = to_f32(tl.load(x_ptr + start + j), SOFT_BF16)
+    clamped, d_scale, d_zero = _lsq_terms(x, to_f32(g_raw, SOFT_BF16), tl.load(inv_ptr), tl.load(scale_ptr),
                                           tl.load(zp_ptr), qmin, qmax)
     # grad_x selects the loaded gradient itself: no fp32 round trip.
     gx = tl.where(clamped, tl.zeros_like(g_raw), g_raw)
@@ -454,11 +404,11 @@ def _fake_quantize_bwd_learnable_rows_kernel(g_ptr, x_ptr, gx_ptr, inv_ptr, scal
     if MASKED:
         m = (r < R)[:, None] & (k < inner - col0)[None, :]
         g_raw = tl.load(g_ptr + offs, mask=m, other=0.0)
-        x = _to_f32(tl.load(x_ptr + offs, mask=m, other=0.0), SOFT_BF16)
+        x = to_f32(tl.load(x_ptr + offs, mask=m, other=0.0), SOFT_BF16)
     else:
         g_raw = tl.load(g_ptr + offs)
-        x = _to_f32(tl.load(x_ptr + offs), SOFT_BF16)
-    clamped, d_scale, d_zero = _lsq_terms(x, _to_f32(g_raw, SOFT_BF16), inv, scale, zp, qmin, qmax)
+        x = to_f32(tl.load(x_ptr + offs), SOFT_BF16)
+    clamped, d_scale, d_zero = _lsq_terms(x, to_f32(g_raw, SOFT_BF16), inv, scale, zp, qmin, qmax)
     gx = tl.where(clamped, tl.zeros_like(g_raw), g_raw)
     p = part_ptr + r * ncb + kb
     if MASKED:
@@ -502,8 +452,8 @@ def _fake_quantize_bwd_learnable_cols_kernel(g_ptr, x_ptr, gx_ptr, inv_ptr, scal
         offs = (r * L)[:, None] + cols[None, :]
         m = (r < outer)[:, None] & cmask[None, :]
         g_raw = tl.load(g_ptr + offs, mask=m, other=0.0)
-        x = _to_f32(tl.load(x_ptr + offs, mask=m, other=0.0), SOFT_BF16)
-        clamped, d_scale, d_zero = _lsq_terms(x, _to_f32(g_raw, SOFT_BF16), inv, scale, zp, qmin, qmax)
+        x = to_f32(tl.load(x_ptr + offs, mask=m, other=0.0), SOFT_BF16)
+        clamped, d_scale, d_zero = _lsq_terms(x, to_f32(g_raw, SOFT_BF16), inv, scale, zp, qmin, qmax)
         tl.store(gx_ptr + offs, tl.where(clamped, tl.zeros_like(g_raw), g_raw), mask=m)
         acc_s += tl.sum(d_scale.to(tl.float64), axis=0)
         acc_z += tl.sum(d_zero.to(tl.float64), axis=0)
@@ -522,16 +472,25 @@ def _fake_quantize_bwd_learnable_cols_kernel(g_ptr, x_ptr, gx_ptr, inv_ptr, scal
 _OPTS = {"enable_fp_fusion": False}
 
 
-def _soft_bf16() -> bool:
-    """Interpreter run: convert bf16 by hand (see _to_f32 / _from_f32)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _check_args(fn: str, x, inv_scale, scale, zero_point, inner) -> None:
+    """What the kernels need to stay in bounds (O(1), as the C++ kernels check it): x contiguous
+    fp32 / fp16 / bf16, the three parameters contiguous fp32 [C] on x's device, x viewed as
+    [outer, C, inner]."""
+    check_float(fn, "x", x)
+    C = inv_scale.numel()
+    for name, t in (("inv_scale", inv_scale), ("scale", scale), ("zero_point", zero_point)):
+        check_vector(fn, name, t, C, x.device)
+    n = x.numel()
+    if C < 1 or inner < 1 or (n != 0 and (inner > n // C or n % (C * inner) != 0)):
+        raise ValueError(f"{fn}: x of {n} elements cannot be viewed as [outer, C = {C}, inner = {inner}]")
 
 
 def fake_quantize_fwd(x, inv_scale, scale, zero_point, qmin, qmax, inner, with_mask):
     """(out like x, packed uint8 keep-mask of ceil(n / 32) * 4 bytes, or an empty uint8 tensor)."""
+    _check_args("fake_quantize_fwd (triton)", x, inv_scale, scale, zero_point, inner)
     n = x.numel()
     out = torch.empty_like(x)
-    mask = torch.empty(((n + 31) // 32) * 4 if with_mask else 0, dtype=torch.uint8, device=x.device)
+    mask = torch.empty(packed_mask_bytes(n) if with_mask else 0, dtype=torch.uint8, device=x.device)
     if n == 0:
         return out, mask
     C = inv_scale.numel()
@@ -548,7 +507,7 @@ def fake_quantize_fwd(x, inv_scale, scale, zero_point, qmin, qmax, inner, with_m
         ncb = triton.cdiv(L, bl)
         _fake_quantize_fwd_cols_kernel[(triton.cdiv(outer, ro) * ncb,)](
             x, out, mask if with_mask else out, inv_scale, scale, zero_point, outer, L, ncb, n, mask.numel(),
-            float(qmin), float(qmax), WITH_MASK=bool(with_mask), RO=ro, BL=bl, SOFT_BF16=_soft_bf16(),
+            float(qmin), float(qmax), WITH_MASK=bool(with_mask), RO=ro, BL=bl, SOFT_BF16=soft_bf16(),
             num_warps=FWD_WARPS, **_OPTS)
         return out, mask
     if C == 1:
@@ -564,14 +523,17 @@ def fake_quantize_fwd(x, inv_scale, scale, zero_point, qmin, qmax, inner, with_m
     _fake_quantize_fwd_kernel[grid](
         x, out, mask if with_mask else out, inv_scale, scale, zero_point, n, mask.numel(), inner, C,
         div_in[0], div_in[1], div_c[0], div_c[1], float(qmin), float(qmax),
-        MODE=mode, WITH_MASK=bool(with_mask), BLOCK=block, I64=n + block >= 2**31, SOFT_BF16=_soft_bf16(),
+        MODE=mode, WITH_MASK=bool(with_mask), BLOCK=block, I64=n + block >= 2**31, SOFT_BF16=soft_bf16(),
         num_warps=FWD_WARPS, **_OPTS)
     return out, mask
 
 
 def fake_quantize_bwd(grad, mask):
     """grad where the packed mask bit is set, else 0 (grad's dtype and shape)."""
+    fn = "fake_quantize_bwd (triton)"
+    check_float(fn, "grad", grad)
     n = grad.numel()
+    check_packed(fn, mask, n, grad.device)
     grad_x = torch.empty_like(grad)
     if n == 0:
         return grad_x
@@ -609,6 +571,9 @@ def _learnable_plan(outer: int, C: int, inner: int, kind: str | None = None) -> 
 
 def fake_quantize_bwd_learnable(grad, x, inv_scale, scale, zero_point, qmin, qmax, inner, grad_factor):
     """(grad_x like x, d_scale fp32 [C], d_zero_point fp32 [C]); the sums are multiplied by grad_factor."""
+    fn = "fake_quantize_bwd_learnable (triton)"
+    _check_args(fn, x, inv_scale, scale, zero_point, inner)
+    check_like(fn, "grad", grad, x, "x")
     n = x.numel()
     C = inv_scale.numel()
     grad_x = torch.empty_like(x)
@@ -622,7 +587,7 @@ def fake_quantize_bwd_learnable(grad, x, inv_scale, scale, zero_point, qmin, qma
         part = torch.empty((2, nprog), dtype=torch.float64, device=x.device)
         _fake_quantize_bwd_learnable_kernel[(nprog,)](
             grad, x, grad_x, inv_scale, scale, zero_point, part, n, nprog, qmin_f, qmax_f,
-            BLOCK=block, SOFT_BF16=_soft_bf16(), num_warps=LRN_WARPS, **_OPTS)
+            BLOCK=block, SOFT_BF16=soft_bf16(), num_warps=LRN_WARPS, **_OPTS)
         sums = part.sum(dim=1, dtype=torch.float64).view(2, 1)
     else:
         outer = n // (C * inner)
@@ -633,7 +598,7 @@ def fake_quantize_bwd_learnable(grad, x, inv_scale, scale, zero_point, qmin, qma
             masked = R % plan["ROWS"] != 0 or inner % plan["BI"] != 0
             _fake_quantize_bwd_learnable_rows_kernel[(plan["nprog"],)](
                 grad, x, grad_x, inv_scale, scale, zero_point, part, R, inner, C, ncb, R * ncb, qmin_f, qmax_f,
-                ROWS=plan["ROWS"], BI=plan["BI"], MASKED=masked, SOFT_BF16=_soft_bf16(), num_warps=LRN_WARPS,
+                ROWS=plan["ROWS"], BI=plan["BI"], MASKED=masked, SOFT_BF16=soft_bf16(), num_warps=LRN_WARPS,
                 **_OPTS)
             sums = part.view(2, outer, C, ncb).sum(dim=(1, 3), dtype=torch.float64)
         else:
@@ -641,7 +606,7 @@ def fake_quantize_bwd_learnable(grad, x, inv_scale, scale, zero_point, qmin, qma
             part = torch.empty((2, nob * L), dtype=torch.float64, device=x.device)
             _fake_quantize_bwd_learnable_cols_kernel[(plan["nprog"],)](
                 grad, x, grad_x, inv_scale, scale, zero_point, part, outer, L, inner, plan["ncb"], plan["iters"],
-                nob * L, qmin_f, qmax_f, RO=plan["RO"], BL=plan["BL"], SOFT_BF16=_soft_bf16(), num_warps=LRN_WARPS,
+                nob * L, qmin_f, qmax_f, RO=plan["RO"], BL=plan["BL"], SOFT_BF16=soft_bf16(), num_warps=LRN_WARPS,
                 **_OPTS)
             sums = part.view(2, nob, C, inner).sum(dim=(1, 3), dtype=torch.float64)
     # As the reference: fp32 sums, then times grad_factor in fp32; two separate (non-aliasing) outputs.

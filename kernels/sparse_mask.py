@@ -3,16 +3,20 @@ and the fused masked SGD step.
 
 The contract, shared by every backend, is ``pycompress/ops/sparse_mask_ref.py`` (the
 ``*_kernel_ref`` functions): a mask of n elements (row-major) is packed into
-``ceil(n / 32) * 4`` bytes, bit ``i % 8`` of byte ``i // 8`` = element i kept, padding bits 0.
-The kernels read and write it as int32 words (bit j of word w = element 32 w + j; little endian),
-so every program owns whole words: flat blocks of BLOCK elements (a multiple of 32) viewed as
-[BLOCK // 32, 32] tiles whose rows are the words.
+``ceil(n / 32) * 4`` bytes, bit ``i % 8`` of byte ``i // 8`` = element i kept, padding bits 0
+(``pycompress/ops/mask_layout_ref.py``). The kernels read and write it as int32 words (bit j of
+word w = element 32 w + j; little endian; UNIT = 32 of ``kernels/_common.py``), so every program
+owns whole words: flat blocks of BLOCK elements (a multiple of 32) viewed as [BLOCK // 32, 32]
+tiles whose rows are the words.
 
 apply works on the raw bits (fp32 as int32, fp16 / bf16 as int16): a select, exact for every
 value (-0.0, inf and NaN where pruned become +0.0, kept ones pass unchanged). The SGD step upcasts
 to fp32 right after the loads and rounds once to the parameter dtype on store.
 
-The launchers take the op layer's validated, contiguous arguments, allocate outputs and launch.
+The launchers take the op layer's validated, contiguous arguments, allocate outputs and launch;
+they check, in O(1), what keeps the kernels in bounds (a packed mask of exactly ceil(n / 32) * 4
+bytes for the tensor, dtypes, devices, contiguity: see ``kernels/_common.py``), so that a stale mask
+given to the trusted SGD path raises instead of being read past its end.
 Everything runs under the Triton interpreter too (``TRITON_INTERPRET=1``, CPU tensors), which is
 how it is tested without a GPU. A program whose block is full runs an unmasked copy of the tile
 code (so loads and stores vectorise whatever n is); only the last program bounds-checks.
@@ -23,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fake_quantize import _from_f32, _soft_bf16, _to_f32
+from ._common import (check_float, check_like, check_packed, from_f32, pack_bits, packed_mask_bytes, select_tile,
+                      soft_bf16, to_f32, unpack_bits)
 
 __all__ = ["pack_mask", "unpack_mask", "apply_mask", "apply_mask_", "masked_sgd_step"]
 
@@ -73,7 +78,7 @@ def _pack_tile(m_ptr, words_ptr, start, n, MASKED: tl.constexpr, BLOCK: tl.const
         v = tl.load(m_ptr + start + j, mask=j < n - start, other=0)
     else:
         v = tl.load(m_ptr + start + j)
-    word = tl.sum((v != 0).to(tl.int32) << bit[None, :], axis=1)
+    word = pack_bits(v != 0, 32, 1)
     if MASKED:
         tl.store(words_ptr + start // 32 + rows, word, mask=rows * 32 < n - start)
     else:
@@ -102,13 +107,12 @@ def _pack_mask_kernel(m_ptr, words_ptr, n, BLOCK: tl.constexpr, I64: tl.constexp
 @triton.jit
 def _unpack_tile(words_ptr, out_ptr, start, n, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.arange(0, BLOCK // 32)
-    bit = tl.arange(0, 32)
-    j = rows[:, None] * 32 + bit[None, :]
+    j = rows[:, None] * 32 + tl.arange(0, 32)[None, :]
     if MASKED:
         words = tl.load(words_ptr + start // 32 + rows, mask=rows * 32 < n - start, other=0)
     else:
         words = tl.load(words_ptr + start // 32 + rows)
-    out = ((words[:, None] >> bit[None, :]) & 1).to(tl.uint8)
+    out = unpack_bits(words, 32).to(tl.uint8)
     if MASKED:
         tl.store(out_ptr + start + j, out, mask=j < n - start)
     else:
@@ -137,27 +141,6 @@ def _unpack_mask_kernel(words_ptr, out_ptr, n, BLOCK: tl.constexpr, I64: tl.cons
 
 
 @triton.jit
-def _apply_tile(w_ptr, out_ptr, words_ptr, start, n, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.arange(0, BLOCK // 32)
-    bit = tl.arange(0, 32)
-    j = rows[:, None] * 32 + bit[None, :]
-    word_ptr = words_ptr + start // 32 + rows
-    if MASKED:
-        inb = j < n - start
-        words = tl.load(word_ptr, mask=rows * 32 < n - start, other=0)
-        w = tl.load(w_ptr + start + j, mask=inb, other=0)
-    else:
-        words = tl.load(word_ptr)
-        w = tl.load(w_ptr + start + j)
-    keep = ((words[:, None] >> bit[None, :]) & 1) != 0
-    out = tl.where(keep, w, tl.zeros_like(w))
-    if MASKED:
-        tl.store(out_ptr + start + j, out, mask=inb)
-    else:
-        tl.store(out_ptr + start + j, out)
-
-
-@triton.jit
 def _apply_mask_kernel(w_ptr, out_ptr, words_ptr, n, BLOCK: tl.constexpr, I64: tl.constexpr):
     """out[i] = w[i] if bit i of the packed mask is set, else 0, on raw bits.
 
@@ -172,9 +155,9 @@ def _apply_mask_kernel(w_ptr, out_ptr, words_ptr, n, BLOCK: tl.constexpr, I64: t
     else:
         start = tl.program_id(0) * BLOCK
     if start + BLOCK <= n:
-        _apply_tile(w_ptr, out_ptr, words_ptr, start, n, False, BLOCK)
+        select_tile(w_ptr, out_ptr, words_ptr, start, n, 32, False, BLOCK)
     else:
-        _apply_tile(w_ptr, out_ptr, words_ptr, start, n, True, BLOCK)
+        select_tile(w_ptr, out_ptr, words_ptr, start, n, 32, True, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,20 +169,19 @@ def _sgd_tile(p_ptr, g_ptr, b_ptr, words_ptr, start, n, lr, momentum, weight_dec
               WD: tl.constexpr, MODE: tl.constexpr, NEST: tl.constexpr, MASKED: tl.constexpr,
               BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
     rows = tl.arange(0, BLOCK // 32)
-    bit = tl.arange(0, 32)
-    j = rows[:, None] * 32 + bit[None, :]
+    j = rows[:, None] * 32 + tl.arange(0, 32)[None, :]
     offs = start + j
     word_ptr = words_ptr + start // 32 + rows
     if MASKED:
         inb = j < n - start
         words = tl.load(word_ptr, mask=rows * 32 < n - start, other=0)
-        p = _to_f32(tl.load(p_ptr + offs, mask=inb, other=0.0), SOFT_BF16)
-        g = _to_f32(tl.load(g_ptr + offs, mask=inb, other=0.0), SOFT_BF16)
+        p = to_f32(tl.load(p_ptr + offs, mask=inb, other=0.0), SOFT_BF16)
+        g = to_f32(tl.load(g_ptr + offs, mask=inb, other=0.0), SOFT_BF16)
     else:
         words = tl.load(word_ptr)
-        p = _to_f32(tl.load(p_ptr + offs), SOFT_BF16)
-        g = _to_f32(tl.load(g_ptr + offs), SOFT_BF16)
-    keep = ((words[:, None] >> bit[None, :]) & 1) != 0
+        p = to_f32(tl.load(p_ptr + offs), SOFT_BF16)
+        g = to_f32(tl.load(g_ptr + offs), SOFT_BF16)
+    keep = unpack_bits(words, 32)
     g = tl.where(keep, g, 0.0)
     if WD:
         g = g + weight_decay * p
@@ -209,12 +191,12 @@ def _sgd_tile(p_ptr, g_ptr, b_ptr, words_ptr, start, n, lr, momentum, weight_dec
             b = g
         else:
             if MASKED:
-                b_old = _to_f32(tl.load(b_ptr + offs, mask=inb, other=0.0), SOFT_BF16)
+                b_old = to_f32(tl.load(b_ptr + offs, mask=inb, other=0.0), SOFT_BF16)
             else:
-                b_old = _to_f32(tl.load(b_ptr + offs), SOFT_BF16)
+                b_old = to_f32(tl.load(b_ptr + offs), SOFT_BF16)
             b = momentum * b_old + damp1 * g
         b = tl.where(keep, b, 0.0)
-        b_out = _from_f32(b, b_ptr.dtype.element_ty, SOFT_BF16)
+        b_out = from_f32(b, b_ptr.dtype.element_ty, SOFT_BF16)
         if MASKED:
             tl.store(b_ptr + offs, b_out, mask=inb)
         else:
@@ -224,7 +206,7 @@ def _sgd_tile(p_ptr, g_ptr, b_ptr, words_ptr, start, n, lr, momentum, weight_dec
         else:
             d = b
     p = tl.where(keep, p - lr * d, 0.0)
-    p_out = _from_f32(p, p_ptr.dtype.element_ty, SOFT_BF16)
+    p_out = from_f32(p, p_ptr.dtype.element_ty, SOFT_BF16)
     if MASKED:
         tl.store(p_ptr + offs, p_out, mask=inb)
     else:
@@ -266,9 +248,10 @@ def _masked_sgd_step_kernel(p_ptr, g_ptr, b_ptr, words_ptr, n, lr, momentum, wei
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """uint8 [ceil(n / 32) * 4] packed mask of a contiguous bool mask (any shape)."""
+    if mask.dtype != torch.bool:  # read as one byte per element (reshape copies a non-contiguous one)
+        raise TypeError(f"pack_mask (triton): mask must be bool, got {mask.dtype}")
     n = mask.numel()
-    n_words = (n + 31) // 32
-    out = torch.empty(n_words * 4, dtype=torch.uint8, device=mask.device)
+    out = torch.empty(packed_mask_bytes(n), dtype=torch.uint8, device=mask.device)
     if n == 0:
         return out
     grid = (triton.cdiv(n, PACK_BLOCK),)
@@ -278,7 +261,8 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n bits of a packed mask as a new bool [n]."""
+    """The first n bits of a packed mask (of exactly ceil(n / 32) * 4 bytes) as a new bool [n]."""
+    check_packed("unpack_mask (triton)", packed, n, packed.device)
     out = torch.empty(n, dtype=torch.bool, device=packed.device)
     if n == 0:
         return out
@@ -288,8 +272,10 @@ def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def _apply(w: torch.Tensor, out: torch.Tensor, packed: torch.Tensor) -> None:
+def _apply(fn: str, w: torch.Tensor, out: torch.Tensor, packed: torch.Tensor) -> None:
+    check_float(fn, "w", w)  # also what _raw needs: 4- or 2-byte elements
     n = w.numel()
+    check_packed(fn, packed, n, w.device)
     if n == 0:
         return
     grid = (triton.cdiv(n, APPLY_BLOCK),)
@@ -300,23 +286,29 @@ def _apply(w: torch.Tensor, out: torch.Tensor, packed: torch.Tensor) -> None:
 def apply_mask(w: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """A new contiguous tensor: w where kept, +0.0 where pruned (w contiguous fp32 / fp16 / bf16)."""
     out = torch.empty_like(w, memory_format=torch.contiguous_format)
-    _apply(w, out, packed)
+    _apply("apply_mask (triton)", w, out, packed)
     return out
 
 
 def apply_mask_(w: torch.Tensor, packed: torch.Tensor) -> None:
     """apply_mask in place on a contiguous w."""
-    _apply(w, w, packed)
+    _apply("apply_mask_ (triton)", w, w, packed)
 
 
 def masked_sgd_step(param, grad, buf, packed, lr, momentum, weight_decay, dampening, nesterov, first) -> None:
     """One masked SGD step in place on param and buf (an empty tensor when momentum == 0)."""
+    fn = "masked_sgd_step (triton)"
+    check_float(fn, "param", param)
+    check_like(fn, "grad", grad, param, "param")
+    mode = 0 if momentum == 0 else (1 if first else 2)
+    if mode != 0:
+        check_like(fn, "buf", buf, param, "param")
     n = param.numel()
+    check_packed(fn, packed, n, param.device)
     if n == 0:
         return
-    mode = 0 if momentum == 0 else (1 if first else 2)
     grid = (triton.cdiv(n, SGD_BLOCK),)
     _masked_sgd_step_kernel[grid](
         param, grad, buf if mode != 0 else param, _words(packed), n, float(lr), float(momentum), float(weight_decay),
         float(1.0 - dampening), WD=weight_decay != 0, MODE=mode, NEST=bool(nesterov) and mode != 0, BLOCK=SGD_BLOCK,
-        I64=_i64(n, SGD_BLOCK), SOFT_BF16=_soft_bf16(), num_warps=SGD_WARPS, **_OPTS)
+        I64=_i64(n, SGD_BLOCK), SOFT_BF16=soft_bf16(), num_warps=SGD_WARPS, **_OPTS)

@@ -62,7 +62,10 @@ def _triton_import_error() -> Optional[str]:
 
 def status(name: str) -> Optional[str]:
     """None when backend `name` can run on this machine at all, else the reason it cannot."""
-    return _machine_status(_check_name(name, "backend"))
+    name = _check_name(name, "backend")
+    if name == "auto":
+        raise ValueError("status() takes a backend name (cuda, triton, cpu or reference), not 'auto'")
+    return _machine_status(name)
 
 
 # A fact about the machine and the build that cannot change while tracing: torch.compile takes the

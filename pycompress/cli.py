@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
                           "next call pays page faults); by default the heap is kept warm for every backend alike")
     ops.set_defaults(func=_bench_ops)
 
+    ov = bench_sub.add_parser("overhead", help="fixed per-call cost of every op (tiny tensors, eager, CPU): argument "
+                                               "checks, backend choice, dispatch and launch, against stock torch")
+    ov.add_argument("--op", action="append", help="only this op (repeatable; default: all)")
+    ov.add_argument("--backend", action="append", help="repeatable; default: cpu and reference")
+    ov.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats per row (median reported)")
+    ov.add_argument("--no-torch", action="store_true", help="skip the stock torch rows")
+    ov.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
+    ov.set_defaults(func=_bench_overhead)
+
     bm = bench_sub.add_parser("model", help="inference latency and throughput of a .pcz artifact: fp32 torch, the "
                                             "artifact module, ONNX Runtime fp32 and int8 (QDQ)")
     bm.add_argument("file", help="a .pcz artifact")
@@ -470,6 +479,27 @@ def _bench_model(args) -> int:
     print(bench_model.format_table(rows))
     if args.json:
         bench_model.write_json(args.json, rows, meta)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _bench_overhead(args) -> int:
+    import dataclasses
+    import json
+
+    from pycompress.bench import overhead
+
+    try:
+        rows = overhead.run(args.op, args.backend, repeats=args.repeats, torch_rows=not args.no_torch,
+                            printer=lambda s: print(s, file=sys.stderr))
+    except ValueError as exc:
+        print(f"pycompress bench overhead: {exc}", file=sys.stderr)
+        return 2
+    print(f"per-call overhead, microseconds ({overhead.machine()})\n")
+    print(overhead.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": overhead.machine(), "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import backends
 from .ops.depthwise import KERNEL_SIZES, depthwise_conv2d, depthwise_conv2d_bn_act
 
 __all__ = ["DepthwiseConv2d", "DepthwiseConvBNAct", "swap_depthwise", "conv2d", "depthwise_supported"]
@@ -57,17 +58,41 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor):
     return x, weight
 
 
+def _conv_geometry_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> Optional[str]:
+    """None when a depthwise convolution (groups == in channels == out channels) fits the kernels,
+    else why not."""
+    kh, kw = weight.shape[2], weight.shape[3]
+    if kh != kw or kh not in KERNEL_SIZES:
+        return f"kernel {kh}x{kw}: the kernels take square kernels of size {list(KERNEL_SIZES)}"
+    if isinstance(padding, str):
+        return f"padding {padding!r}: give explicit padding"
+    if any(s not in (1, 2) for s in _pair(stride)):
+        return f"stride {stride}: the kernels take strides 1 and 2"
+    return None
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
-    """``F.conv2d``, except that a depthwise convolution the pycompress kernels support (channel
-    multiplier 1, square odd kernel up to 7, stride 1 or 2, numeric padding) runs on
-    ``pycompress.ops.depthwise_conv2d``."""
-    if (x.dim() == 4 and weight.dim() == 4 and groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
-            and weight.shape[2] == weight.shape[3] and weight.shape[2] in KERNEL_SIZES
-            and not isinstance(padding, str) and all(s in (1, 2) for s in _pair(stride))):
-        xx, ww = _autocast(x, weight)
-        if xx.dtype == ww.dtype and xx.is_floating_point():
-            return depthwise_conv2d(xx, ww, bias, stride, padding, dilation)
+    """``F.conv2d``, except that a depthwise convolution (groups = in channels = out channels, 4-D
+    input) runs on ``pycompress.ops.depthwise_conv2d`` where the kernels support it (square odd
+    kernel up to 7, stride 1 or 2, numeric padding).
+
+    Other depthwise geometries run on ``F.conv2d`` under the automatic backend choice; when a
+    backend is pinned (``pycompress.backends.use``, ``PYCOMPRESS_BACKEND``) they raise
+    ``BackendError`` instead, as an explicit backend never falls back silently. Convolutions that
+    are not depthwise are not a pycompress op and always run on ``F.conv2d``."""
+    if x.dim() == 4 and weight.dim() == 4 and groups > 1 and groups == x.shape[1] == weight.shape[0]:
+        reason = _conv_geometry_reason(x, weight, stride, padding, groups)
+        if reason is None:
+            xx, ww = _autocast(x, weight)
+            if xx.dtype == ww.dtype and xx.is_floating_point():
+                return depthwise_conv2d(xx, ww, bias, stride, padding, dilation)
+            reason = f"x is {xx.dtype} but the weight is {ww.dtype}"
+        pinned = backends.current()
+        if pinned != "auto":
+            raise backends.BackendError(
+                f"backend {pinned!r} cannot run depthwise_conv2d: {reason} (F.conv2d would run it under the "
+                "automatic backend choice)")
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 

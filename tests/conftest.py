@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -17,10 +15,3 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def device_for(backend: str) -> torch.device:
-    """The device a backend's tensors live on in tests."""
-    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
-        return torch.device("cuda")
-    return torch.device("cpu")

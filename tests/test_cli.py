@@ -1,4 +1,4 @@
-"""The command line: info and bench ops."""
+"""The command line: info, bench ops and bench overhead."""
 import json
 import subprocess
 import sys
@@ -102,3 +102,16 @@ def test_bench_ops_depthwise_cases_build_and_check(capsys):
                  "--backend", backend, "--cold-heap"]) == 0
     out = capsys.readouterr().out
     assert out.count(f"| {backend} | 32x128x28x28 | float32 |") == 3 and "FAILED" not in out
+
+
+def test_bench_overhead_prints_a_row_per_backend_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "overhead.json"
+    assert main(["bench", "overhead", "--op", "apply_mask", "--backend", "reference", "--repeats", "1",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| apply_mask | 8x8 | reference | fwd+bwd |" in out and "| apply_mask | 8x8 | torch |" in out
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["reference", "torch"]
+    assert all(r["median_us"] > 0 and r["min_us"] <= r["median_us"] for r in rows)
+    assert main(["bench", "overhead", "--op", "no_such_op"]) == 2
+    assert main(["bench", "overhead", "--backend", "gpu"]) == 2

@@ -43,12 +43,6 @@ def _cli(*args):
     return code, out.getvalue(), err.getvalue()
 
 
-def _write(tmp, raw, name="r.yaml"):
-    p = tmp / name
-    p.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return str(p)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export-run")

@@ -11,7 +11,7 @@ import torch.nn as nn
 from pycompress import backends
 from pycompress.models import build
 from pycompress.nn import DepthwiseConv2d, DepthwiseConvBNAct, conv2d, depthwise_supported, swap_depthwise
-from tests.conftest import device_for
+from tests.helpers import device_for
 
 BACKENDS = [b for b in backends.available("depthwise_conv2d") if device_for(b).type == "cpu"]
 
@@ -98,6 +98,28 @@ def test_conv2d_routes_only_supported_depthwise(monkeypatch):
     conv2d(x, torch.randn(4, 1, 3, 3), None, 3, 1, 1, 4)    # stride 3
     conv2d(x, torch.randn(4, 4, 3, 3), None, 1, 1, 1, 1)    # dense
     assert calls == [1]
+
+
+def test_conv2d_never_falls_back_when_a_backend_is_pinned(monkeypatch):
+    """Under auto an unsupported depthwise geometry runs on F.conv2d; a pinned backend refuses it,
+    naming why. Dense and multiplier-2 grouped convs are not the op and always run on F.conv2d."""
+    x = torch.randn(1, 4, 9, 9)
+    w = torch.randn(4, 1, 3, 3)
+    ref = nn.functional.conv2d(x, w, None, 3, 1, 1, 4)
+    assert torch.equal(conv2d(x, w, None, 3, 1, 1, 4), ref)
+    for pin in ("cpu", "reference"):
+        with backends.use(pin):
+            with pytest.raises(backends.BackendError, match=f"backend '{pin}'.*stride 3"):
+                conv2d(x, w, None, 3, 1, 1, 4)
+            with pytest.raises(backends.BackendError, match="kernel 9x9"):
+                conv2d(x, torch.randn(4, 1, 9, 9), None, 1, 4, 1, 4)
+            with pytest.raises(backends.BackendError, match="padding 'same'"):
+                conv2d(x, w, None, 1, "same", 1, 4)
+            assert conv2d(x, torch.randn(8, 4, 3, 3), None, 1, 1, 1, 1).shape == (1, 8, 9, 9)
+            assert conv2d(x, torch.randn(8, 1, 3, 3), None, 1, 1, 1, 4).shape == (1, 8, 9, 9)
+    monkeypatch.setenv("PYCOMPRESS_BACKEND", "reference")
+    with pytest.raises(backends.BackendError, match="stride 3"):
+        conv2d(x, w, None, 3, 1, 1, 4)
 
 
 def test_qat_depthwise_layers_use_the_fused_op(monkeypatch):

@@ -12,7 +12,7 @@ import yaml
 
 from pycompress.prune import get_mask, masked_layers
 from pycompress.recipe import RecipeError, load_model, validate
-from tests.test_recipe import _run_cli, _write
+from tests.helpers import run_cli, write_recipe
 
 PRUNE_TINY = {
     "name": "tiny-prune",
@@ -47,9 +47,9 @@ def _state(out, stage="03-ft4"):
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prune")
-    path = _write(tmp, PRUNE_TINY)
+    path = write_recipe(tmp, PRUNE_TINY)
     out = str(tmp / "out")
-    res = _run_cli(["run", path, "--out", out, "--no-progress"])
+    res = run_cli(["run", path, "--out", out, "--no-progress"])
     assert res.returncode == 0, res.stdout + res.stderr
     return path, out, res
 
@@ -84,7 +84,7 @@ def test_prune_recipe_reports_75_percent_and_keeps_zeros(pruned_run):
         assert torch.equal(get_mask(m), get_mask(layers[n])), n
     # the size counts a mask plus 4-bit codes for the pruned layers: smaller than dense 4-bit
     assert stages["ft4"]["size_bytes"] < stages["kd"]["fp32_bytes"] / 8
-    ev = _run_cli(["eval", os.path.join(out, "stages/03-ft4/best.pt"), "--json", os.path.join(out, "e.json")])
+    ev = run_cli(["eval", os.path.join(out, "stages/03-ft4/best.pt"), "--json", os.path.join(out, "e.json")])
     assert ev.returncode == 0, ev.stderr
     assert json.load(open(os.path.join(out, "e.json")))["top1"] == pytest.approx(stages["ft4"]["best_top1"])
 
@@ -93,11 +93,11 @@ def test_prune_recipe_killed_mid_regrow_resumes_bit_identical(pruned_run, tmp_pa
     path, ref_out, _ = pruned_run
     out = str(tmp_path / "out")
     # 4 steps per epoch: step 6 is in the prune stage's second epoch, masks still regrowing
-    res = _run_cli(["run", path, "--out", out], env_extra={"PYCOMPRESS_DEBUG_KILL_AT": "prune:6"})
+    res = run_cli(["run", path, "--out", out], env_extra={"PYCOMPRESS_DEBUG_KILL_AT": "prune:6"})
     assert res.returncode == -9, res.stdout + res.stderr
     ck = torch.load(os.path.join(out, "stages/02-prune/checkpoint.pt"), weights_only=True)
     assert any(k.endswith("weight_shadow") for k in ck["model"])  # the dense shadows were saved
-    res = _run_cli(["run", path, "--out", out, "--resume"])
+    res = run_cli(["run", path, "--out", out, "--resume"])
     assert res.returncode == 0, res.stdout + res.stderr
     for stage in ("02-prune", "03-ft4"):
         a = _state(ref_out, stage)[0].state_dict()
@@ -148,11 +148,11 @@ def test_resolved_recipe_spells_out_prune_defaults(pruned_run):
 def test_sparsity_cli(pruned_run, tmp_path):
     _, out, _ = pruned_run
     js = str(tmp_path / "s.json")
-    res = _run_cli(["sparsity", os.path.join(out, "stages/02-prune/best.pt"), "--json", js])
+    res = run_cli(["sparsity", os.path.join(out, "stages/02-prune/best.pt"), "--json", js])
     assert res.returncode == 0, res.stderr
     assert "compression rate" in res.stdout and "selected (" in res.stdout
     assert json.load(open(js))["selected"]["sparsity"] == pytest.approx(0.75, abs=0.002)
-    res = _run_cli(["sparsity", os.path.join(out, "stages/02-prune/best.pt"), "--markdown"])
+    res = run_cli(["sparsity", os.path.join(out, "stages/02-prune/best.pt"), "--markdown"])
     assert res.returncode == 0 and res.stdout.startswith("|")
-    res = _run_cli(["sparsity", str(tmp_path / "missing.pt")])
+    res = run_cli(["sparsity", str(tmp_path / "missing.pt")])
     assert res.returncode == 2 and "does not exist" in res.stderr

@@ -21,6 +21,7 @@ from pycompress.quant import (
     scale_from_range,
 )
 from pycompress.quant import quantizer as quantizer_mod
+from tests.helpers import accuracy, train_on_quadrants
 
 
 def exact(a, b):
@@ -255,40 +256,11 @@ class TinyCNN(nn.Module):
         return self.fc(self.features(x))
 
 
-def synthetic(n, seed):
-    """4 classes: a brighter quadrant per class under strong noise (the tiny CNN reaches ~88%, not
-    100%, so a change of accuracy can show)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = 1.2 * torch.randn(n, 1, 12, 12, generator=g)
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, 6 * r:6 * r + 6, 6 * q:6 * q + 6] += 0.5
-    return x, y
-
-
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
-    model = TinyCNN()
-    x, y = synthetic(512, 0)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    model.train()
-    for step in range(40):
-        i = (step * 64) % 512
-        loss = nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
-    return model, batches, synthetic(4096, 1)  # 1 point of accuracy = 41 test images
-
-
-def accuracy(model, data):
-    x, y = data
-    with torch.no_grad():
-        return 100.0 * (model(x).argmax(1) == y).float().mean().item()
+    """TinyCNN trained 40 steps on the quadrant task under strong noise (~88%, not 100%, so a change
+    of accuracy can show); 1 point of accuracy = 41 test images."""
+    return train_on_quadrants(TinyCNN, steps=40, n_test=4096, noise=1.2)
 
 
 def test_ptq_8bit_keeps_accuracy(trained):

@@ -6,17 +6,14 @@ import copy
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 
 from pycompress.recipe import (RecipeError, RunError, apply_overrides, load_model, load_recipe,
                                run_recipe, validate)
+from tests.helpers import ROOT, run_cli, write_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 
 # A pipeline shaped like the quickstart, on synthetic data, a few steps per stage.
@@ -163,22 +160,6 @@ def test_overrides():
 
 
 # ------------------------------------------------------------------------------ running
-def _write(tmp_path, raw, name="tiny.yaml"):
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return str(p)
-
-
-def _run_cli(args, env_extra=None, timeout=600):
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(env_extra or {})
-    code = ("import sys, torch; torch.set_num_threads(1); from pycompress.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
-
-
 def _final_state(out):
     model, ckpt = load_model(os.path.join(out, "stages", "03-qat4", "best.pt"))
     return model.state_dict(), ckpt
@@ -187,9 +168,9 @@ def _final_state(out):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    path = _write(tmp, TINY)
+    path = write_recipe(tmp, TINY)
     out = str(tmp / "out")
-    res = _run_cli(["run", path, "--out", out, "--no-progress"])
+    res = run_cli(["run", path, "--out", out, "--no-progress"])
     assert res.returncode == 0, res.stdout + res.stderr
     return path, out, res
 
@@ -223,7 +204,7 @@ def test_tiny_recipe_runs_end_to_end(uninterrupted):
     # the 4-bit checkpoint rebuilds as a QAT model and evaluates from the CLI
     state, ckpt = _final_state(out)
     assert ckpt["arch"]["qat"] and any("weight_quant" in k for k in state)
-    ev = _run_cli(["eval", os.path.join(out, "stages/03-qat4/best.pt"), "--json",
+    ev = run_cli(["eval", os.path.join(out, "stages/03-qat4/best.pt"), "--json",
                    os.path.join(out, "eval.json")])
     assert ev.returncode == 0, ev.stderr
     got = json.load(open(os.path.join(out, "eval.json")))
@@ -232,14 +213,14 @@ def test_tiny_recipe_runs_end_to_end(uninterrupted):
 
 def test_existing_run_dir_needs_resume(uninterrupted):
     path, out, _ = uninterrupted
-    res = _run_cli(["run", path, "--out", out])
+    res = run_cli(["run", path, "--out", out])
     assert res.returncode == 2 and "already holds a run; pass --resume" in res.stderr
     # resuming a finished run is a no-op that rewrites the report
-    res = _run_cli(["run", path, "--out", out, "--resume"])
+    res = run_cli(["run", path, "--out", out, "--resume"])
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("already done, skipped") == 6
     # a changed recipe is refused
-    res = _run_cli(["run", path, "--out", out, "--resume", "--set", "qat4.epochs=3"])
+    res = run_cli(["run", path, "--out", out, "--resume", "--set", "qat4.epochs=3"])
     assert res.returncode == 2 and "the recipe changed" in res.stderr and "qat4" in res.stderr
 
 
@@ -248,12 +229,12 @@ def test_killed_mid_stage_resumes_to_the_same_result(uninterrupted, tmp_path):
     out = str(tmp_path / "out")
     # Each stage has 4 steps per epoch (64 samples / 16). PYCOMPRESS_DEBUG_KILL_AT=qat4:6 makes the
     # process SIGKILL itself after qat4's 6th step: in its second epoch, after its first checkpoint.
-    res = _run_cli(["run", path, "--out", out], env_extra={"PYCOMPRESS_DEBUG_KILL_AT": "qat4:6"})
+    res = run_cli(["run", path, "--out", out], env_extra={"PYCOMPRESS_DEBUG_KILL_AT": "qat4:6"})
     assert res.returncode == -9, res.stdout + res.stderr
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["stages"]["qat4"]["status"] == "running"
     assert os.path.exists(os.path.join(out, "stages/03-qat4/checkpoint.pt"))  # epoch 1 finished
-    res = _run_cli(["run", path, "--out", out, "--resume"])
+    res = run_cli(["run", path, "--out", out, "--resume"])
     assert res.returncode == 0, res.stdout + res.stderr
     assert "resumed from" in res.stdout and res.stdout.count("already done, skipped") == 3
     a, _ = _final_state(ref_out)
@@ -272,10 +253,10 @@ def test_killed_mid_stage_resumes_to_the_same_result(uninterrupted, tmp_path):
 def test_kill_before_first_checkpoint_restarts_the_stage(uninterrupted, tmp_path):
     path, ref_out, _ = uninterrupted
     out = str(tmp_path / "out")
-    res = _run_cli(["run", path, "--out", out], env_extra={"PYCOMPRESS_DEBUG_KILL_AT": "qat8:2"})
+    res = run_cli(["run", path, "--out", out], env_extra={"PYCOMPRESS_DEBUG_KILL_AT": "qat8:2"})
     assert res.returncode == -9
     assert not os.path.exists(os.path.join(out, "stages/02-qat8/checkpoint.pt"))
-    res = _run_cli(["run", path, "--out", out, "--resume"])
+    res = run_cli(["run", path, "--out", out, "--resume"])
     assert res.returncode == 0, res.stderr
     a, _ = _final_state(ref_out)
     b, _ = _final_state(out)
@@ -300,11 +281,11 @@ def test_run_refuses_unavailable_backend(tmp_path):
 
 
 def test_check_cli(tmp_path):
-    good = _write(tmp_path, TINY, "good.yaml")
-    bad = _write(tmp_path, _stage(1, epoch=3), "bad.yaml")
-    res = _run_cli(["check", good])
+    good = write_recipe(tmp_path, TINY, "good.yaml")
+    bad = write_recipe(tmp_path, _stage(1, epoch=3), "bad.yaml")
+    res = run_cli(["check", good])
     assert res.returncode == 0 and "ok" in res.stdout
-    res = _run_cli(["check", good, bad])
+    res = run_cli(["check", good, bad])
     assert res.returncode == 1 and "bad.yaml: stages[1] 'kd': unknown key 'epoch'" in res.stderr
 
 

@@ -6,19 +6,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 
 from pycompress import export
 from pycompress.recipe import RecipeError, load_model, run_recipe, validate
+from tests.helpers import run_cli, write_recipe
 
 pytest.importorskip("torch_pruning", reason="structured pruning needs torch-pruning (installed by scripts/setup.sh)")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SLIM = {
     "name": "tiny-slim",
@@ -38,25 +34,12 @@ SLIM = {
 }
 
 
-def _write(tmp, raw, name="slim.yaml"):
-    p = tmp / name
-    p.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return str(p)
-
-
-def _cli(args, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    code = "import sys, torch; torch.set_num_threads(1); from pycompress.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
-
-
 @pytest.fixture(scope="module")
 def slim_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slim")
-    path = _write(tmp, SLIM)
+    path = write_recipe(tmp, SLIM, "slim.yaml")
     out = str(tmp / "out")
-    res = _cli(["run", path, "--out", out, "--no-progress"])
+    res = run_cli(["run", path, "--out", out, "--no-progress"])
     assert res.returncode == 0, res.stdout + res.stderr
     return path, out, res
 
@@ -93,7 +76,7 @@ def test_slimmed_checkpoints_and_artifact_rebuild(slim_run, tmp_path):
     with torch.no_grad():
         assert (art(x).argmax(1) == model.eval()(x).argmax(1)).float().mean() >= 0.75
     assert {a["format"]: a for a in report["artifacts"]}["pcz"]["agreement"] >= 0.95
-    res = _cli(["eval", os.path.join(out, st["slim"]["best"]), "--json", str(tmp_path / "e.json")])
+    res = run_cli(["eval", os.path.join(out, st["slim"]["best"]), "--json", str(tmp_path / "e.json")])
     assert res.returncode == 0, res.stderr
     assert json.load(open(tmp_path / "e.json"))["top1"] == pytest.approx(st["slim"]["best_top1"])
 
@@ -101,9 +84,9 @@ def test_slimmed_checkpoints_and_artifact_rebuild(slim_run, tmp_path):
 def test_interrupted_round_resumes_to_the_same_result(slim_run, tmp_path):
     path, ref_out, _ = slim_run
     out = str(tmp_path / "out")
-    res = _cli(["run", path, "--out", out, "--no-progress"], env_extra={"PYCOMPRESS_DEBUG_KILL_AT": "slim-r2:2"})
+    res = run_cli(["run", path, "--out", out, "--no-progress"], env_extra={"PYCOMPRESS_DEBUG_KILL_AT": "slim-r2:2"})
     assert res.returncode == -9, res.stdout + res.stderr
-    res = _cli(["run", path, "--out", out, "--no-progress", "--resume"])
+    res = run_cli(["run", path, "--out", out, "--no-progress", "--resume"])
     assert res.returncode == 0, res.stdout + res.stderr
     a = json.load(open(os.path.join(ref_out, "report.json")))
     b = json.load(open(os.path.join(out, "report.json")))

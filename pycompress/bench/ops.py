@@ -3,8 +3,9 @@
 For each case the table gives the backend, shape, dtype, median time, achieved GB/s (counted
 bytes / time), that bandwidth as a fraction of a device copy of the same tensor measured in the
 same run, and the speedup over the stock torch op timed in the same run. Before a backend is timed
-its output (and gradients) are checked against the reference backend on the same inputs; a
-mismatch marks the row FAILED and the command exits non-zero.
+its output (and gradients) are checked against the reference backend on the same inputs, within
+the tolerances of pycompress.testing.TOLERANCES (the table the op tests use); a mismatch marks the
+row FAILED and the command exits non-zero.
 
 Bytes counted per element (PERF.md): forward = read x + write out; forward + backward =
 16 B/elem in fp32 (x, out, grad_out, grad_x), whatever extra the implementation moves. Sparse
@@ -42,6 +43,7 @@ from ..ops import apply_mask, fake_quantize, masked_sgd_step, pack_mask
 from ..ops.depthwise import depthwise_conv2d, depthwise_conv2d_bn_act
 from ..ops.fake_quantize import value_checks
 from ..ops.sparse_mask_ref import pack_mask_ref
+from ..testing import mismatch
 
 DEFAULT_CPU_SIZE = 16 * 2**20  # PERF.md's CPU table
 DEFAULT_GPU_SIZE = 2**28  # 268M elements: a few GB, well past every cache
@@ -105,9 +107,11 @@ class Case:
     # For ops that mutate their inputs: a copy of the inputs in the same state, used to check the
     # reference and each backend from identical state (the timed calls share `make()`'s inputs).
     fresh: Optional[Callable[[dict], dict]] = None
-    # None: fake_quantize's rule (outputs 0 and 1 exact, sums within float-summation tolerance);
-    # else every output compared with torch.allclose at these (rtol, atol) (0, 0: bit for bit).
-    tol: Optional[tuple] = None
+    # The tolerance families (pycompress.testing.TOLERANCES) its outputs are checked with against
+    # the reference, in output order; outputs past the end use the last family. The default is
+    # fake_quantize's: output and grad_x bit for bit, scale / zero-point gradients (sums over
+    # millions of elements) within fake_quantize_lsq_large.
+    families: tuple = ("fake_quantize", "fake_quantize", "fake_quantize_lsq_large")
 
 
 def _fq_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
@@ -205,7 +209,6 @@ _RESNET20 = [(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 6 + [(32, 16, 3, 3)] + [(32, 32
     (64, 64, 3, 3)] * 5 + [(10, 64)]
 
 SGD_LR, SGD_MOMENTUM, SGD_WD = 1e-3, 0.9, 5e-4  # small lr: the timed steps keep the values in range
-_SGD_TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-4), torch.bfloat16: (8e-3, 1e-3)}
 
 
 def _sm_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
@@ -293,32 +296,32 @@ def _sm_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
         with torch.no_grad():
             torch._foreach_mul_(inp["torch_params"], inp["fmasks"])
 
-    exact = (0.0, 0.0)
-    sgd_tol = _SGD_TOL[dtype]
+    exact = ("sparse_mask",)  # bit for bit (the packed mask: equal bytes)
+    sgd_tol = ("masked_sgd_step",)
     flat = (n,)
     cases = [
         Case("apply_mask", "apply_mask", flat, dtype, 2 * es + 1 / 8, apply_inputs(flat), apply, torch_apply_out,
-             copy_key="w", tol=exact),
+             copy_key="w", families=exact),
         Case("apply_mask", "apply_mask inplace", flat, dtype, 2 * es + 1 / 8, apply_inputs(flat), apply_inplace,
-             torch_apply, copy_key="w", fresh=apply_fresh, tol=exact),
+             torch_apply, copy_key="w", fresh=apply_fresh, families=exact),
         Case("masked_sgd_step", "masked_sgd_step momentum 0.9 + wd", flat, dtype, 5 * es + 1 / 8, sgd_inputs([flat]),
-             sgd, torch_sgd, copy_key="flat", fresh=sgd_fresh, tol=sgd_tol),
+             sgd, torch_sgd, copy_key="flat", fresh=sgd_fresh, families=sgd_tol),
     ]
     if dtype == torch.float32:  # dtype-free: listed once, with the fp32 cases
         cases.append(Case("pack_mask", "pack_mask", flat, torch.bool, 1 + 1 / 8, pack_make(flat), pack,
-                          lambda inp: pack_mask_ref(inp["mask"]), copy_key="mask", tol=exact))
+                          lambda inp: pack_mask_ref(inp["mask"]), copy_key="mask", families=exact))
     for name, shapes in (("ResNet-18", _RESNET18), ("CIFAR ResNet-20", _RESNET20)):
         total = sum(math.prod(s) for s in shapes)
         cases.append(Case("masked_sgd_step", f"masked_sgd_step {name} weights ({len(shapes)} tensors)", (total,), dtype,
                           5 * es + 1 / 8, sgd_inputs(shapes), sgd, torch_sgd, copy_key="flat", fresh=sgd_fresh,
-                          tol=sgd_tol))
+                          families=sgd_tol))
     return cases
 
 
 # Depthwise backend vs reference: both accumulate in fp32 in different orders and round once to the
-# dtype. (rtol, atol) of the forward outputs; the backward cases scale atol with sqrt(N * H * W), the
-# growth of the weight gradient's sums (checked at tolerance level in tests/ops/test_depthwise.py).
-_DW_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# dtype; the depthwise family's atol grows with the largest |expected| of each output (the weight
+# gradient's sums over N * H * W terms), as in tests/ops/test_depthwise.py.
+_DW_TOL = ("depthwise",)
 
 
 def _dw_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
@@ -331,10 +334,6 @@ def _dw_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
     es = torch.empty((), dtype=dtype).element_size()
     gpu = device.type == "cuda"
     N, C, H = (128, 256, 56) if gpu else (32, 128, 28)
-    fwd_tol = _DW_TOL[dtype]
-
-    def fb_tol(shape):
-        return (fwd_tol[0], fwd_tol[1] * max(1.0, math.sqrt(shape[0] * shape[2] * shape[3])))
 
     def inputs(shape, k=3, channels_last=False, grad=False, bn=False):
         def make():
@@ -407,24 +406,24 @@ def _dw_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
     op = "depthwise_conv2d"  # the registered op: backends.available() is asked about it
     chain = "3x3 + BN(eval) + ReLU6 fused fwd vs"
     cases = [
-        Case(op, "3x3 fwd NCHW", big, dtype, 2 * es, inputs(big), fwd, torch_fwd, tol=fwd_tol),
+        Case(op, "3x3 fwd NCHW", big, dtype, 2 * es, inputs(big), fwd, torch_fwd, families=_DW_TOL),
         Case(op, "3x3 fwd channels_last", big, dtype, 2 * es, inputs(big, channels_last=True), fwd, torch_fwd,
-             tol=fwd_tol),
+             families=_DW_TOL),
         Case(op, "3x3 fwd+bwd NCHW", big, dtype, 4 * es, inputs(big, grad=True), fwd_bwd, torch_fwd_bwd,
-             tol=fb_tol(big)),
+             families=_DW_TOL),
         Case(op, "3x3 fwd+bwd channels_last", big, dtype, 4 * es, inputs(big, channels_last=True, grad=True), fwd_bwd,
-             torch_fwd_bwd, tol=fb_tol(big)),
-        Case(op, f"{chain} eager chain", big, dtype, 2 * es, inputs(big, bn=True), fused, torch_fused, tol=fwd_tol),
+             torch_fwd_bwd, families=_DW_TOL),
+        Case(op, f"{chain} eager chain", big, dtype, 2 * es, inputs(big, bn=True), fused, torch_fused, families=_DW_TOL),
     ]
     if gpu:
         cases.append(Case(op, f"{chain} torch.compile chain", big, dtype, 2 * es, inputs(big, bn=True), fused,
-                          torch_fused_compiled, tol=fwd_tol))
-    cases.append(Case(op, "5x5 fwd NCHW", big, dtype, 2 * es, inputs(big, k=5), fwd, torch_fwd, tol=fwd_tol))
+                          torch_fused_compiled, families=_DW_TOL))
+    cases.append(Case(op, "5x5 fwd NCHW", big, dtype, 2 * es, inputs(big, k=5), fwd, torch_fwd, families=_DW_TOL))
     cases.append(Case(op, "5x5 fwd channels_last", big, dtype, 2 * es, inputs(big, k=5, channels_last=True), fwd,
-                      torch_fwd, tol=fwd_tol))
+                      torch_fwd, families=_DW_TOL))
     for shape in student:
         cases.append(Case(op, f"3x3 fwd+bwd NCHW MobileNet-student layer {shape[2]}x{shape[3]}", shape, dtype,
-                          4 * es, inputs(shape, grad=True), fwd_bwd, torch_fwd_bwd, tol=fb_tol(shape)))
+                          4 * es, inputs(shape, grad=True), fwd_bwd, torch_fwd_bwd, families=_DW_TOL))
     return cases
 
 
@@ -435,31 +434,18 @@ def _as_tuple(v):
     return v if isinstance(v, tuple) else (v,)
 
 
-def _check(got, want, case_tol: Optional[tuple] = None) -> str:
+def _check(got, want, families: tuple) -> str:
+    """"ok", or "FAILED: ..." naming the first output that differs from the reference beyond its
+    tolerance family (pycompress.testing)."""
     got, want = _as_tuple(got), _as_tuple(want)
     if len(got) != len(want):
         return f"FAILED: {len(got)} outputs, reference has {len(want)}"
     for i, (a, b) in enumerate(zip(got, want)):
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"FAILED: output {i} is {tuple(a.shape)} {a.dtype}, reference {tuple(b.shape)} {b.dtype}"
-        if case_tol is not None:
-            rtol, atol = case_tol
-            if rtol == 0 and atol == 0:
-                same = torch.equal(a, b) or (a.is_floating_point() and bool(
-                    ((a == b) | (torch.isnan(a) & torch.isnan(b))).all()))
-                if not same:
-                    return f"FAILED: output {i} differs from reference in {int((a != b).sum())} elements"
-            elif not torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol, equal_nan=True):
-                return f"FAILED: output {i} differs from reference by {float((a.float() - b.float()).abs().max()):.3g}"
-            continue
-        if i < 2:  # outputs and grad_x: exact
-            if not torch.equal(torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)):
-                bad = int((a != b).sum())
-                return f"FAILED: output {i} differs from reference in {bad} elements"
-        else:  # per-channel sums: float summation order
-            tol = 1e-4 * max(1.0, float(b.abs().max()))
-            if not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=tol):
-                return f"FAILED: gradient {i} differs from reference by {float((a - b).abs().max()):.3g}"
+        problem = mismatch(a, b, families[min(i, len(families) - 1)])
+        if problem is not None:
+            return f"FAILED: output {i}: {problem}"
     return "ok"
 
 
@@ -535,7 +521,7 @@ def _bench_case(case: Case, names: list[str], dev: torch.device, printer) -> lis
         reference = case.run(fresh(start), "reference")
         for b in names:
             try:
-                status = _check(case.run(fresh(start), b), reference, case.tol)
+                status = _check(case.run(fresh(start), b), reference, case.families)
             except backends.BackendError as exc:
                 printer(f"  skip {b}: {exc}")
                 continue

@@ -2,10 +2,10 @@
 backward, in four backends, with a fused per-channel affine + activation epilogue.
 
 Both public functions validate every argument before any kernel runs, choose a backend
-(pycompress.backends) and call the registered op ``pycompress::depthwise_conv2d``, which has a fake
-kernel and an autograd formula (``torch.compile(fullgraph=True)`` sees one node; opcheck passes).
-Plain eager calls run the same forward and backward through a torch.autograd.Function instead,
-without the custom-op dispatch (see _apply).
+(pycompress.backends) and call the registered op ``pycompress::depthwise_conv2d`` through its entry
+(``pycompress.ops.registry``), which has a fake kernel and an autograd formula
+(``torch.compile(fullgraph=True)`` sees one node; opcheck passes). Plain eager calls run the same
+forward and backward without the custom-op dispatch (the registry's eager path).
 The arithmetic is specified in ``pycompress.ops.depthwise_ref``.
 """
 from __future__ import annotations
@@ -15,66 +15,18 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _ext, backends
 from . import depthwise_ref as _ref
 from .depthwise_ref import ACTS, out_size
+from .registry import Kernel, KernelSet, call, declare, dtype_in, on_device
 
 __all__ = ["depthwise_conv2d", "depthwise_conv2d_bn_act", "KERNEL_SIZES"]
 
 KERNEL_SIZES = (1, 3, 5, 7)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IntPair = Union[int, Sequence[int]]
 
 
 # --------------------------------------------------------------------------------------------
-# backends
-
-
-@torch.compiler.assume_constant_result
-def _cpp_has_kernels() -> bool:
-    return _ext.loaded() and hasattr(torch.ops.pycompress, "_depthwise_fwd")
-
-
-def _kernels(backend: str):
-    """(fwd, bwd_input, bwd_weight) kernel-level functions; contracts in depthwise_ref."""
-    if backend == "reference":
-        return _ref.depthwise_fwd_ref, _ref.depthwise_bwd_input_ref, _ref.depthwise_bwd_weight_ref
-    if backend in ("cpu", "cuda"):
-        ops = torch.ops.pycompress
-        return ops._depthwise_fwd, ops._depthwise_bwd_input, ops._depthwise_bwd_weight
-    if backend == "triton":
-        from ..kernels import depthwise as tk
-
-        return tk.depthwise_fwd, tk.depthwise_bwd_input, tk.depthwise_bwd_weight
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-def _supports(backend: str):
-    def supports(x: torch.Tensor) -> Optional[str]:
-        if backend in ("cpu", "cuda") and not _cpp_has_kernels():
-            return "the compiled extension pycompress._C has no depthwise kernels (an old build: rebuild it)"
-        dev = x.device.type
-        if backend == "cpu" and dev != "cpu":
-            return f"x is on {x.device}, the cpu backend runs CPU tensors"
-        if backend == "cuda" and dev != "cuda":
-            return f"x is on {x.device}, the cuda backend runs CUDA tensors"
-        if backend == "triton" and dev != "cuda" and not (dev == "cpu" and backends.triton_interpreting()):
-            return f"x is on {x.device}; triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
-        if x.dtype not in _FLOAT_DTYPES:
-            return f"x has dtype {x.dtype}; this backend supports float32, float16 and bfloat16 (float64 runs on reference)"
-        return None
-
-    return supports
-
-
-backends.register_op(
-    "depthwise_conv2d",
-    {"reference": lambda x: None, **{b: _supports(b) for b in ("cpu", "cuda", "triton")}},
-)
-
-
-# --------------------------------------------------------------------------------------------
-# registered op
+# the declaration: layout helpers, kernels, supports, registered ops
 
 
 def _layout(x: torch.Tensor) -> torch.Tensor:
@@ -98,25 +50,45 @@ def _empty_out(x, weight, params):
     return x.new_empty(shape).contiguous(memory_format=_format(x))
 
 
+def _fwd_fake(x, weight, scale, shift, sh, sw, ph, pw, dh, dw, act):
+    return _empty_out(x, weight, (sh, sw, ph, pw, dh, dw))
+
+
+def _bwd_input_fake(grad_out, weight, H, W, sh, sw, ph, pw, dh, dw):
+    N, C = grad_out.shape[:2]
+    return grad_out.new_empty((N, C, H, W)).contiguous(memory_format=_format(grad_out))
+
+
+def _bwd_weight_fake(grad_out, x, kh, kw, sh, sw, ph, pw, dh, dw, with_bias):
+    C = x.shape[1]
+    return (x.new_empty((C, 1, kh, kw), dtype=torch.float32),
+            x.new_empty((C,) if with_bias else (0,), dtype=torch.float32))
+
+
+# The kernel-level functions every backend implements (contracts: depthwise_ref).
+KERNELS = KernelSet(
+    "depthwise", triton_module="depthwise",
+    fwd=Kernel(_ref.depthwise_fwd_ref, cpp="_depthwise_fwd", triton="depthwise_fwd", fake=_fwd_fake),
+    bwd_input=Kernel(_ref.depthwise_bwd_input_ref, cpp="_depthwise_bwd_input", triton="depthwise_bwd_input",
+                     fake=_bwd_input_fake),
+    bwd_weight=Kernel(_ref.depthwise_bwd_weight_ref, cpp="_depthwise_bwd_weight", triton="depthwise_bwd_weight",
+                      fake=_bwd_weight_fake),
+)
+
+OP = declare("depthwise_conv2d", reference=_ref.depthwise_conv2d_ref, kernels=KERNELS,
+             supports=[on_device("x"), dtype_in("x")])
+
+
 def _forward_impl(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                   params: Sequence[int], act: int, backend: str) -> torch.Tensor:
     """act(conv(x, weight) * scale + shift); scale / shift fp32 [C] or empty (1 / 0)."""
     sh, sw, ph, pw, dh, dw = params
     if x.numel() == 0:
         return torch.zeros_like(_empty_out(x, weight, params))
-    fwd = _kernels(backend)[0]
-    return fwd(_layout(x), weight.contiguous(), scale, shift, sh, sw, ph, pw, dh, dw, act)
+    return KERNELS.table(backend).fwd(_layout(x), weight.contiguous(), scale, shift, sh, sw, ph, pw, dh, dw, act)
 
 
-@torch.library.custom_op("pycompress::depthwise_conv2d", mutates_args=())
-def _depthwise_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                  params: Sequence[int], act: int, backend: str) -> torch.Tensor:
-    """act(conv(x, weight) * scale + shift); scale / shift fp32 [C] or empty (1 / 0)."""
-    return _forward_impl(x, weight, scale, shift, params, act, backend)
-
-
-@_depthwise_op.register_fake
-def _(x, weight, scale, shift, params, act, backend):
+def _forward_fake(x, weight, scale, shift, params, act, backend):
     return _empty_out(x, weight, params)
 
 
@@ -136,7 +108,8 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sc
     need_scale, need_shift = need_scale and scale.numel() > 0, need_shift and shift.numel() > 0
     C = x.shape[1]
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    fwd, bwd_in, bwd_w = _kernels(backend)
+    kernels = KERNELS.table(backend)
+    fwd, bwd_in, bwd_w = kernels.fwd, kernels.bwd_input, kernels.bwd_weight
     grad = _layout(grad.contiguous(memory_format=_format(x)))
     g_scale = g_shift = None
     if x.numel() == 0:
@@ -201,17 +174,7 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sc
     return tuple(outs)
 
 
-@torch.library.custom_op("pycompress::depthwise_conv2d_backward", mutates_args=())
-def _depthwise_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                           shift: torch.Tensor, params: Sequence[int], act: int, backend: str,
-                           needs: Sequence[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """_backward_impl as one registered op, so AOTAutograd traces the backward as one node whatever
-    the backend."""
-    return _backward_impl(grad, x, weight, scale, shift, params, act, backend, needs)
-
-
-@_depthwise_backward_op.register_fake
-def _(grad, x, weight, scale, shift, params, act, backend, needs):
+def _backward_fake(grad, x, weight, scale, shift, params, act, backend, needs):
     need_x, need_w, need_scale, need_shift = needs
     gx = torch.empty_like(x, memory_format=_format(x)) if need_x else x.new_empty(0)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else x.new_empty(0)
@@ -220,76 +183,25 @@ def _(grad, x, weight, scale, shift, params, act, backend, needs):
     return gx, gw, gs, gb
 
 
-def _autograd_backward(ctx, grad, backward_fn):
-    """The autograd formula of both paths: backward_fn is the registered backward op or
-    _backward_impl; inputs that need no gradient (and an empty scale / shift) get None."""
+# pycompress::depthwise_conv2d_backward: the whole backward as one registered op, so AOTAutograd
+# traces it as one node whatever the backend.
+_BACKWARD = OP.define("depthwise_conv2d_backward", _backward_impl, fake=_backward_fake)
+
+
+def _backward(ctx, grad):
+    """Inputs that need no gradient (and an empty scale / shift) get None."""
     x, weight, scale, shift = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    gx, gw, gs, gb = backward_fn(grad, x, weight, scale, shift, ctx.params, ctx.act, ctx.backend, needs)
+    gx, gw, gs, gb = call(ctx, _BACKWARD, grad, x, weight, scale, shift, ctx.params, ctx.act, ctx.backend, needs)
     return (gx if needs[0] else None, gw if needs[1] else None,
             gs if needs[2] and scale.numel() else None, gb if needs[3] and shift.numel() else None,
             None, None, None)
 
 
-def _backward(ctx, grad):
-    return _autograd_backward(ctx, grad, torch.ops.pycompress.depthwise_conv2d_backward)
-
-
-_depthwise_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _DepthwiseEager(torch.autograd.Function):
-    """The registered op's forward and backward without the custom-op dispatch: in eager mode that
-    dispatch (schema checks, the autograd wrapper, the backward op) costs about 0.1-0.3 ms per
-    forward + backward on the CPU, as much as the kernels of a small layer. Same implementations,
-    so the same numbers; not twice differentiable, like the registered op."""
-
-    @staticmethod
-    def forward(ctx, x, weight, scale, shift, params, act, backend):
-        _setup_context(ctx, (x, weight, scale, shift, params, act, backend), None)
-        return _forward_impl(x, weight, scale, shift, params, act, backend)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return _autograd_backward(ctx, grad, _backward_impl)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _apply(x, weight, scale, shift, params, act, backend) -> torch.Tensor:
-    """The registered op under torch.compile, tracing, dispatch or torch-function modes, functorch
-    transforms and tensor subclasses; _DepthwiseEager otherwise (plain eager calls)."""
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()
-            or type(x) not in _PLAIN or type(weight) not in _PLAIN
-            or type(scale) not in _PLAIN or type(shift) not in _PLAIN):
-        return torch.ops.pycompress.depthwise_conv2d(x, weight, scale, shift, params, act, backend)
-    return _DepthwiseEager.apply(x, weight, scale, shift, params, act, backend)
-
-
-def _register_cpp_fakes() -> None:
-    if not _cpp_has_kernels():
-        return
-
-    @torch.library.register_fake("pycompress::_depthwise_fwd")
-    def _(x, weight, scale, shift, sh, sw, ph, pw, dh, dw, act):
-        return _empty_out(x, weight, (sh, sw, ph, pw, dh, dw))
-
-    @torch.library.register_fake("pycompress::_depthwise_bwd_input")
-    def _(grad_out, weight, H, W, sh, sw, ph, pw, dh, dw):
-        N, C = grad_out.shape[:2]
-        return grad_out.new_empty((N, C, H, W)).contiguous(memory_format=_format(grad_out))
-
-    @torch.library.register_fake("pycompress::_depthwise_bwd_weight")
-    def _(grad_out, x, kh, kw, sh, sw, ph, pw, dh, dw, with_bias):
-        C = x.shape[1]
-        return (x.new_empty((C, 1, kh, kw), dtype=torch.float32),
-                x.new_empty((C,) if with_bias else (0,), dtype=torch.float32))
-
-
-_register_cpp_fakes()
+# pycompress::depthwise_conv2d: act(conv(x, weight) * scale + shift); scale / shift fp32 [C] or
+# empty (1 / 0). Its fake, its autograd and the eager path (DEPTHWISE(...)).
+DEPTHWISE = OP.define("depthwise_conv2d", _forward_impl, fake=_forward_fake, setup_context=_setup_context,
+                      backward=_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,8 +309,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     params = _check(fn, x, weight, stride, padding, dilation)
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     shift = x.new_empty(0, dtype=pdt) if bias is None else _channel_vector("bias", bias, x, fn)
-    name = backends.select(fn, backend, x=x)
-    return _apply(x, weight, x.new_empty(0, dtype=pdt), shift, params, 0, name)
+    return DEPTHWISE(x, weight, x.new_empty(0, dtype=pdt), shift, params, 0, OP.select(backend, x=x))
 
 
 def depthwise_conv2d_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -424,5 +335,4 @@ def depthwise_conv2d_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.
         raise ValueError(f"{fn}: act must be one of {list(ACTS)}, got {act!r}")
     s = _channel_vector("scale", scale, x, fn)
     b = _channel_vector("shift", shift, x, fn)
-    name = backends.select("depthwise_conv2d", backend, x=x)
-    return _apply(x, weight, s, b, params, ACTS[act], name)
+    return DEPTHWISE(x, weight, s, b, params, ACTS[act], OP.select(backend, x=x))

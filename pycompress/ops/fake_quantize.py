@@ -1,10 +1,10 @@
 """fake_quantize: quantize-dequantize with straight-through and LSQ gradients, in four backends.
 
 The public function validates every argument before any kernel runs, chooses a backend
-(pycompress.backends), and calls the registered op ``pycompress::fake_quantize``. That op has a
-fake (meta) kernel and an autograd formula, so ``torch.compile(fullgraph=True)`` sees one node and
-``torch.library.opcheck`` passes. The arithmetic and the non-finite behaviour are specified in
-``pycompress.ops.fake_quantize_ref``.
+(pycompress.backends), and calls the registered op ``pycompress::fake_quantize`` through its entry
+(``pycompress.ops.registry``: one declaration gives the op, its fake, its autograd and the eager
+path). ``torch.compile(fullgraph=True)`` sees one node and ``torch.library.opcheck`` passes. The
+arithmetic and the non-finite behaviour are specified in ``pycompress.ops.fake_quantize_ref``.
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from .. import _ext, backends
 from . import fake_quantize_ref as _ref
+from .mask_layout_ref import packed_mask_bytes
+from .registry import Kernel, KernelSet, call, declare, dtype_in, on_device
 
 __all__ = ["fake_quantize", "quant_range", "value_checks", "QMIN_LIMIT", "QMAX_LIMIT"]
 
 QMIN_LIMIT = -(2**15)
 QMAX_LIMIT = 2**16 - 1
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 Number = Union[int, float]
 
@@ -222,124 +222,72 @@ def _kernel_params(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qma
 
 
 # --------------------------------------------------------------------------------------------
-# backend kernels
-
-
-def _cpp(name: str):
-    return getattr(torch.ops.pycompress, name)
-
-
-def _kernels(backend: str):
-    """(fwd, bwd, bwd_learnable) kernel-level functions of a backend."""
-    if backend == "reference":
-        return _ref.fake_quantize_fwd_ref, _ref.fake_quantize_bwd_ref, _ref.fake_quantize_bwd_learnable_ref
-    if backend in ("cpu", "cuda"):
-        return _cpp("_fake_quantize_fwd"), _cpp("_fake_quantize_bwd"), _cpp("_fake_quantize_bwd_learnable")
-    if backend == "triton":
-        from ..kernels import fake_quantize as tk
-
-        return tk.fake_quantize_fwd, tk.fake_quantize_bwd, tk.fake_quantize_bwd_learnable
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-def _supports_kernel_dtype(x: torch.Tensor) -> Optional[str]:
-    if x.dtype not in _KERNEL_DTYPES:
-        return f"x has dtype {x.dtype}; this backend supports float32, float16 and bfloat16 (float64 runs on reference)"
-    return None
-
-
-def _supports_cpu(x: torch.Tensor) -> Optional[str]:
-    if x.device.type != "cpu":
-        return f"x is on {x.device}, the cpu backend runs CPU tensors"
-    return _supports_kernel_dtype(x)
-
-
-def _supports_cuda(x: torch.Tensor) -> Optional[str]:
-    if x.device.type != "cuda":
-        return f"x is on {x.device}, the cuda backend runs CUDA tensors"
-    return _supports_kernel_dtype(x)
-
-
-def _supports_triton(x: torch.Tensor) -> Optional[str]:
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and backends.triton_interpreting()):
-        return f"x is on {x.device}; triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
-    return _supports_kernel_dtype(x)
-
-
-backends.register_op(
-    "fake_quantize",
-    {
-        "reference": lambda x: None,
-        "cpu": _supports_cpu,
-        "cuda": _supports_cuda,
-        "triton": _supports_triton,
-    },
-)
-
-
-# --------------------------------------------------------------------------------------------
-# registered ops
+# the declaration: kernels, supports, registered ops
 
 
 def _empty_mask(x: torch.Tensor, with_mask: bool) -> torch.Tensor:
-    n = _ref.packed_mask_bytes(x.numel()) if with_mask else 0
+    n = packed_mask_bytes(x.numel()) if with_mask else 0
     return x.new_empty((n,), dtype=torch.uint8)
 
 
-@torch.library.custom_op("pycompress::fake_quantize", mutates_args=())
-def _fake_quantize_op(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    axis: Optional[int],
-    grad_factor: float,
-    backend: str,
-    with_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_fake(x, inv_scale, scale, zero_point, qmin, qmax, inner, with_mask):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _empty_mask(x, with_mask)
+
+
+def _bwd_fake(grad, mask):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _bwd_learnable_fake(grad, x, inv_scale, scale, zero_point, qmin, qmax, inner, grad_factor):
+    c = inv_scale.shape[0]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32))
+
+
+# The kernel-level functions every backend implements (contracts: fake_quantize_ref).
+KERNELS = KernelSet(
+    "fake_quantize", triton_module="fake_quantize",
+    fwd=Kernel(_ref.fake_quantize_fwd_ref, cpp="_fake_quantize_fwd", triton="fake_quantize_fwd", fake=_fwd_fake),
+    bwd=Kernel(_ref.fake_quantize_bwd_ref, cpp="_fake_quantize_bwd", triton="fake_quantize_bwd", fake=_bwd_fake),
+    bwd_learnable=Kernel(_ref.fake_quantize_bwd_learnable_ref, cpp="_fake_quantize_bwd_learnable",
+                         triton="fake_quantize_bwd_learnable", fake=_bwd_learnable_fake),
+)
+
+OP = declare("fake_quantize", reference=_ref.fake_quantize_ref, kernels=KERNELS,
+             supports=[on_device("x"), dtype_in("x")])
+
+
+def _forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+             axis: Optional[int], grad_factor: float, backend: str, with_mask: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, packed keep-mask of x in kernel layout, empty unless with_mask)."""
     layout = _Layout(x, axis)
     inv, s, zp = _kernel_params(scale, zero_point, qmin, qmax, x.dtype)
-    fwd, _, _ = _kernels(backend)
-    out, mask = fwd(layout.to_kernel(x), inv, s, zp, qmin, qmax, layout.inner, with_mask)
+    out, mask = KERNELS.table(backend).fwd(layout.to_kernel(x), inv, s, zp, qmin, qmax, layout.inner, with_mask)
     return layout.from_kernel(out), mask
 
 
-@_fake_quantize_op.register_fake
-def _(x, scale, zero_point, qmin, qmax, axis, grad_factor, backend, with_mask):
+def _forward_fake(x, scale, zero_point, qmin, qmax, axis, grad_factor, backend, with_mask):
     return _Layout(x, axis).empty(x), _empty_mask(x, with_mask)
 
 
-@torch.library.custom_op("pycompress::fake_quantize_backward", mutates_args=())
-def _fake_quantize_backward_op(grad: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
+def _backward_ste(grad: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
     """Straight-through backward: grad (kernel layout, contiguous) where the packed bit is set, else 0."""
-    _, bwd, _ = _kernels(backend)
-    return bwd(grad.contiguous(), mask)
+    return KERNELS.table(backend).bwd(grad.contiguous(), mask)
 
 
-@_fake_quantize_backward_op.register_fake
-def _(grad, mask, backend):
+def _backward_ste_fake(grad, mask, backend):
     return grad.new_empty(grad.shape)
 
 
-@torch.library.custom_op("pycompress::fake_quantize_backward_learnable", mutates_args=())
-def _fake_quantize_backward_learnable_op(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    axis: Optional[int],
-    grad_factor: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_learnable(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        qmin: int, qmax: int, axis: Optional[int], grad_factor: float, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_scale, grad_zero_point); the last two shaped and typed like scale / zero_point."""
     layout = _Layout(x, axis)
     inv, s, zp = _kernel_params(scale, zero_point, qmin, qmax, x.dtype)
-    _, _, bwd_l = _kernels(backend)
-    gx, gs, gz = bwd_l(layout.to_kernel(grad), layout.to_kernel(x), inv, s, zp, qmin, qmax, layout.inner, grad_factor)
+    gx, gs, gz = KERNELS.table(backend).bwd_learnable(layout.to_kernel(grad), layout.to_kernel(x), inv, s, zp, qmin,
+                                                      qmax, layout.inner, grad_factor)
     return (
         layout.from_kernel(gx),
         gs.reshape(scale.shape).to(scale.dtype),
@@ -347,10 +295,14 @@ def _fake_quantize_backward_learnable_op(
     )
 
 
-@_fake_quantize_backward_learnable_op.register_fake
-def _(grad, x, scale, zero_point, qmin, qmax, axis, grad_factor, backend):
+def _backward_learnable_fake(grad, x, scale, zero_point, qmin, qmax, axis, grad_factor, backend):
     zdt = zero_point.dtype if zero_point.is_floating_point() else torch.float32
     return _Layout(x, axis).empty(x), scale.new_empty(scale.shape), zero_point.new_empty(zero_point.shape, dtype=zdt)
+
+
+_BACKWARD_STE = OP.define("fake_quantize_backward", _backward_ste, fake=_backward_ste_fake)
+_BACKWARD_LEARNABLE = OP.define("fake_quantize_backward_learnable", _backward_learnable,
+                                fake=_backward_learnable_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -369,9 +321,8 @@ def _backward(ctx, grad_out, _grad_mask):
     qmin, qmax, axis, grad_factor, backend = ctx.args
     if ctx.learnable:
         x, scale, zero_point = ctx.saved_tensors
-        gx, gs, gz = torch.ops.pycompress.fake_quantize_backward_learnable(
-            grad_out, x, scale, zero_point, qmin, qmax, axis, grad_factor, backend
-        )
+        gx, gs, gz = call(ctx, _BACKWARD_LEARNABLE, grad_out, x, scale, zero_point, qmin, qmax, axis, grad_factor,
+                          backend)
         return (
             gx if ctx.needs_input_grad[0] else None,
             gs if ctx.needs_input_grad[1] else None,
@@ -386,39 +337,15 @@ def _backward(ctx, grad_out, _grad_mask):
         )
     perm = ctx.perm
     g = grad_out.permute(perm).contiguous() if perm else grad_out.contiguous()
-    gx = torch.ops.pycompress.fake_quantize_backward(g, mask, backend)
+    gx = call(ctx, _BACKWARD_STE, g, mask, backend)
     if perm:
         gx = gx.permute(_inverse(perm))
     return gx, None, None, None, None, None, None, None, None
 
 
-_fake_quantize_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _register_cpp_fakes() -> None:
-    """Fake kernels for the C++ ops, so they work under torch.compile and opcheck."""
-    if not _ext.loaded():
-        return
-
-    @torch.library.register_fake("pycompress::_fake_quantize_fwd")
-    def _(x, inv_scale, scale, zero_point, qmin, qmax, inner, with_mask):
-        return torch.empty_like(x, memory_format=torch.contiguous_format), _empty_mask(x, with_mask)
-
-    @torch.library.register_fake("pycompress::_fake_quantize_bwd")
-    def _(grad, mask):
-        return torch.empty_like(grad, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("pycompress::_fake_quantize_bwd_learnable")
-    def _(grad, x, inv_scale, scale, zero_point, qmin, qmax, inner, grad_factor):
-        c = inv_scale.shape[0]
-        return (
-            torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty((c,), dtype=torch.float32),
-            x.new_empty((c,), dtype=torch.float32),
-        )
-
-
-_register_cpp_fakes()
+# pycompress::fake_quantize: fake, autograd, and the eager path (FAKE_QUANTIZE(...)).
+FAKE_QUANTIZE = OP.define("fake_quantize", _forward, fake=_forward_fake, setup_context=_setup_context,
+                          backward=_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,8 +408,8 @@ def fake_quantize(
         _check_python_zero_point(zero_point, qmin, qmax)
     elif check_tensors:
         _check_zero_point_values(zp_t, qmin, qmax)
-    name = backends.select("fake_quantize", backend, x=x)
+    name = OP.select(backend, x=x)
     learnable = scale_t.requires_grad or zp_t.requires_grad
     with_mask = bool(x.requires_grad and torch.is_grad_enabled() and not learnable)
-    out, _ = torch.ops.pycompress.fake_quantize(x, scale_t, zp_t, qmin, qmax, axis, float(grad_factor), name, with_mask)
+    out, _ = FAKE_QUANTIZE(x, scale_t, zp_t, qmin, qmax, axis, float(grad_factor), name, with_mask)
     return out

@@ -25,44 +25,21 @@ out-of-range value and get zero gradient; NaN propagates (the output is NaN), co
 for the straight-through gradient (grad passes), and makes the learnable scale gradient NaN, so a
 diverged activation is never silently turned into a finite number.
 
-Packed mask: uint8 [ceil(n / 32) * 4]; bit (i % 8) of byte (i // 8) is 1 where element i was not
-clamped. Padding bits past n are 0.
+Packed mask: the layout of ``pycompress.ops.mask_layout_ref`` (1 bit per element, whole 32-bit
+words); a bit is 1 where the element was not clamped.
 """
 from __future__ import annotations
 
 import torch
+
+from .mask_layout_ref import pack_bits_ref, packed_mask_bytes, unpack_bits_ref
 
 __all__ = [
     "fake_quantize_ref",
     "fake_quantize_fwd_ref",
     "fake_quantize_bwd_ref",
     "fake_quantize_bwd_learnable_ref",
-    "pack_bits_ref",
-    "unpack_bits_ref",
-    "packed_mask_bytes",
 ]
-
-
-def packed_mask_bytes(n: int) -> int:
-    """Bytes of a packed mask for n elements (whole 32-bit words)."""
-    return ((n + 31) // 32) * 4
-
-
-def pack_bits_ref(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor (any shape, flattened) into the packed-mask layout described above."""
-    flat = bits.reshape(-1).to(torch.uint8)
-    n = flat.numel()
-    padded = torch.zeros(packed_mask_bytes(n) * 8, dtype=torch.uint8, device=flat.device)
-    padded[:n] = flat
-    weights = (1 << torch.arange(8, device=flat.device, dtype=torch.int32)).to(torch.uint8)
-    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
-
-
-def unpack_bits_ref(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of pack_bits_ref: the first n bits as a flat bool tensor."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    bits = (packed.to(torch.int32).unsqueeze(1) >> shifts) & 1
-    return bits.reshape(-1)[:n].bool()
 
 
 def _quantize(x: torch.Tensor, inv_scale, scale, zero_point, qmin: int, qmax: int, inner: int):

@@ -1,10 +1,11 @@
 """Bit-packed sparse masks: pack_mask, unpack_mask, apply_mask and a fused masked SGD step.
 
-A mask of n elements is stored in 1 bit per element (uint8, whole 32-bit words; the layout is in
-``pycompress.ops.sparse_mask_ref``, which is the specification of every op here). The public
-functions validate their arguments before any kernel runs, choose a backend
-(``pycompress.backends``) and call registered ops (``pycompress::pack_mask``, ...), which have fake
-kernels (and, for apply_mask, an autograd formula), so ``torch.compile`` sees one node per op and
+A mask of n elements is stored in 1 bit per element (uint8, whole 32-bit words; the layout is
+``pycompress.ops.mask_layout_ref``, the arithmetic ``pycompress.ops.sparse_mask_ref``, the
+specification of every op here). The public functions validate their arguments before any kernel
+runs, choose a backend (``pycompress.backends``) and call the registered ops
+(``pycompress::pack_mask``, ...) through their entries (``pycompress.ops.registry``: fakes, apply_mask's
+autograd formula and one eager path), so ``torch.compile`` sees one node per op and
 ``torch.library.opcheck`` passes.
 """
 from __future__ import annotations
@@ -15,100 +16,66 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .. import _ext, backends
 from . import sparse_mask_ref as _ref
-from .sparse_mask_ref import packed_mask_bytes
+from .mask_layout_ref import packed_mask_bytes
+from .registry import Kernel, KernelSet, call, declare, dtype_in, on_device
 
 __all__ = ["pack_mask", "unpack_mask", "apply_mask", "masked_sgd_step", "packed_mask_bytes"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 # --------------------------------------------------------------------------------------------
-# backends
+# the declaration: kernels, supports, registered ops
 
 
-@torch.compiler.assume_constant_result
-def _cpp_has_kernels() -> bool:
-    return _ext.loaded() and hasattr(torch.ops.pycompress, "_masked_sgd_step")
-
-
-def _kernels(backend: str):
-    """(pack, unpack, apply, apply_inplace, sgd_step) kernel-level functions of a backend; their
-    contracts are the ``*_kernel_ref`` functions of sparse_mask_ref."""
-    if backend == "reference":
-        return (_ref.pack_kernel_ref, _ref.unpack_kernel_ref, _ref.apply_kernel_ref,
-                _ref.apply_inplace_kernel_ref, _ref.sgd_step_kernel_ref)
-    if backend in ("cpu", "cuda"):
-        ops = torch.ops.pycompress
-        return ops._pack_mask, ops._unpack_mask, ops._apply_mask, ops._apply_mask_, ops._masked_sgd_step
-    if backend == "triton":
-        from ..kernels import sparse_mask as tk
-
-        return tk.pack_mask, tk.unpack_mask, tk.apply_mask, tk.apply_mask_, tk.masked_sgd_step
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-def _device_reason(backend: str, t: torch.Tensor) -> Optional[str]:
-    if backend in ("cpu", "cuda") and not _cpp_has_kernels():
-        return "the compiled extension pycompress._C has no sparse-mask kernels (an old build: rebuild it)"
-    if backend == "cpu" and t.device.type != "cpu":
-        return f"the tensors are on {t.device}, the cpu backend runs CPU tensors"
-    if backend == "cuda" and t.device.type != "cuda":
-        return f"the tensors are on {t.device}, the cuda backend runs CUDA tensors"
-    if backend == "triton" and t.device.type != "cuda" and not (t.device.type == "cpu" and backends.triton_interpreting()):
-        return f"the tensors are on {t.device}; triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
-    return None
-
-
-def _supports(backend: str):
-    def supports(t: torch.Tensor, float_op: bool = False) -> Optional[str]:
-        reason = _device_reason(backend, t)
-        if reason is None and float_op and t.dtype not in _FLOAT_DTYPES:
-            reason = f"dtype {t.dtype}; this backend supports float32, float16 and bfloat16 (float64 runs on reference)"
-        return reason
-
-    return supports
-
-
-for _op in ("pack_mask", "unpack_mask", "apply_mask", "masked_sgd_step"):
-    backends.register_op(
-        _op, {"reference": lambda t, float_op=False: None, **{b: _supports(b) for b in ("cpu", "cuda", "triton")}}
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# registered ops
-
-
-@torch.library.custom_op("pycompress::pack_mask", mutates_args=())
-def _pack_mask_op(mask: torch.Tensor, backend: str) -> torch.Tensor:
-    return _kernels(backend)[0](mask.contiguous())
-
-
-@_pack_mask_op.register_fake
-def _(mask, backend):
+def _pack_fake(mask):
     return mask.new_empty((packed_mask_bytes(mask.numel()),), dtype=torch.uint8)
 
 
-@torch.library.custom_op("pycompress::unpack_mask", mutates_args=())
-def _unpack_mask_op(packed: torch.Tensor, shape: Sequence[int], backend: str) -> torch.Tensor:
-    return _kernels(backend)[1](packed, math.prod(shape)).view(shape)
+def _unpack_fake(packed, n):
+    return packed.new_empty((n,), dtype=torch.bool)
 
 
-@_unpack_mask_op.register_fake
-def _(packed, shape, backend):
+def _apply_fake(w, packed):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+def _returns_none(*args):  # the in-place kernels return nothing (schema "-> ()")
+    return None
+
+
+# The kernel-level functions every backend implements (contracts: the *_kernel_ref of sparse_mask_ref).
+KERNELS = KernelSet(
+    "sparse_mask", triton_module="sparse_mask",
+    pack=Kernel(_ref.pack_kernel_ref, cpp="_pack_mask", triton="pack_mask", fake=_pack_fake),
+    unpack=Kernel(_ref.unpack_kernel_ref, cpp="_unpack_mask", triton="unpack_mask", fake=_unpack_fake),
+    apply=Kernel(_ref.apply_kernel_ref, cpp="_apply_mask", triton="apply_mask", fake=_apply_fake),
+    apply_inplace=Kernel(_ref.apply_inplace_kernel_ref, cpp="_apply_mask_", triton="apply_mask_",
+                         fake=_returns_none),
+    sgd_step=Kernel(_ref.sgd_step_kernel_ref, cpp="_masked_sgd_step", triton="masked_sgd_step", fake=_returns_none),
+)
+
+PACK_MASK = declare("pack_mask", reference=_ref.pack_mask_ref, kernels=KERNELS, supports=[on_device("mask")])
+UNPACK_MASK = declare("unpack_mask", reference=_ref.unpack_mask_ref, kernels=KERNELS,
+                      supports=[on_device("packed")])
+APPLY_MASK = declare("apply_mask", reference=_ref.apply_mask_ref, kernels=KERNELS,
+                     supports=[on_device("w"), dtype_in("w")])
+MASKED_SGD_STEP = declare("masked_sgd_step", reference=_ref.masked_sgd_step_ref, kernels=KERNELS,
+                          supports=[on_device("param"), dtype_in("param")])
+
+
+def _pack(mask: torch.Tensor, backend: str) -> torch.Tensor:
+    return KERNELS.table(backend).pack(mask.contiguous())
+
+
+def _unpack(packed: torch.Tensor, shape: Sequence[int], backend: str) -> torch.Tensor:
+    return KERNELS.table(backend).unpack(packed, math.prod(shape)).view(shape)
+
+
+def _unpack_op_fake(packed, shape, backend):
     return packed.new_empty(list(shape), dtype=torch.bool)
 
 
-@torch.library.custom_op("pycompress::apply_mask", mutates_args=())
-def _apply_mask_op(w: torch.Tensor, packed: torch.Tensor, backend: str) -> torch.Tensor:
-    return _kernels(backend)[2](w.contiguous(), packed)
-
-
-@_apply_mask_op.register_fake
-def _(w, packed, backend):
-    return torch.empty_like(w, memory_format=torch.contiguous_format)
+def _apply(w: torch.Tensor, packed: torch.Tensor, backend: str) -> torch.Tensor:
+    return KERNELS.table(backend).apply(w.contiguous(), packed)
 
 
 def _apply_setup(ctx, inputs, output):
@@ -119,33 +86,24 @@ def _apply_setup(ctx, inputs, output):
 
 def _apply_backward(ctx, grad):
     (packed,) = ctx.saved_tensors
-    # d(w * m)/dw = m: the gradient of a pruned element is 0.
-    return torch.ops.pycompress.apply_mask(grad, packed, ctx.backend), None, None
+    # d(w * m)/dw = m: the gradient of a pruned element is 0 (itself differentiable: apply_mask again).
+    return call(ctx, _APPLY, grad, packed, ctx.backend), None, None
 
 
-_apply_mask_op.register_autograd(_apply_backward, setup_context=_apply_setup)
-
-
-@torch.library.custom_op("pycompress::apply_mask_", mutates_args=("w",))
-def _apply_mask_inplace_op(w: torch.Tensor, packed: torch.Tensor, backend: str) -> None:
+def _apply_inplace(w: torch.Tensor, packed: torch.Tensor, backend: str) -> None:
+    kernel = KERNELS.table(backend).apply_inplace
     if w.is_contiguous():
-        _kernels(backend)[3](w, packed)
+        kernel(w, packed)
     else:
         tmp = w.contiguous()
-        _kernels(backend)[3](tmp, packed)
+        kernel(tmp, packed)
         w.copy_(tmp)
 
 
-@_apply_mask_inplace_op.register_fake
-def _(w, packed, backend):
-    return None
-
-
-@torch.library.custom_op("pycompress::masked_sgd_step_", mutates_args=("param", "buf"))
-def _masked_sgd_step_op(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, packed: torch.Tensor,
-                        lr: float, momentum: float, weight_decay: float, dampening: float, nesterov: bool,
-                        first: bool, backend: str) -> None:
-    step = _kernels(backend)[4]
+def _sgd_step(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, packed: torch.Tensor, lr: float,
+              momentum: float, weight_decay: float, dampening: float, nesterov: bool, first: bool,
+              backend: str) -> None:
+    step = KERNELS.table(backend).sgd_step
     if param.is_contiguous():
         step(param, grad.contiguous(), buf, packed, lr, momentum, weight_decay, dampening, nesterov, first)
     else:
@@ -154,39 +112,14 @@ def _masked_sgd_step_op(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tens
         param.copy_(tmp)
 
 
-@_masked_sgd_step_op.register_fake
-def _(param, grad, buf, packed, lr, momentum, weight_decay, dampening, nesterov, first, backend):
-    return None
-
-
-def _register_cpp_fakes() -> None:
-    """Fake kernels for the C++ kernel ops, so they work under torch.compile and opcheck."""
-    if not _ext.loaded() or not hasattr(torch.ops.pycompress, "_pack_mask"):
-        return
-
-    @torch.library.register_fake("pycompress::_pack_mask")
-    def _(mask):
-        return mask.new_empty((packed_mask_bytes(mask.numel()),), dtype=torch.uint8)
-
-    @torch.library.register_fake("pycompress::_unpack_mask")
-    def _(packed, n):
-        return packed.new_empty((n,), dtype=torch.bool)
-
-    @torch.library.register_fake("pycompress::_apply_mask")
-    def _(w, packed):
-        return torch.empty_like(w, memory_format=torch.contiguous_format)
-
-    # The in-place kernels return nothing (schema "-> ()"): their fakes return None.
-    @torch.library.register_fake("pycompress::_apply_mask_")
-    def _(w, packed):
-        return None
-
-    @torch.library.register_fake("pycompress::_masked_sgd_step")
-    def _(param, grad, buf, packed, lr, momentum, weight_decay, dampening, nesterov, first):
-        return None
-
-
-_register_cpp_fakes()
+# The registered ops (pycompress::pack_mask, ...) and their eager entries.
+_PACK = PACK_MASK.define("pack_mask", _pack, fake=lambda mask, backend: _pack_fake(mask))
+_UNPACK = UNPACK_MASK.define("unpack_mask", _unpack, fake=_unpack_op_fake)
+_APPLY = APPLY_MASK.define("apply_mask", _apply, fake=lambda w, packed, backend: _apply_fake(w, packed),
+                           setup_context=_apply_setup, backward=_apply_backward, differentiable_backward=True)
+_APPLY_INPLACE = APPLY_MASK.define("apply_mask_", _apply_inplace, fake=_returns_none, mutates_args=("w",))
+_SGD_STEP = MASKED_SGD_STEP.define("masked_sgd_step_", _sgd_step, fake=_returns_none,
+                                   mutates_args=("param", "buf"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,8 +182,7 @@ def pack_mask(mask: torch.Tensor, *, backend: Optional[str] = None) -> torch.Ten
     _check_tensor("mask", mask, fn)
     if mask.dtype != torch.bool:
         raise TypeError(f"{fn}: mask must be a bool tensor (True = keep), got {mask.dtype}; pass mask != 0")
-    name = backends.select(fn, backend, t=mask)
-    return torch.ops.pycompress.pack_mask(mask, name)
+    return _PACK(mask, PACK_MASK.select(backend, mask=mask))
 
 
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int], *, backend: Optional[str] = None) -> torch.Tensor:
@@ -259,8 +191,7 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int], *, backend: Optional
     shape = _check_shape(shape, fn)
     _check_tensor("packed", packed, fn)
     packed = _check_packed(packed, math.prod(shape), packed.device, fn, what=f"shape {tuple(shape)}")
-    name = backends.select(fn, backend, t=packed)
-    return torch.ops.pycompress.unpack_mask(packed, shape, name)
+    return _UNPACK(packed, shape, UNPACK_MASK.select(backend, packed=packed))
 
 
 def apply_mask(w: torch.Tensor, packed: torch.Tensor, *, inplace: bool = False,
@@ -278,16 +209,16 @@ def apply_mask(w: torch.Tensor, packed: torch.Tensor, *, inplace: bool = False,
     if not w.is_floating_point():
         raise TypeError(f"{fn}: w must be a floating-point tensor, got {w.dtype}")
     packed = _check_packed(packed, w.numel(), w.device, fn)
-    name = backends.select(fn, backend, t=w, float_op=True)
+    name = APPLY_MASK.select(backend, w=w)
     if inplace:
         if w.requires_grad and torch.is_grad_enabled() and w.is_leaf:
             raise RuntimeError(
                 f"{fn}: inplace=True on a leaf tensor that requires grad; wrap it in torch.no_grad() "
                 "(e.g. masking a parameter between steps) or use inplace=False"
             )
-        torch.ops.pycompress.apply_mask_(w, packed, name)
+        _APPLY_INPLACE(w, packed, name)
         return w
-    return torch.ops.pycompress.apply_mask(w, packed, name)
+    return _APPLY(w, packed, name)
 
 
 def masked_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -325,86 +256,64 @@ def masked_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         if len(seq) != n:
             raise ValueError(f"{fn}: {what} has {len(seq)} entries but params has {n}")
     chosen: dict = {}
-    eager = not torch.compiler.is_compiling()
     for i, (p, g, b, mk) in enumerate(zip(params, grads, momentum_buffers, masks)):
-        where = f"params[{i}]"
-        _check_tensor(where, p, fn)
-        if not p.is_floating_point():
-            raise TypeError(f"{fn}: {where} must be floating point, got {p.dtype}")
-        _check_tensor(f"grads[{i}]", g, fn)
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(f"{fn}: grads[{i}] must match {where} in shape, dtype and device: "
-                             f"{tuple(g.shape)} {g.dtype} {g.device} vs {tuple(p.shape)} {p.dtype} {p.device}")
-        if g.is_sparse:
-            raise TypeError(f"{fn}: grads[{i}] is a sparse tensor; masked SGD needs dense gradients")
+        # The common case first, in as few Python operations as possible (a model of many small
+        # layers calls this per tensor per step); anything else gets the full checks below.
+        if not ((type(p) is _Param or type(p) is _Tensor) and type(g) is _Tensor and p.is_floating_point()
+                and g.dtype is p.dtype and g.shape == p.shape and g.device == p.device and not g.is_sparse):
+            _check_step_tensors(fn, i, p, g)
         first = b is None
         if momentum != 0:
             if first:
                 b = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 momentum_buffers[i] = b
-            else:
+            elif not (isinstance(b, _Tensor) and b.shape == p.shape and b.dtype is p.dtype and b.device == p.device
+                      and b.is_contiguous()):
                 _check_tensor(f"momentum_buffers[{i}]", b, fn)
-                if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device or not b.is_contiguous():
-                    raise ValueError(f"{fn}: momentum_buffers[{i}] must be contiguous and match {where} in shape, "
-                                     f"dtype and device")
+                raise ValueError(f"{fn}: momentum_buffers[{i}] must be a contiguous tensor matching params[{i}] "
+                                 f"in shape, dtype and device")
         if mk is None:
             with torch.no_grad():
-                _dense_sgd(p, g, momentum_buffers[i] if momentum != 0 else None, lr, momentum, weight_decay,
-                           dampening, nesterov, first)
+                _dense_sgd(p, g, b if momentum != 0 else None, lr, momentum, weight_decay, dampening, nesterov,
+                           first)
             continue
-        mk = _check_packed(mk, p.numel(), p.device, fn, what=where)
+        if not (mk.dtype is _U8 and mk.dim() == 1 and mk.numel() == ((p.numel() + 31) >> 5) << 2
+                and mk.device == p.device and mk.is_contiguous()):
+            mk = _check_packed(mk, p.numel(), p.device, fn, what=f"params[{i}]")
         key = (p.device, p.dtype)
-        if key not in chosen:  # supports() depends on the device and dtype only
-            chosen[key] = backends.select(fn, backend, t=p, float_op=True)
-        name = chosen[key]
-        buf = momentum_buffers[i] if momentum != 0 else p.new_empty(0)
-        if eager and p.is_contiguous() and g.is_contiguous():
-            # the registered op's kernel, without the custom-op dispatch (tens of microseconds per
-            # tensor, which dominates models of many small layers)
-            _kernels(name)[4](p.detach(), g.detach(), buf, mk, lr, momentum, weight_decay, dampening, nesterov, first)
-        else:
-            torch.ops.pycompress.masked_sgd_step_(p.detach(), g.detach(), buf, mk, lr, momentum, weight_decay,
-                                                  dampening, nesterov, first, name)
+        name = chosen.get(key)
+        if name is None:  # supports() depends on the device and dtype only
+            name = chosen[key] = MASKED_SGD_STEP.select(backend, param=p)
+        if momentum == 0:
+            b = _empty(p)
+        _SGD_STEP(p.detach(), g.detach(), b, mk, lr, momentum, weight_decay, dampening, nesterov, first, name)
     return momentum_buffers
 
 
-def _masked_sgd_step_trusted(params, grads, momentum_buffers, masks, *, lr: float, momentum: float,
-                             weight_decay: float, dampening: float, nesterov: bool,
-                             backend: Optional[str] = None) -> None:
-    """masked_sgd_step for an optimizer whose arguments are known to be valid (pycompress.prune.MaskedSGD
-    checks its masks when they are set and its hyper-parameters at construction; gradients come from
-    autograd). In eager mode it skips the per-tensor checks and calls the backend's kernel directly,
-    which matters for models of many small tensors; anything unusual (non-contiguous tensors,
-    torch.compile) takes the public path."""
-    if torch.compiler.is_compiling():
-        masked_sgd_step(params, grads, momentum_buffers, masks, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        dampening=dampening, nesterov=nesterov, backend=backend)
-        return
-    chosen = {}
-    for i, (p, g, mk) in enumerate(zip(params, grads, masks)):
-        b = momentum_buffers[i]
-        first = b is None
-        if mk is None or not (p.is_contiguous() and g.is_contiguous()) or g.dtype != p.dtype:
-            one = [b]
-            masked_sgd_step([p], [g], one, [mk], lr=lr, momentum=momentum, weight_decay=weight_decay,
-                            dampening=dampening, nesterov=nesterov, backend=backend)
-            momentum_buffers[i] = one[0]
-            continue
-        key = (p.device, p.dtype)
-        if key not in chosen:
-            chosen[key] = _kernels(backends.select("masked_sgd_step", backend, t=p, float_op=True))[4]
-        if momentum != 0:
-            if first:
-                b = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                momentum_buffers[i] = b
-        else:
-            b = _EMPTY.get(key)
-            if b is None:
-                b = _EMPTY[key] = p.new_empty(0)
-        chosen[key](p.detach(), g.detach(), b, mk, lr, momentum, weight_decay, dampening, nesterov, first)
-
-
+_Param, _Tensor, _U8 = torch.nn.Parameter, torch.Tensor, torch.uint8
 _EMPTY: dict = {}
+
+
+def _empty(p: torch.Tensor) -> torch.Tensor:
+    """An empty buffer of p's dtype and device (the momentum buffer when momentum is 0), cached."""
+    key = (p.device, p.dtype)
+    b = _EMPTY.get(key)
+    if b is None:
+        b = _EMPTY[key] = p.new_empty(0)
+    return b
+
+
+def _check_step_tensors(fn: str, i: int, p, g) -> None:
+    where = f"params[{i}]"
+    _check_tensor(where, p, fn)
+    if not p.is_floating_point():
+        raise TypeError(f"{fn}: {where} must be floating point, got {p.dtype}")
+    _check_tensor(f"grads[{i}]", g, fn)
+    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        raise ValueError(f"{fn}: grads[{i}] must match {where} in shape, dtype and device: "
+                         f"{tuple(g.shape)} {g.dtype} {g.device} vs {tuple(p.shape)} {p.dtype} {p.device}")
+    if g.is_sparse:
+        raise TypeError(f"{fn}: grads[{i}] is a sparse tensor; masked SGD needs dense gradients")
 
 
 def _dense_sgd(p, g, buf, lr, momentum, weight_decay, dampening, nesterov, first) -> None:

@@ -5,10 +5,9 @@ normalised arguments (prepared by ``pycompress.ops.sparse_mask``) and must match
 unpacking and apply_mask bit for bit, the fused SGD step within per-dtype float tolerance (the
 fused kernels may contract a multiply and an add).
 
-Packed layout (shared with fake_quantize's clamp mask): a mask of n elements, flattened in
-row-major (C) order, is a uint8 tensor of ``packed_mask_bytes(n) = ceil(n / 32) * 4`` bytes; bit
-(i % 8) of byte (i // 8) is 1 where element i is kept. Padding bits past n are 0. Whole 32-bit
-words, so a GPU warp can build a word with one ballot and a kernel can read a word per 32 elements.
+Packed layout: ``pycompress.ops.mask_layout_ref`` (shared with fake_quantize's clamp mask): a mask
+of n elements, flattened in row-major (C) order, is a uint8 tensor of ``packed_mask_bytes(n) =
+ceil(n / 32) * 4`` bytes; bit (i % 8) of byte (i // 8) is 1 where element i is kept.
 
 apply_mask: ``out[i] = w[i] if bit i else +0.0``. A select, not a multiply: a pruned element is
 exactly +0.0 whatever it held (also -0.0, inf and NaN), so pruned weights are bit-identical zeros.
@@ -30,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .fake_quantize_ref import pack_bits_ref, packed_mask_bytes, unpack_bits_ref
+from .mask_layout_ref import pack_bits_ref, packed_mask_bytes, unpack_bits_ref
 
 __all__ = [
     "packed_mask_bytes",

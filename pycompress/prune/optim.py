@@ -17,8 +17,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..ops import apply_mask, packed_mask_bytes
-from ..ops.sparse_mask import _masked_sgd_step_trusted
+from ..ops import apply_mask, masked_sgd_step, packed_mask_bytes
 
 __all__ = ["MaskedOptimizer", "MaskedSGD", "MaskedAdam", "MaskedAdamW", "build_masked_optimizer"]
 
@@ -83,9 +82,9 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
             if not params:
                 continue
             momentum = group["momentum"]
-            _masked_sgd_step_trusted(params, grads, bufs, masks, lr=float(group["lr"]), momentum=momentum,
-                                     weight_decay=group["weight_decay"], dampening=group["dampening"],
-                                     nesterov=group["nesterov"], backend=self.backend)
+            masked_sgd_step(params, grads, bufs, masks, lr=float(group["lr"]), momentum=momentum,
+                            weight_decay=group["weight_decay"], dampening=group["dampening"],
+                            nesterov=group["nesterov"], backend=self.backend)
             if momentum != 0:
                 for p, b in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = b

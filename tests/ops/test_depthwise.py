@@ -4,8 +4,6 @@ the reference vs torch; gradcheck, opcheck, non-contiguous and zero-size inputs,
 around the input, bad input."""
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,33 +11,23 @@ import torch.nn.functional as F
 
 from pycompress import backends
 from pycompress.ops import depthwise_ref as ref
-from pycompress.ops.depthwise import _format, _kernels, depthwise_conv2d, depthwise_conv2d_bn_act
-from tests.conftest import device_for
+from pycompress.ops.depthwise import KERNELS, _format, depthwise_conv2d, depthwise_conv2d_bn_act
+from pycompress.testing import assert_close
+from tests.helpers import device_for, scalar_path_tests
 
 BACKENDS = backends.available("depthwise_conv2d")
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_MISSING = importlib.util.find_spec("pycompress.kernels.depthwise") is None
 
-# Backend vs reference, per dtype: both accumulate in fp32 in different orders and round once to
-# the dtype, so fp16 / bf16 results may differ by an ulp of the result (2^-11 / 2^-8 relative);
-# atol is relative to the largest reference magnitude of the compared tensor (see `close`).
-TOL = {
-    torch.float32: dict(rtol=1e-4, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=1e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=8e-3),
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-}
-
 
 def close(got, want, dtype, what=""):
-    """assert_close with TOL[dtype]; atol scales with the largest |want| (sums of many terms)."""
-    tol = TOL[dtype]
-    scale = max(1.0, float(want.detach().abs().max())) if want.numel() else 1.0
-    torch.testing.assert_close(got.detach().cpu().float() if dtype != torch.float64 else got.detach().cpu(),
-                               want.detach().cpu().float() if dtype != torch.float64 else want.detach().cpu(),
-                               rtol=tol["rtol"], atol=tol["atol"] * scale, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
+    """A backend's result vs the reference's within the table's depthwise tolerance for `dtype`
+    (pycompress.testing: both accumulate in fp32 in different orders and round once to the dtype;
+    atol relative to the largest |want|). Compared as fp32 (fp64 as is)."""
+    if dtype != torch.float64:
+        got, want = got.detach().float(), want.detach().float()
+    assert_close(got, want, "depthwise", dtype, msg=what)
 
 
 def needs_triton_module(backend):
@@ -138,11 +126,10 @@ def test_fused_reference_matches_conv_bn_relu6(dtype):
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale + conv.bias * scale
     got = ref.depthwise_conv2d_bn_act_ref(x, conv.weight, scale, shift, 1, 1, 1, "relu6")
-    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12,
-                               atol=1e-5 if dtype == torch.float32 else 1e-12)
+    assert_close(got, want, "depthwise_bn_act_vs_torch", equal_nan=False)
     assert bool((got == 0).any()) and bool((got == 6).any())  # both clamps exercised
     got2 = depthwise_conv2d_bn_act(x, conv.weight, scale, shift, 1, 1, 1, "relu6", backend="reference")
-    torch.testing.assert_close(got2, want, rtol=1e-5, atol=1e-5)
+    assert_close(got2, want, "depthwise_bn_act_vs_torch", equal_nan=False)
 
 
 def test_gradcheck_reference_fp64():
@@ -307,7 +294,7 @@ def test_small_and_large_planes(backend, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eager_path_is_the_registered_op(backend):
-    """Plain eager calls skip the custom-op dispatch (_DepthwiseEager); they must give the registered
+    """Plain eager calls skip the custom-op dispatch (the registry's eager path); they must give the registered
     op's outputs and gradients bit for bit, refuse double backward like it, and step aside under
     tracing modes (here: a dispatch mode), where the registered op runs."""
     needs_triton_module(backend)
@@ -320,7 +307,7 @@ def test_eager_path_is_the_registered_op(backend):
         ins = [t.detach().clone().requires_grad_() for t in (x, w, scale, shift)]
         if path == "public":
             y = depthwise_conv2d_bn_act(*ins, 1, 1, 1, "relu6", backend=backend)
-            assert "DepthwiseEager" in type(y.grad_fn).__name__
+            assert "Eager" in type(y.grad_fn).__name__
         else:
             y = torch.ops.pycompress.depthwise_conv2d(*ins, [1, 1, 1, 1, 1, 1], 2, backend)
             assert "DepthwiseEager" not in type(y.grad_fn).__name__
@@ -391,7 +378,7 @@ def test_cpu_channels_last_large_outputs_stream(C, dtype):
     out = depthwise_conv2d(x, w, b, 1, 1, backend="cpu")
     close(out, ref.depthwise_conv2d_ref(x, w, b, 1, 1), dtype, f"forward C={C} {dtype}")
     g = torch.randn(out.shape).to(dtype).contiguous(memory_format=torch.channels_last)
-    gx = _kernels("cpu")[1](g, w, H, W, 1, 1, 1, 1, 1, 1)
+    gx = KERNELS.table("cpu").bwd_input(g, w, H, W, 1, 1, 1, 1, 1, 1)
     close(gx, ref.depthwise_bwd_input_ref(g, w, H, W, 1, 1, 1, 1, 1, 1), dtype, f"grad_x C={C} {dtype}")
 
 
@@ -479,38 +466,61 @@ def test_poisoned_surroundings_are_never_read(backend, layout):
 # ----------------------------------------------------------------------------- portable CPU path, determinism
 
 
+KERNEL_CONFIGS = [(3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 3, 2), (1, 1, 0, 1), (7, 1, 2, 1)]
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="extension not built")
-def test_cpu_portable_path_matches_reference():
-    """PYCOMPRESS_CPU_SCALAR=1 forces the portable scalar kernels (the AVX2 ones run everywhere else)."""
-    code = (
-        "import torch\n"
-        "from pycompress.ops import depthwise_ref as R\n"
-        "from pycompress.ops.depthwise import _kernels\n"
-        "fwd, bi, bw = _kernels('cpu')\n"
-        "torch.manual_seed(0)\n"
-        "for (k, s, p, d) in [(3, 1, 1, 1), (3, 2, 1, 1), (5, 2, 3, 2), (1, 1, 0, 1), (7, 1, 2, 1)]:\n"
-        "    for cl in (False, True):\n"
-        "        for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)):\n"
-        "            x = torch.randn(2, 5, 13, 11).to(dt)\n"
-        "            if cl: x = x.contiguous(memory_format=torch.channels_last)\n"
-        "            w = torch.randn(5, 1, k, k).to(dt)\n"
-        "            sc, sh = torch.rand(5) + 0.5, torch.randn(5)\n"
-        "            y = fwd(x, w, sc, sh, s, s, p, p, d, d, 2)\n"
-        "            yr = R.depthwise_fwd_ref(x, w, sc, sh, s, s, p, p, d, d, 2)\n"
-        "            assert y.stride() == yr.stride(), (y.stride(), yr.stride())\n"
-        "            torch.testing.assert_close(y.float(), yr.float(), rtol=tol, atol=tol * 10)\n"
-        "            g = torch.randn(yr.shape).to(dt).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)\n"
-        "            gx = bi(g, w, 13, 11, s, s, p, p, d, d)\n"
-        "            torch.testing.assert_close(gx.float(), R.depthwise_bwd_input_ref(g, w, 13, 11, s, s, p, p, d, d).float(), rtol=tol, atol=tol * 10)\n"
-        "            gw, gb = bw(g, x, k, k, s, s, p, p, d, d, True)\n"
-        "            rw, rb = R.depthwise_bwd_weight_ref(g, x, k, k, s, s, p, p, d, d, True)\n"
-        "            torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-3)\n"
-        "            torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-3)\n"
-        "print('ok')\n"
-    )
-    env = {**os.environ, "PYCOMPRESS_CPU_SCALAR": "1"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=os.getcwd())
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("cfg", KERNEL_CONFIGS, ids=cfg_id)
+def test_cpu_kernels_match_reference(cfg, layout, dtype):
+    """The CPU kernels called directly (the fused scale / shift + ReLU6 forward, the input gradient,
+    the fp32 weight and bias gradients) vs their references, on whichever path runs: AVX2 here, the
+    portable one in test_cpu_scalar_path_matches_reference. Output strides are the reference's."""
+    k, s, p, d = cfg
+    kernels = KERNELS.table("cpu")
+    mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 5, 13, 11).to(dtype).contiguous(memory_format=mf)
+    w = torch.randn(5, 1, k, k).to(dtype)
+    sc, sh = torch.rand(5) + 0.5, torch.randn(5)
+    y = kernels.fwd(x, w, sc, sh, s, s, p, p, d, d, 2)
+    yr = ref.depthwise_fwd_ref(x, w, sc, sh, s, s, p, p, d, d, 2)
+    assert y.stride() == yr.stride(), (y.stride(), yr.stride())
+    g = torch.randn(yr.shape).to(dtype).contiguous(memory_format=mf)
+    gx = kernels.bwd_input(g, w, 13, 11, s, s, p, p, d, d)
+    gxr = ref.depthwise_bwd_input_ref(g, w, 13, 11, s, s, p, p, d, d)
+    gw, gb = kernels.bwd_weight(g, x, k, k, s, s, p, p, d, d, True)
+    rw, rb = ref.depthwise_bwd_weight_ref(g, x, k, k, s, s, p, p, d, d, True)
+    # the weight / bias gradients are fp32 sums whatever the input dtype
+    assert gw.dtype == rw.dtype == torch.float32 and gb.dtype == rb.dtype == torch.float32
+    # the backend contract (as every op-level test) and the kernel-level bounds (absolute atol)
+    for name, a, r, dt in (("fwd", y, yr, dtype), ("bwd_input", gx, gxr, dtype),
+                           ("bwd_weight grad_w", gw, rw, torch.float32), ("bwd_weight grad_b", gb, rb, torch.float32)):
+        close(a, r, dt, name)
+        family = "depthwise_kernel_grad_weight" if name.startswith("bwd_weight") else "depthwise_kernel"
+        assert_close(a.float(), r.float(), family, dt, msg=name)
+
+
+# PYCOMPRESS_CPU_SCALAR=1, read once per process, forces the CPU kernels' portable scalar path (the
+# AVX2 one runs everywhere else). Per kernel, the tests that cover it rerun, their cpu cases, in a
+# fresh interpreter with the variable set: the scalar path is held to the same tolerances as the
+# AVX2 path.
+SCALAR_PATH = {
+    "fwd": ["test_cpu_kernels_match_reference", "test_depthwise_conv2d_matches_reference",
+            "test_bn_act_matches_reference", "test_small_and_large_planes", "test_non_contiguous_inputs",
+            "test_poisoned_surroundings_are_never_read", "test_cpu_channels_last_large_outputs_stream"],
+    "bwd_input": ["test_cpu_kernels_match_reference", "test_depthwise_conv2d_gradients_match_reference",
+                  "test_bn_act_matches_reference", "test_small_and_large_planes",
+                  "test_cpu_channels_last_large_outputs_stream"],
+    "bwd_weight": ["test_cpu_kernels_match_reference", "test_depthwise_conv2d_gradients_match_reference",
+                   "test_bn_act_matches_reference", "test_small_and_large_planes", "test_bias_only_gradient",
+                   "test_cpu_weight_gradient_is_deterministic"],
+}
+
+
+# Every kernel's scalar path against the reference (tests.helpers.scalar_path_tests).
+test_scalar_path_covers_every_kernel, scalar_path_run, test_cpu_scalar_path_matches_reference = \
+    scalar_path_tests(__file__, SCALAR_PATH, KERNELS, "cpu" in BACKENDS)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="extension not built")
@@ -520,7 +530,7 @@ def test_cpu_weight_gradient_is_deterministic(layout):
     mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(3, 20, 15, 13).contiguous(memory_format=mf)
     g = torch.randn(3, 20, 15, 13).contiguous(memory_format=mf)
-    bw = _kernels("cpu")[2]
+    bw = KERNELS.table("cpu").bwd_weight
     threads = torch.get_num_threads()
     try:
         results = []
@@ -733,7 +743,7 @@ class TestLargeOnGPU:
             pytest.skip("determinism is promised by the cuda kernels")
         x = torch.randn(16, 32, 28, 28, device="cuda")
         g = torch.randn(16, 32, 28, 28, device="cuda")
-        bw = _kernels("cuda")[2]
+        bw = KERNELS.table("cuda").bwd_weight
         first = bw(g, x, 3, 3, 1, 1, 1, 1, 1, 1, True)
         for _ in range(3):
             again = bw(g, x, 3, 3, 1, 1, 1, 1, 1, 1, True)

@@ -9,12 +9,14 @@ import torch
 import pycompress
 from pycompress import backends
 from pycompress.ops import fake_quantize, fake_quantize_ref, quant_range, value_checks
+from pycompress.ops.fake_quantize import KERNELS
 from pycompress.ops.fake_quantize_ref import (
     fake_quantize_bwd_learnable_ref,
     pack_bits_ref,
     unpack_bits_ref,
 )
-from tests.conftest import device_for
+from pycompress.testing import assert_close
+from tests.helpers import device_for, scalar_path_tests
 
 BACKENDS = backends.available("fake_quantize")
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -23,7 +25,14 @@ SHAPES = [(0,), (1,), (7,), (3, 5, 7), (2, 3, 1100)]
 
 
 def exact(a, b):
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    """Bit for bit (NaN matching NaN): the table's fake_quantize tolerance."""
+    assert_close(a, b, "fake_quantize")
+
+
+def same(got, ref, what=""):
+    """A backend's output or input gradient vs the reference backend's: the table's fake_quantize
+    tolerance (bit for bit)."""
+    assert_close(got, ref, "fake_quantize", msg=what)
 
 
 def sample(shape, device, dtype=torch.float32, spread=4.0):
@@ -90,8 +99,8 @@ def test_reference_learnable_gradients_match_torch_per_tensor():
         a = torch.autograd.grad(ours, (x, scale, zp), g)
         b = torch.autograd.grad(theirs, (x, scale, zp), g)
         exact(a[0], b[0])
-        torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-5)
+        assert_close(a[1], b[1], "fake_quantize_lsq_vs_torch", equal_nan=False)
+        assert_close(a[2], b[2], "fake_quantize_lsq_vs_torch", equal_nan=False)
 
 
 @pytest.mark.parametrize("axis", [0, 1, -1])
@@ -103,12 +112,12 @@ def test_reference_learnable_gradients_match_torch_per_channel(axis):
     g = torch.randn(4, 5, 6)
     ours = fake_quantize(x, scale, zp, -8, 7, axis, grad_factor=0.5, backend="reference")
     theirs = torch._fake_quantize_learnable_per_channel_affine(x, scale, zp, axis % 3, -8, 7, 0.5)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    exact(ours, theirs)
     a = torch.autograd.grad(ours, (x, scale, zp), g)
     b = torch.autograd.grad(theirs, (x, scale, zp), g)
     exact(a[0], b[0])
-    torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-5)
+    assert_close(a[1], b[1], "fake_quantize_lsq_vs_torch", equal_nan=False)
+    assert_close(a[2], b[2], "fake_quantize_lsq_vs_torch", equal_nan=False)
 
 
 def test_reference_straight_through_gradient_matches_torch():
@@ -172,8 +181,8 @@ def test_fake_quantize_matches_reference(backend, dtype, shape):
     for qmin, qmax, scale, zp in [(-128, 127, 0.03, 0), (0, 15, 0.41, 5), (-1, 0, 1.5, 0), (0, 65535, 2.0**-9, 30000)]:
         out, gx = _run(backend, x, scale, zp, qmin, qmax, g=g)
         ref, gref = _run("reference", x.cpu(), scale, zp, qmin, qmax, g=g.cpu())
-        exact(out.cpu(), ref)
-        exact(gx.cpu(), gref)
+        same(out, ref)
+        same(gx, gref)
         assert out.dtype == dtype and out.shape == x.shape
 
 
@@ -188,8 +197,8 @@ def test_fake_quantize_per_channel_matches_reference(backend, dtype, shape, axis
     scale, zp, qmin, qmax = channel_params(shape[axis], dev, bits, signed)
     out, gx = _run(backend, x, scale, zp, qmin, qmax, axis, g=g)
     ref, gref = _run("reference", x.cpu(), scale.cpu(), zp.cpu(), qmin, qmax, axis, g=g.cpu())
-    exact(out.cpu(), ref)
-    exact(gx.cpu(), gref)
+    same(out, ref)
+    same(gx, gref)
     if dtype == torch.float32:
         exact(out.cpu(), torch.fake_quantize_per_channel_affine(x.cpu(), scale.cpu(), zp.cpu(), axis % len(shape), qmin, qmax))
 
@@ -212,8 +221,8 @@ def test_fake_quantize_non_contiguous(backend, layout, axis):
     g = torch.randn(x.shape, device=dev)
     out, gx = _run(backend, x, scale, zp, qmin, qmax, axis, g=g)
     ref, gref = _run("reference", x.contiguous().cpu(), scale.cpu(), zp.cpu(), qmin, qmax, axis, g=g.cpu())
-    exact(out.cpu(), ref)
-    exact(gx.cpu(), gref)
+    same(out, ref)
+    same(gx, gref)
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
 
@@ -235,12 +244,13 @@ def test_fake_quantize_non_finite(backend, dtype):
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.3, 1e30, -1e30, 0.0], device=dev).to(dtype)
     g = torch.arange(1.0, 8.0, device=dev).to(dtype)
     out, gx = _run(backend, x, 0.1, 2, 0, 15, g=g)
-    expect = torch.tensor([float("nan"), 1.3, -0.2, 0.3, 1.3, -0.2, 0.0])
-    torch.testing.assert_close(out.float().cpu(), expect, equal_nan=True, rtol=1e-2, atol=1e-2)
+    # the grid values (q - zero_point) * scale, computed in fp32 and rounded once to the dtype
+    expect = (torch.tensor([float("nan"), 13.0, -2.0, 3.0, 13.0, -2.0, 0.0]) * torch.tensor(0.1)).to(dtype)
+    exact(out.cpu(), expect)
     exact(gx.cpu(), torch.tensor([1.0, 0, 0, 4, 0, 0, 7]).to(dtype))
     ref, gref = _run("reference", x.cpu(), 0.1, 2, 0, 15, g=g.cpu())
-    exact(out.cpu(), ref)
-    exact(gx.cpu(), gref)
+    same(out, ref)
+    same(gx, gref)
     # learnable: NaN poisons the scale gradient (a diverged input is never hidden)
     scale = torch.tensor(0.1, device=dev, requires_grad=True)
     zp = torch.tensor(2.0, device=dev, requires_grad=True)
@@ -272,12 +282,11 @@ def test_fake_quantize_learnable_gradients_match_reference(backend, dtype, shape
 
     got = grads(backend, dev)
     ref = grads("reference", "cpu")
-    exact(got[0].detach().cpu(), ref[0].detach())
-    exact(got[1].cpu(), ref[1])
-    # fp32 sums in a different order: relative to the sum of magnitudes
-    for a, b in zip(got[2:], ref[2:]):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a.cpu(), b, rtol=2e-5, atol=2e-5 * max(1.0, float(b.abs().sum())))
+    same(got[0], ref[0])
+    same(got[1], ref[1])
+    # fp32 sums in a different order: atol relative to the sum of magnitudes
+    for name, a, b in zip(("grad_scale", "grad_zero_point"), got[2:], ref[2:]):
+        assert_close(a, b, "fake_quantize_lsq", msg=f"{backend} {name}", equal_nan=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -287,9 +296,7 @@ def test_packed_mask_layout_is_shared_by_all_backends(backend):
     inv = torch.tensor([10.0], device=dev)
     s = torch.tensor([0.1], device=dev)
     z = torch.tensor([0.0], device=dev)
-    from pycompress.ops.fake_quantize import _kernels
-
-    fwd, bwd, _ = _kernels(backend)
+    fwd = KERNELS.table(backend).fwd
     out, mask = fwd(x, inv, s, z, -8, 7, 37, True)
     keep = (torch.round(x.cpu() * 10) >= -8) & (torch.round(x.cpu() * 10) <= 7)
     assert mask.dtype == torch.uint8 and mask.numel() == 8
@@ -297,6 +304,27 @@ def test_packed_mask_layout_is_shared_by_all_backends(backend):
     exact(unpack_bits_ref(mask.cpu(), 37), keep)
     _, no_mask = fwd(x, inv, s, z, -8, 7, 37, False)
     assert no_mask.numel() == 0
+
+
+# ----------------------------------------------------------------------------- portable CPU path
+
+# PYCOMPRESS_CPU_SCALAR=1, read once per process, forces the CPU kernels' portable scalar path (the
+# AVX2 one runs everywhere else). Per kernel, the tests that cover it rerun, their cpu cases, in a
+# fresh interpreter with the variable set: the scalar path is compared with the reference exactly
+# as the AVX2 path is above (bit for bit).
+SCALAR_PATH = {
+    "fwd": ["test_fake_quantize_matches_reference", "test_fake_quantize_per_channel_matches_reference",
+            "test_fake_quantize_ties_round_half_to_even", "test_fake_quantize_non_contiguous",
+            "test_fake_quantize_non_finite", "test_packed_mask_layout_is_shared_by_all_backends"],
+    "bwd": ["test_fake_quantize_matches_reference", "test_fake_quantize_per_channel_matches_reference",
+            "test_fake_quantize_non_contiguous", "test_fake_quantize_non_finite"],
+    "bwd_learnable": ["test_fake_quantize_learnable_gradients_match_reference", "test_fake_quantize_non_finite"],
+}
+
+
+# Every kernel's scalar path against the reference (tests.helpers.scalar_path_tests).
+test_scalar_path_covers_every_kernel, scalar_path_run, test_cpu_scalar_path_matches_reference = \
+    scalar_path_tests(__file__, SCALAR_PATH, KERNELS, "cpu" in BACKENDS)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -535,11 +563,11 @@ def test_gpu_large_matches_reference(backend, dtype, shape, axis):
         scale, zp = scale[0], zp[0]
     out, gx = _run(backend, x, scale, zp, qmin, qmax, axis, g=g)
     ref, gref = _run("reference", x, scale, zp, qmin, qmax, axis, g=g)
-    exact(out, ref)
-    exact(gx, gref)
+    same(out, ref)
+    same(gx, gref)
     s = scale.detach().clone().requires_grad_()
     z = zp.float().detach().clone().requires_grad_()
     a = torch.autograd.grad(fake_quantize(x, s, z, qmin, qmax, axis, backend=backend), (s, z), g)
     b = torch.autograd.grad(fake_quantize(x, s, z, qmin, qmax, axis, backend="reference"), (s, z), g)
-    for u, v in zip(a, b):
-        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4 * max(1.0, float(v.abs().max())))
+    for name, u, v in zip(("grad_scale", "grad_zero_point"), a, b):
+        assert_close(u, v, "fake_quantize_lsq_large", msg=f"{backend} {name}", equal_nan=False)

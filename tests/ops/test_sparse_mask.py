@@ -2,8 +2,6 @@
 reference (bit for bit where the spec says so), the reference vs torch.optim.SGD, gradients,
 opcheck, bad input."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,23 +9,15 @@ import torch
 from pycompress import backends
 from pycompress.ops import apply_mask, masked_sgd_step, pack_mask, packed_mask_bytes, unpack_mask
 from pycompress.ops import sparse_mask_ref as ref
-from pycompress.ops.sparse_mask import _kernels
-from tests.conftest import device_for
+from pycompress.ops.sparse_mask import KERNELS
+from pycompress.testing import assert_close
+from tests.helpers import device_for, scalar_path_tests
 
 BACKENDS = backends.available("apply_mask")
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 7, 31, 32, 33, 1000, 4099]
 SHAPES = [(0,), (1,), (7,), (33,), (3, 5, 7), (2, 3, 4, 5), (4099,)]
 _INT_VIEW = {4: torch.int32, 2: torch.int16, 8: torch.int64}
-
-# Masked SGD step vs the reference, per dtype (the spec allows a contracted multiply-add; the
-# stores round once to the dtype, so fp16 / bf16 differences are at most an ulp of the result).
-SGD_TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float16: dict(rtol=1e-3, atol=1e-4),
-    torch.bfloat16: dict(rtol=8e-3, atol=1e-3),
-    torch.float64: dict(rtol=0, atol=0),
-}
 
 # momentum, weight_decay, nesterov, dampening: every combination torch.optim.SGD accepts
 SGD_CONFIGS = [
@@ -259,7 +249,7 @@ def _sgd_inputs(dev, dtype, keep=0.6):
 @pytest.mark.parametrize("momentum,weight_decay,nesterov,dampening", SGD_CONFIGS)
 def test_masked_sgd_step_matches_reference(backend, dtype, momentum, weight_decay, nesterov, dampening):
     """Two steps (the first creates the buffers: first=True; the second updates them). Masked
-    entries vs the reference within SGD_TOL, pruned weights and buffers exactly +0.0; the dense
+    entries vs the reference within the masked_sgd_step tolerance, pruned weights and buffers exactly +0.0; the dense
     entry (mask None) bit for bit torch.optim.SGD in the parameter's dtype."""
     dev = device_for(backend)
     params, grads, masks = _sgd_inputs(dev, dtype)
@@ -276,11 +266,11 @@ def test_masked_sgd_step_matches_reference(backend, dtype, momentum, weight_deca
         ref_bufs = ref.masked_sgd_step_ref(ref_params, [g.cpu() for g in gs[:2]], ref_bufs,
                                            [m.cpu() for m in masks[:2]], **hp)
         for p, rp in zip(params, ref_params):
-            torch.testing.assert_close(p.cpu(), rp, equal_nan=True, **SGD_TOL[dtype])
+            assert_close(p, rp, "masked_sgd_step", msg=f"{backend} param")
         for b, rb in zip(bufs, ref_bufs):
             assert (b is None) == (rb is None) == (momentum == 0)
             if b is not None:
-                torch.testing.assert_close(b.cpu(), rb, equal_nan=True, **SGD_TOL[dtype])
+                assert_close(b, rb, "masked_sgd_step", msg=f"{backend} momentum buffer")
         for p, b, m in zip(params, bufs, masks):
             if m is not None:
                 pruned = ~unpack_mask(m.cpu(), p.shape)
@@ -305,10 +295,10 @@ def test_masked_sgd_step_kernel_non_finite_and_misaligned(backend):
     p, g, b = (t[1:] for t in base)
     packed = pack_mask(random_mask((n,), dev), backend="reference")
     rp, rg, rb = p.cpu().clone(), g.cpu().clone(), b.cpu().clone()
-    _kernels(backend)[4](p, g, b, packed, 0.05, 0.9, 1e-3, 0.0, True, False)
+    KERNELS.table(backend).sgd_step(p, g, b, packed, 0.05, 0.9, 1e-3, 0.0, True, False)
     ref.sgd_step_kernel_ref(rp, rg, rb, packed.cpu(), 0.05, 0.9, 1e-3, 0.0, True, False)
-    torch.testing.assert_close(p.cpu(), rp, equal_nan=True, **SGD_TOL[torch.float32])
-    torch.testing.assert_close(b.cpu(), rb, equal_nan=True, **SGD_TOL[torch.float32])
+    assert_close(p, rp, "masked_sgd_step", msg=f"{backend} param")
+    assert_close(b, rb, "masked_sgd_step", msg=f"{backend} momentum buffer")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -328,10 +318,10 @@ def test_in_place_kernels_stay_in_bounds(backend, dtype, n):
     rp, rb = p.cpu().clone(), b.cpu().clone()
     apply_mask(p, packed, inplace=True, backend=backend)
     ref.apply_inplace_kernel_ref(rp, packed.cpu())
-    _kernels(backend)[4](p, g, b, packed, 0.1, 0.9, 5e-4, 0.0, False, False)
+    KERNELS.table(backend).sgd_step(p, g, b, packed, 0.1, 0.9, 5e-4, 0.0, False, False)
     ref.sgd_step_kernel_ref(rp, g.cpu(), rb, packed.cpu(), 0.1, 0.9, 5e-4, 0.0, False, False)
-    torch.testing.assert_close(p.cpu(), rp, **SGD_TOL[dtype])
-    torch.testing.assert_close(b.cpu(), rb, **SGD_TOL[dtype])
+    assert_close(p, rp, "masked_sgd_step", msg=f"{backend} param", equal_nan=False)
+    assert_close(b, rb, "masked_sgd_step", msg=f"{backend} momentum buffer", equal_nan=False)
     for t in bufs:
         assert bool(torch.isnan(t[:guard]).all()) and bool(torch.isnan(t[guard + n:]).all())
 
@@ -367,12 +357,12 @@ def test_reference_matches_torch_sgd_and_remask(momentum, weight_decay, nesterov
                     if buf is not None:
                         buf.masked_fill_(~k, 0.0)
     for a, b, k in zip(ours, theirs, keeps):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+        assert_close(a, b.detach(), "masked_sgd_step_vs_torch", equal_nan=False)
         if k is not None:
             assert int((bits(a)[~k] != 0).sum()) == 0
     for a, b in zip(bufs, theirs):
         if momentum != 0:
-            torch.testing.assert_close(a, opt.state[b]["momentum_buffer"], rtol=1e-6, atol=1e-6)
+            assert_close(a, opt.state[b]["momentum_buffer"], "masked_sgd_step_vs_torch", equal_nan=False)
         else:
             assert a is None
 
@@ -409,8 +399,8 @@ def test_masked_sgd_step_non_contiguous_param(backend):
         masked_sgd_step([p], [g], bufs, [packed], lr=0.1, momentum=0.9, weight_decay=1e-4, backend=backend)
         rbufs = ref.masked_sgd_step_ref([rp], [g.cpu()], rbufs, [packed.cpu()], lr=0.1, momentum=0.9, weight_decay=1e-4)
     assert p.data_ptr() == base.data_ptr()
-    torch.testing.assert_close(p.cpu(), rp, **SGD_TOL[torch.float32])
-    torch.testing.assert_close(bufs[0].cpu(), rbufs[0], **SGD_TOL[torch.float32])
+    assert_close(p, rp, "masked_sgd_step", msg=f"{backend} param", equal_nan=False)
+    assert_close(bufs[0], rbufs[0], "masked_sgd_step", msg=f"{backend} momentum buffer", equal_nan=False)
 
 
 def test_masked_sgd_step_float64_runs_on_reference():
@@ -424,31 +414,60 @@ def test_masked_sgd_step_float64_runs_on_reference():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="extension not built")
-def test_cpu_portable_path_matches_reference():
-    """PYCOMPRESS_CPU_SCALAR=1 forces the portable scalar kernels (the AVX2 ones run everywhere else)."""
-    code = (
-        "import torch\n"
-        "from pycompress.ops import sparse_mask_ref as R\n"
-        "from pycompress.ops.sparse_mask import _kernels\n"
-        "pack, unpack, app, app_, sgd = _kernels('cpu')\n"
-        "torch.manual_seed(0)\n"
-        "for n in (1, 31, 33, 1000):\n"
-        "    m = torch.rand(n) < 0.5\n"
-        "    pk = pack(m)\n"
-        "    assert torch.equal(pk, R.pack_kernel_ref(m)) and torch.equal(unpack(pk, n), m)\n"
-        "    for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
-        "        w = torch.randn(n).to(dt)\n"
-        "        assert torch.equal(app(w, pk), R.apply_kernel_ref(w, pk))\n"
-        "        p, g, b = (torch.randn(n).to(dt) for _ in range(3))\n"
-        "        p2, b2 = p.clone(), b.clone()\n"
-        "        sgd(p, g, b, pk, 0.1, 0.9, 1e-3, 0.1, False, False)\n"
-        "        R.sgd_step_kernel_ref(p2, g, b2, pk, 0.1, 0.9, 1e-3, 0.1, False, False)\n"
-        "        assert torch.equal(p, p2) and torch.equal(b, b2), (n, dt)\n"
-        "print('ok')\n"
-    )
-    env = {**os.environ, "PYCOMPRESS_CPU_SCALAR": "1"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=os.getcwd())
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+def test_cpu_kernels_match_reference_bit_for_bit():
+    """The CPU kernels equal the kernel references bit for bit, the SGD step included (fp32, one
+    rounding per operation, no contraction on the CPU), on whichever path runs (AVX2 here, the
+    portable one in test_cpu_scalar_path_matches_reference)."""
+    k = KERNELS.table("cpu")
+    pack, unpack, app, app_, sgd = k.pack, k.unpack, k.apply, k.apply_inplace, k.sgd_step
+    configs = [(0.1, 0.9, 1e-3, 0.1, False, False), (0.1, 0.9, 5e-4, 0.0, True, True), (0.05, 0.0, 1e-4, 0.0, False, True)]
+    for n in (1, 31, 33, 1000, 4099):
+        m = torch.rand(n) < 0.5
+        pk = pack(m)
+        assert torch.equal(pk, ref.pack_kernel_ref(m)) and torch.equal(unpack(pk, n), m), n
+        for dt in KERNEL_DTYPES:
+            w = special_values((n,), "cpu", dt)
+            same_bits(app(w, pk), ref.apply_kernel_ref(w, pk))
+            w2, w3 = w.clone(), w.clone()
+            app_(w2, pk)
+            ref.apply_inplace_kernel_ref(w3, pk)
+            same_bits(w2, w3)
+            for lr, momentum, wd, damp, nesterov, first in configs:
+                p, g, b = (torch.randn(n).to(dt) for _ in range(3))
+                if momentum == 0:
+                    b = p.new_empty(0)
+                p2, b2 = p.clone(), b.clone()
+                sgd(p, g, b, pk, lr, momentum, wd, damp, nesterov, first)
+                ref.sgd_step_kernel_ref(p2, g, b2, pk, lr, momentum, wd, damp, nesterov, first)
+                same_bits(p, p2)
+                same_bits(b, b2)
+
+
+# PYCOMPRESS_CPU_SCALAR=1, read once per process, forces the CPU kernels' portable scalar path (the
+# AVX2 one runs everywhere else). Per kernel, the tests that cover it rerun, their cpu cases, in a
+# fresh interpreter with the variable set: the scalar path is compared with the reference exactly
+# as the AVX2 path is above.
+SCALAR_PATH = {
+    "pack": ["test_pack_mask_matches_reference", "test_pack_unpack_round_trip_shapes", "test_pack_unpack_misaligned_views",
+             "test_cpu_kernels_match_reference_bit_for_bit"],
+    "unpack": ["test_pack_mask_matches_reference", "test_pack_unpack_round_trip_shapes",
+               "test_pack_unpack_misaligned_views", "test_unpack_ignores_nothing_but_padding",
+               "test_cpu_kernels_match_reference_bit_for_bit"],
+    "apply": ["test_apply_mask_matches_reference", "test_apply_mask_non_finite", "test_apply_mask_structured_masks",
+              "test_apply_mask_non_contiguous", "test_apply_mask_zero_size",
+              "test_apply_mask_gradient_is_the_masked_upstream_gradient", "test_cpu_kernels_match_reference_bit_for_bit"],
+    "apply_inplace": ["test_apply_mask_matches_reference", "test_apply_mask_non_finite",
+                      "test_apply_mask_structured_masks", "test_apply_mask_non_contiguous",
+                      "test_in_place_kernels_stay_in_bounds", "test_cpu_kernels_match_reference_bit_for_bit"],
+    "sgd_step": ["test_masked_sgd_step_matches_reference", "test_masked_sgd_step_kernel_non_finite_and_misaligned",
+                 "test_in_place_kernels_stay_in_bounds", "test_pruned_stays_exactly_zero_after_50_steps",
+                 "test_masked_sgd_step_non_contiguous_param", "test_cpu_kernels_match_reference_bit_for_bit"],
+}
+
+
+# Every kernel's scalar path against the reference (tests.helpers.scalar_path_tests).
+test_scalar_path_covers_every_kernel, scalar_path_run, test_cpu_scalar_path_matches_reference = \
+    scalar_path_tests(__file__, SCALAR_PATH, KERNELS, "cpu" in BACKENDS)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -635,6 +654,6 @@ class TestLargeOnGPU:
             g = torch.randn(self.N, device="cuda").to(dtype)
             masked_sgd_step([p], [g], bufs, [packed], backend=backend, **hp)
             rbufs = ref.masked_sgd_step_ref([rp], [g], rbufs, [packed], **hp)
-        torch.testing.assert_close(p, rp, **SGD_TOL[dtype])
-        torch.testing.assert_close(bufs[0], rbufs[0], **SGD_TOL[dtype])
+        assert_close(p, rp, "masked_sgd_step", msg=f"{backend} param", equal_nan=False)
+        assert_close(bufs[0], rbufs[0], "masked_sgd_step", msg=f"{backend} momentum buffer", equal_nan=False)
         assert int((bits(p)[~keep] != 0).sum()) == 0 and int((bits(bufs[0])[~keep] != 0).sum()) == 0
