@@ -1,5 +1,6 @@
-// Helpers shared by the CPU kernels (csrc/cpu/*.cpp): run-time AVX2 selection, 8-lane fp32 loads and
-// stores of fp32 / fp16 / bf16 data, and output allocation with transparent huge pages.
+// Helpers shared by the CPU kernels (csrc/cpu/*.cpp): run-time AVX2 selection, the device check,
+// fp32 conversions, 8-lane fp32 loads and stores of fp32 / fp16 / bf16 data, and output allocation
+// with transparent huge pages.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,6 +43,22 @@ inline bool avx2_available(bool need_fma) {
   return false;
 #endif
 }
+
+// avx2_available(NeedFma), asked once per process (the kernels that use FMA ask use_avx2<true>()).
+template <bool NeedFma = false>
+inline bool use_avx2() {
+  static const bool ok = avx2_available(NeedFma);
+  return ok;
+}
+
+inline void check_cpu(const char* fn, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), fn, ": tensors must be on the CPU, got ", t.device());
+}
+
+// One element as fp32 (exact for every dtype).
+inline float to_f(float v) { return v; }
+inline float to_f(c10::Half v) { return static_cast<float>(v); }
+inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // at::empty for an output the kernel will stream over. A fresh large allocation is an untouched
 // mmap, and faulting it in 4 KiB pages costs more than the kernel itself (~50 ms for 64 MiB on a VM);

@@ -28,7 +28,7 @@
 
 // Not "fma": the kernels must not contract (also not -march=native for the same reason).
 #if PYC_X86
-#define PYC_AVX2 __attribute__((target("avx2,f16c")))
+#define PYC_AVX2 PYC_AVX2_F16C  // cpu_common.h: AVX2 + F16C, no FMA
 #endif
 
 namespace pycompress {
@@ -87,17 +87,11 @@ struct PeriodicTables {
   }
 };
 
-bool use_avx2() {
-  static const bool ok = cpu::avx2_available(/*need_fma=*/false);
-  return ok;
-}
+using cpu::to_f;
+using cpu::use_avx2;
 
 // ------------------------------------------------------------------------------------------------
 // Scalar path (any CPU; also the reference the AVX2 path must equal bit for bit).
-
-inline float to_f(float v) { return v; }
-inline float to_f(c10::Half v) { return static_cast<float>(v); }
-inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // Returns t = qc - zp (the dequantised integer); out = t * scale.
 inline float quant1(float x, float inv, float zp, float qmin, float qmax, bool& clamped) {

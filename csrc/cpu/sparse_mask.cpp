@@ -27,7 +27,7 @@
 #include "pycompress.h"
 
 #if PYC_X86
-#define PYC_AVX2 __attribute__((target("avx2,f16c")))
+#define PYC_AVX2 PYC_AVX2_F16C  // cpu_common.h: AVX2 + F16C, no FMA
 #endif
 
 namespace pycompress {
@@ -41,12 +41,10 @@ constexpr int64_t kWordsPerTask = kChunk / 32;
 // not fit the caches anyway, and streaming stores skip the read-for-ownership of every line.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
-bool use_avx2() {
-  static const bool ok = cpu::avx2_available(/*need_fma=*/false);
-  return ok;
-}
-
+using cpu::check_cpu;
 using cpu::empty_output;
+using cpu::to_f;
+using cpu::use_avx2;
 
 inline bool bit_at(const uint8_t* mask, int64_t i) { return (mask[i >> 3] >> (i & 7)) & 1; }
 
@@ -78,10 +76,6 @@ template <typename R>
 void apply_scalar(const R* w, R* out, const uint8_t* mask, int64_t b, int64_t e) {
   for (int64_t i = b; i < e; ++i) out[i] = bit_at(mask, i) ? w[i] : R(0);
 }
-
-inline float to_f(float v) { return v; }
-inline float to_f(c10::Half v) { return static_cast<float>(v); }
-inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // Scalars of one SGD step, as fp32 (torch converts a Python float to the op's fp32 the same way).
 struct SgdArgs {
@@ -315,10 +309,6 @@ void sgd_mode(T* p, const T* g, T* buf, const uint8_t* mask, int64_t n, const Sg
   }
   if (nesterov) return sgd_run<T, WD, 2, true>(p, g, buf, mask, n, a);
   sgd_run<T, WD, 2, false>(p, g, buf, mask, n, a);
-}
-
-void check_cpu(const char* fn, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), fn, ": tensors must be on the CPU");
 }
 
 void apply_impl(const at::Tensor& w, at::Tensor& out, const at::Tensor& packed, bool inplace) {

@@ -37,33 +37,25 @@
 #include <cstdint>
 #include <tuple>
 
+#include "cuda_common.cuh"
 #include "pycompress.h"
 
 namespace pycompress {
 namespace {
 
-__device__ __forceinline__ uint16_t dw_float_to_bf16_bits(float f) {
-  // As c10::BFloat16(float): NaN -> 0x7FC0, else round to nearest even.
-  if (f != f) return 0x7FC0;
-  uint32_t u = __float_as_uint(f);
-  u += ((u >> 16) & 1u) + 0x7FFFu;
-  return static_cast<uint16_t>(u >> 16);
-}
+using cuda::check_cuda;
+using cuda::Elem;
 
-// Element load (read-only path) / store with the fp32 conversion.
+// Element load (read-only path) / store with the fp32 conversion (fp16 / bf16: cuda::Elem).
 __device__ __forceinline__ float ld_f(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float ld_f(const at::Half* p) {
-  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
-}
-__device__ __forceinline__ float ld_f(const at::BFloat16* p) {
-  return __uint_as_float(static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(p))) << 16);
+template <typename T>
+__device__ __forceinline__ float ld_f(const T* p) {
+  return Elem<T>::to_f(__ldg(reinterpret_cast<const typename Elem<T>::raw*>(p)));
 }
 __device__ __forceinline__ void st_f(float* p, float v) { *p = v; }
-__device__ __forceinline__ void st_f(at::Half* p, float v) {
-  *reinterpret_cast<unsigned short*>(p) = __half_as_ushort(__float2half_rn(v));
-}
-__device__ __forceinline__ void st_f(at::BFloat16* p, float v) {
-  *reinterpret_cast<unsigned short*>(p) = dw_float_to_bf16_bits(v);
+template <typename T>
+__device__ __forceinline__ void st_f(T* p, float v) {
+  *reinterpret_cast<typename Elem<T>::raw*>(p) = Elem<T>::from_f(v);
 }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
@@ -589,10 +581,6 @@ void check_sizes(const char* fn, const DwGeom& g) {
   constexpr int64_t kInt = (int64_t(1) << 31) - 1;
   TORCH_CHECK(g.H * g.W <= kInt && g.Ho * g.Wo <= kInt && g.W * g.C <= kInt && g.N <= kInt && g.C <= kInt, fn,
               ": tensor dimensions too large for the CUDA kernels");
-}
-
-void check_cuda(const char* fn, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), fn, ": tensors must be CUDA tensors, got ", t.device());
 }
 
 at::Tensor alloc_like_format(at::IntArrayRef sizes, const at::Tensor& like, bool cl) {

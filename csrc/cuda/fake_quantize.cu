@@ -31,61 +31,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr unsigned kFull = 0xffffffffu;
 
-// ------------------------------------------------------------------------------------------------
-// Element traits: raw storage type, elements per 16-byte vector, raw <-> fp32.
-
-__device__ __forceinline__ uint16_t float_to_bf16_bits(float f) {
-  // Same as c10::BFloat16(float): NaN -> 0x7FC0, else round to nearest even.
-  if (f != f) return 0x7FC0;
-  uint32_t u = __float_as_uint(f);
-  u += ((u >> 16) & 1u) + 0x7FFFu;
-  return static_cast<uint16_t>(u >> 16);
-}
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using raw = uint32_t;
-  static constexpr int V = 4;
-  __device__ __forceinline__ static float to_f(raw r) { return __uint_as_float(r); }
-  __device__ __forceinline__ static raw from_f(float v) { return __float_as_uint(v); }
-};
-template <>
-struct Elem<at::Half> {
-  using raw = uint16_t;
-  static constexpr int V = 8;
-  __device__ __forceinline__ static float to_f(raw r) { return __half2float(__ushort_as_half(r)); }
-  __device__ __forceinline__ static raw from_f(float v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-template <>
-struct Elem<at::BFloat16> {
-  using raw = uint16_t;
-  static constexpr int V = 8;
-  __device__ __forceinline__ static float to_f(raw r) { return __uint_as_float(static_cast<uint32_t>(r) << 16); }
-  __device__ __forceinline__ static raw from_f(float v) { return float_to_bf16_bits(v); }
-};
-
-template <typename R, int V>
-union Pack16 {
-  uint4 v;
-  R e[V];
-};
-
-template <typename R, int V>
-__device__ __forceinline__ void load16(const R* p, R (&r)[V]) {
-  Pack16<R, V> u;
-  u.v = __ldg(reinterpret_cast<const uint4*>(p));
-#pragma unroll
-  for (int j = 0; j < V; ++j) r[j] = u.e[j];
-}
-template <typename R, int V>
-__device__ __forceinline__ void store16(R* p, const R (&r)[V]) {
-  Pack16<R, V> u;
-#pragma unroll
-  for (int j = 0; j < V; ++j) u.e[j] = r[j];
-  *reinterpret_cast<uint4*>(p) = u.v;
-}
+// Element traits and 16-byte vectors (cuda_common.cuh).
+using cuda::Elem;
+using cuda::load16;
+using cuda::store16;
 
 // ------------------------------------------------------------------------------------------------
 // Integer division by a run-time constant. DivU32: multiply-high magic (as PyTorch's IntDivider),
@@ -499,7 +448,7 @@ __global__ void __launch_bounds__(kThreads) lsq_finalize_kernel(const double* __
 // ------------------------------------------------------------------------------------------------
 // Host side.
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+using cuda::aligned;
 
 QP make_qp(const at::Tensor& inv_scale, const at::Tensor& scale, const at::Tensor& zero_point, int64_t C,
            int64_t inner, int64_t qmin, int64_t qmax) {
@@ -511,7 +460,7 @@ QP make_qp(const at::Tensor& inv_scale, const at::Tensor& scale, const at::Tenso
 template <typename T, bool PC, bool MASK>
 void launch_fwd(const T* x, T* out, uint32_t* mask, int64_t n, const QP& P, cudaStream_t stream) {
   constexpr int V = Elem<T>::V;
-  if (aligned16(x) && aligned16(out)) {
+  if (aligned(x, 16) && aligned(out, 16)) {
     const int64_t threads = ((n + 32 * V - 1) / (32 * V)) * 32;
     // Magic division needs every dividend (element index, row index) < 2^31.
     if (n + 32 * V < (int64_t(1) << 31)) {
@@ -575,7 +524,7 @@ at::Tensor fake_quantize_bwd_cuda(const at::Tensor& grad, const at::Tensor& mask
   if (n == 0) return gx;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const uint8_t* mp = mask.data_ptr<uint8_t>();
-  const bool vec = aligned16(grad.data_ptr()) && aligned16(gx.data_ptr());
+  const bool vec = aligned(grad.data_ptr(), 16) && aligned(gx.data_ptr(), 16);
   auto run = [&](auto tag) {
     using R = decltype(tag);
     const R* g = static_cast<const R*>(grad.data_ptr());
@@ -621,7 +570,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_bwd_learnable_cuda(
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = gx.data_ptr<scalar_t>();
-    const bool ptrs_aligned = aligned16(gp) && aligned16(xp) && aligned16(op);
+    const bool ptrs_aligned = aligned(gp, 16) && aligned(xp, 16) && aligned(op, 16);
     if (C == 1) {
       const QP P = make_qp(inv_scale, scale, zero_point, 1, 1, qmin, qmax);
       auto k = ptrs_aligned ? lsq_flat_kernel<scalar_t, true> : lsq_flat_kernel<scalar_t, false>;

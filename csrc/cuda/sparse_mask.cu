@@ -50,24 +50,17 @@ int64_t grid_for(Kernel kernel, int64_t threads) {
   return cuda::resident_grid(kernel, threads, kThreads);
 }
 
-bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
+using cuda::aligned;
 
 // ------------------------------------------------------------------------------------------------
 // Raw 16-byte vectors and element conversions.
 
-template <typename R, int V>
-union Pack16 {
-  uint4 v;
-  R e[V];
-};
+// Element traits, Pack16, load16 / store16: cuda_common.cuh.
+using cuda::Elem;
+using cuda::load16;
+using cuda::Pack16;
+using cuda::store16;
 
-template <typename R, int V>
-__device__ __forceinline__ void load16(const R* p, R (&r)[V]) {
-  Pack16<R, V> u;
-  u.v = __ldg(reinterpret_cast<const uint4*>(p));
-#pragma unroll
-  for (int j = 0; j < V; ++j) r[j] = u.e[j];
-}
 // A plain (coherent) load, for data this kernel also writes.
 template <typename R, int V>
 __device__ __forceinline__ void load16_rw(const R* p, R (&r)[V]) {
@@ -76,42 +69,6 @@ __device__ __forceinline__ void load16_rw(const R* p, R (&r)[V]) {
 #pragma unroll
   for (int j = 0; j < V; ++j) r[j] = u.e[j];
 }
-template <typename R, int V>
-__device__ __forceinline__ void store16(R* p, const R (&r)[V]) {
-  Pack16<R, V> u;
-#pragma unroll
-  for (int j = 0; j < V; ++j) u.e[j] = r[j];
-  *reinterpret_cast<uint4*>(p) = u.v;
-}
-
-__device__ __forceinline__ uint16_t float_to_bf16_bits(float f) {
-  // As c10::BFloat16(float): NaN -> 0x7FC0, else round to nearest even.
-  if (f != f) return 0x7FC0;
-  uint32_t u = __float_as_uint(f);
-  u += ((u >> 16) & 1u) + 0x7FFFu;
-  return static_cast<uint16_t>(u >> 16);
-}
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using raw = uint32_t;
-  __device__ __forceinline__ static float to_f(raw r) { return __uint_as_float(r); }
-  __device__ __forceinline__ static raw from_f(float v) { return __float_as_uint(v); }
-};
-template <>
-struct Elem<at::Half> {
-  using raw = uint16_t;
-  __device__ __forceinline__ static float to_f(raw r) { return __half2float(__ushort_as_half(r)); }
-  __device__ __forceinline__ static raw from_f(float v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-template <>
-struct Elem<at::BFloat16> {
-  using raw = uint16_t;
-  __device__ __forceinline__ static float to_f(raw r) { return __uint_as_float(static_cast<uint32_t>(r) << 16); }
-  __device__ __forceinline__ static raw from_f(float v) { return float_to_bf16_bits(v); }
-};
 
 __device__ __forceinline__ bool bit_of(const uint32_t* __restrict__ mask, int64_t e) {
   return (__ldg(mask + (e >> 5)) >> (e & 31)) & 1u;
@@ -366,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) sgd_scalar_kernel(T* param, const T*
 // ------------------------------------------------------------------------------------------------
 // Host side.
 
-void check_cuda(const char* fn, const at::Tensor& t) { TORCH_CHECK(t.is_cuda(), fn, ": tensors must be CUDA tensors"); }
+using cuda::check_cuda;
 
 // The kernels read the mask as 32-bit words: a packed view with an odd storage offset is copied.
 at::Tensor word_aligned(const at::Tensor& packed) { return aligned(packed.data_ptr(), 4) ? packed : packed.clone(); }
