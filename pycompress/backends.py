@@ -70,8 +70,26 @@ def status(name: str) -> Optional[str]:
 
 # A fact about the machine and the build that cannot change while tracing: torch.compile takes the
 # result as a constant instead of tracing into the extension's C functions (which it cannot).
+# Computed once per backend: torch.cuda.is_available() and the import checks cost microseconds, and
+# every op call selects a backend. Only triton on a machine without CUDA depends on TRITON_INTERPRET,
+# which is read at each call (tests and users set it at run time).
 @torch.compiler.assume_constant_result
 def _machine_status(name: str) -> Optional[str]:
+    reason = _MACHINE.get(name, _UNSET)
+    if reason is _UNSET:
+        reason = _MACHINE[name] = _machine_status_uncached(name)
+    if reason is _NEEDS_INTERPRETER:
+        if triton_interpreting():
+            return None
+        return "no CUDA device is available (set TRITON_INTERPRET=1 to run the Triton interpreter on CPU)"
+    return reason
+
+
+_UNSET, _NEEDS_INTERPRETER = object(), object()
+_MACHINE: dict = {}
+
+
+def _machine_status_uncached(name: str) -> Optional[str]:
     if name == "reference":
         return None
     if name == "cpu":
@@ -89,8 +107,8 @@ def _machine_status(name: str) -> Optional[str]:
         reason = _triton_import_error()
         if reason:
             return reason
-        if not torch.cuda.is_available() and not triton_interpreting():
-            return "no CUDA device is available (set TRITON_INTERPRET=1 to run the Triton interpreter on CPU)"
+        if not torch.cuda.is_available():
+            return _NEEDS_INTERPRETER
         return None
     raise AssertionError(name)
 
@@ -141,7 +159,7 @@ def _why_not(op: str, name: str, inputs: dict) -> Optional[str]:
     impls = _SUPPORT[op]
     if name not in impls:
         return f"{name} does not implement {op}"
-    reason = status(name)
+    reason = _machine_status(name)  # name is already validated
     if reason:
         return reason
     return impls[name](**inputs)

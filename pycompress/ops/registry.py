@@ -75,6 +75,9 @@ def _cpp_missing(names: Tuple[str, ...]) -> Reason:
     return None
 
 
+_UNKNOWN = object()
+
+
 class KernelSet:
     """The named kernel-level functions of one op family, in every backend."""
 
@@ -86,6 +89,7 @@ class KernelSet:
         camel = "".join(p.capitalize() for p in name.split("_"))
         self.Table = dataclasses.make_dataclass(f"{camel}Kernels", list(kernels), frozen=True)
         self._tables: Dict[str, Any] = {}
+        self._cpp_missing: Any = _UNKNOWN
         register_cpp_fakes(self)
 
     def table(self, backend: str):
@@ -107,8 +111,11 @@ class KernelSet:
         raise ValueError(f"unknown backend {backend!r}")
 
     def cpp_missing(self) -> Reason:
-        """None when the compiled extension has every C++ kernel of this set, else why not."""
-        return _cpp_missing(self.cpp_ops)
+        """None when the compiled extension has every C++ kernel of this set, else why not (a fact
+        of the build, computed once)."""
+        if self._cpp_missing is _UNKNOWN:
+            self._cpp_missing = _cpp_missing(self.cpp_ops)
+        return self._cpp_missing
 
 
 def register_cpp_fakes(kernels: KernelSet) -> None:
@@ -168,7 +175,7 @@ class _Rule:
 
 # ---------------------------------------------------------------------------------------------- eager path
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
 
 
 def eager_ok(tensors: Iterable) -> bool:
@@ -177,9 +184,13 @@ def eager_ok(tensors: Iterable) -> bool:
     (FakeTensorMode, make_fx, opcheck's checks, ...) and for tensor subclasses: there the registered
     op must run. (torch.compiler.is_compiling, torch.jit.is_tracing and
     torch.overrides.has_torch_function are public; functorch and dispatch modes have no public test.)"""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0
-                or has_torch_function(tensors) or any(type(t) not in _PLAIN for t in tensors))
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() > 0 or has_torch_function(tensors)):
+        return False
+    for t in tensors:  # a loop, not any(generator): this runs on every op call
+        if type(t) is not _TENSOR and type(t) is not _PARAMETER:
+            return False
+    return True
 
 
 class Entry:
@@ -206,8 +217,10 @@ class Entry:
         tensors = [args[i] for i in self._tensor_args]
         if not eager_ok(tensors):
             return self.registered(*args)
-        if self.function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self.function.apply(*args)
+        if self.function is not None and torch.is_grad_enabled():
+            for t in tensors:
+                if t.requires_grad:
+                    return self.function.apply(*args)
         out = self.impl(*args)
         for i in self._mutated:
             torch.autograd.graph.increment_version(args[i])

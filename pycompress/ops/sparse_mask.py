@@ -160,6 +160,8 @@ def _check_shape(shape, fn: str) -> List[int]:
 
 
 def _check_real(name: str, v, fn: str, minimum: Optional[float] = 0.0) -> float:
+    if type(v) is float and math.isfinite(v) and (minimum is None or v >= minimum):
+        return v  # the common case, cheaply (an optimizer calls this every step)
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ValueError(f"{fn}: {name} must be a finite number, got {v!r}")
     if minimum is not None and v < minimum:
