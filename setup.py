@@ -6,13 +6,13 @@ PYCOMPRESS_CUDA=0|1|auto overrides (1 makes a missing nvcc an error). Build in p
 `pip install --no-build-isolation -e .` after torch is installed: the extension must be built
 against the torch it runs with.
 """
+
 import glob
 import os
 import shutil
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +52,11 @@ def _extension():
         extra["cxx"] = cxx + ["-DPYCOMPRESS_WITH_CUDA"]
         extra["nvcc"] = ["-O3", "-DPYCOMPRESS_WITH_CUDA", "--fmad=false", "-lineinfo"]
         return cpp_extension.CUDAExtension(
-            "pycompress._C", sources, extra_compile_args=extra, libraries=libs, include_dirs=[os.path.join(ROOT, "csrc")]
+            "pycompress._C",
+            sources,
+            extra_compile_args=extra,
+            libraries=libs,
+            include_dirs=[os.path.join(ROOT, "csrc")],
         )
     return cpp_extension.CppExtension(
         "pycompress._C", sources, extra_compile_args=extra, libraries=libs, include_dirs=[os.path.join(ROOT, "csrc")]

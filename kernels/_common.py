@@ -19,6 +19,7 @@ in O(1) and without a GPU sync, what its kernels need to stay in bounds (a packe
 dtypes, devices, contiguity), as the C++ kernels TORCH_CHECK it (csrc/pycompress.h). A wrong dtype
 raises TypeError, anything else ValueError.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,21 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["to_f32", "from_f32", "interpreting", "soft_bf16", "pack_bits", "unpack_bits", "select_tile",
-           "packed_mask_bytes", "check_packed", "check_float", "check_like", "check_vector", "check_dims"]
+__all__ = [
+    "to_f32",
+    "from_f32",
+    "interpreting",
+    "soft_bf16",
+    "pack_bits",
+    "unpack_bits",
+    "select_tile",
+    "packed_mask_bytes",
+    "check_packed",
+    "check_float",
+    "check_like",
+    "check_vector",
+    "check_dims",
+]
 
 
 @triton.jit
@@ -85,8 +99,7 @@ def unpack_bits(units, UNIT: tl.constexpr):
 
 
 @triton.jit
-def select_tile(src_ptr, dst_ptr, units_ptr, start, n, UNIT: tl.constexpr, MASKED: tl.constexpr,
-                BLOCK: tl.constexpr):
+def select_tile(src_ptr, dst_ptr, units_ptr, start, n, UNIT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     """dst[i] = src[i] where bit i of the packed mask is set, else 0, for the BLOCK elements from
     flat index `start` (a multiple of BLOCK, itself a multiple of UNIT), as a [BLOCK // UNIT, UNIT]
     tile with one mask unit per row. No arithmetic: the value is copied (or replaced by the zero of
@@ -131,10 +144,12 @@ def check_packed(fn: str, packed: torch.Tensor, n: int, device: torch.device) ->
         raise TypeError(f"{fn}: packed must be a uint8 packed mask, got {packed.dtype}")
     want = packed_mask_bytes(n)
     if packed.numel() != want or not packed.is_contiguous() or packed.device != device:
-        raise ValueError(f"{fn}: packed must be a contiguous uint8 tensor of {want} bytes for {n} elements "
-                         f"(ceil(n / 32) * 4) on {device}, got {packed.numel()} bytes on {packed.device}"
-                         f"{'' if packed.is_contiguous() else ' (not contiguous)'}; a stale mask, packed for "
-                         f"another tensor?")
+        raise ValueError(
+            f"{fn}: packed must be a contiguous uint8 tensor of {want} bytes for {n} elements "
+            f"(ceil(n / 32) * 4) on {device}, got {packed.numel()} bytes on {packed.device}"
+            f"{'' if packed.is_contiguous() else ' (not contiguous)'}; a stale mask, packed for "
+            f"another tensor?"
+        )
 
 
 def check_float(fn: str, name: str, t: torch.Tensor) -> None:
@@ -150,19 +165,24 @@ def check_like(fn: str, name: str, t: torch.Tensor, like: torch.Tensor, like_nam
     if t.dtype != like.dtype:
         raise TypeError(f"{fn}: {name} must have {like_name}'s dtype {like.dtype}, got {t.dtype}")
     if t.numel() != like.numel() or t.device != like.device or not t.is_contiguous():
-        raise ValueError(f"{fn}: {name} must be contiguous and match {like_name} in size and device: got "
-                         f"{t.numel()} elements on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}, "
-                         f"{like_name} has {like.numel()} on {like.device}")
+        raise ValueError(
+            f"{fn}: {name} must be contiguous and match {like_name} in size and device: got "
+            f"{t.numel()} elements on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}, "
+            f"{like_name} has {like.numel()} on {like.device}"
+        )
 
 
-def check_vector(fn: str, name: str, t: torch.Tensor, numel: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> None:
+def check_vector(
+    fn: str, name: str, t: torch.Tensor, numel: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> None:
     """t is a contiguous `dtype` tensor of `numel` elements on `device`."""
     if t.dtype != dtype:
         raise TypeError(f"{fn}: {name} must be {dtype}, got {t.dtype}")
     if t.numel() != numel or t.device != device or not t.is_contiguous():
-        raise ValueError(f"{fn}: {name} must be contiguous with {numel} elements on {device}, got {t.numel()} "
-                         f"on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}")
+        raise ValueError(
+            f"{fn}: {name} must be contiguous with {numel} elements on {device}, got {t.numel()} "
+            f"on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}"
+        )
 
 
 def check_dims(fn: str, name: str, t: torch.Tensor, ndim: int) -> None:

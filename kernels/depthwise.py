@@ -35,6 +35,7 @@ The launchers take the op layer's validated arguments; they check, in O(1), what
 in bounds (4-D tensors, weight [C, 1, kh, kw] and scale / shift of 0 or C elements on x's device,
 grad_out matching x's batch and channels, dtypes) and raise TypeError / ValueError otherwise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -135,8 +136,7 @@ _KEY = ["HT", "WT", "C", "KH", "KW", "SH", "SW"]
 
 
 @triton.jit
-def _epilogue(z, scale_ptr, shift_ptr, c, cmask, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-              ACT: tl.constexpr):
+def _epilogue(z, scale_ptr, shift_ptr, c, cmask, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr):
     """act(z * scale[c] + shift[c]) in fp32, each step rounded on its own; c a scalar or a vector
     broadcastable against z. The selects keep NaN (z < 0 is false for NaN)."""
     if HAS_SCALE:
@@ -157,11 +157,34 @@ def _epilogue(z, scale_ptr, shift_ptr, c, cmask, HAS_SCALE: tl.constexpr, HAS_SH
 @triton.autotune(configs=_configs(_GPU_CONFIGS), key=_KEY)
 @triton.heuristics(_HEUR_NCHW)
 @triton.jit
-def _depthwise_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr, C, H, W, HT, WT, ph, pw,
-                          KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                          DH: tl.constexpr, DW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                          ACT: tl.constexpr, SOFT_BF16: tl.constexpr, TILE: tl.constexpr, WCAP: tl.constexpr,
-                          BH: tl.constexpr, BW: tl.constexpr):
+def _depthwise_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    C,
+    H,
+    W,
+    HT,
+    WT,
+    ph,
+    pw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    TILE: tl.constexpr,
+    WCAP: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
     """Depthwise forward, NCHW: out[n, c, i, j] = act(z * scale[c] + shift[c]) with
     z = sum_{a, b} x[n, c, i*SH - ph + a*DH, j*SW - pw + b*DW] * w[c, 0, a, b] (outside = 0).
 
@@ -199,11 +222,35 @@ def _depthwise_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr, C, H, W, 
 @triton.autotune(configs=_configs(_GPU_CONFIGS_CL), key=_KEY)
 @triton.heuristics(_HEUR_CL)
 @triton.jit
-def _depthwise_fwd_cl_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr, C, H, W, HT, WT, ph, pw,
-                             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                             DH: tl.constexpr, DW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                             ACT: tl.constexpr, SOFT_BF16: tl.constexpr, TILE: tl.constexpr, WCAP: tl.constexpr,
-                             BH: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+def _depthwise_fwd_cl_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    C,
+    H,
+    W,
+    HT,
+    WT,
+    ph,
+    pw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    TILE: tl.constexpr,
+    WCAP: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    BC: tl.constexpr,
+):
     """Depthwise forward, channels_last (element (n, c, h, w) at ((n*H + h)*W + w)*C + c); math as
     _depthwise_fwd_kernel.
 
@@ -252,10 +299,31 @@ def _depthwise_fwd_cl_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr, C, H, 
 @triton.autotune(configs=_configs(_GPU_CONFIGS), key=_KEY)
 @triton.heuristics(_HEUR_NCHW)
 @triton.jit
-def _depthwise_bwd_input_kernel(g_ptr, w_ptr, gx_ptr, C, H, W, HT, WT, Ho, Wo, ph, pw,
-                                KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                                DH: tl.constexpr, DW: tl.constexpr, SOFT_BF16: tl.constexpr, TILE: tl.constexpr,
-                                WCAP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+def _depthwise_bwd_input_kernel(
+    g_ptr,
+    w_ptr,
+    gx_ptr,
+    C,
+    H,
+    W,
+    HT,
+    WT,
+    Ho,
+    Wo,
+    ph,
+    pw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    TILE: tl.constexpr,
+    WCAP: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
     """Depthwise input gradient, NCHW, gather form:
         gx[n, c, h, w] = sum_{a, b} g[n, c, i, j] * w[c, 0, a, b]
     over the taps with h + ph - a*DH = i*SH and w + pw - b*DW = j*SW, 0 <= i < Ho, 0 <= j < Wo.
@@ -305,11 +373,32 @@ def _depthwise_bwd_input_kernel(g_ptr, w_ptr, gx_ptr, C, H, W, HT, WT, Ho, Wo, p
 @triton.autotune(configs=_configs(_GPU_CONFIGS_CL), key=_KEY)
 @triton.heuristics(_HEUR_CL)
 @triton.jit
-def _depthwise_bwd_input_cl_kernel(g_ptr, w_ptr, gx_ptr, C, H, W, HT, WT, Ho, Wo, ph, pw,
-                                   KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                                   DH: tl.constexpr, DW: tl.constexpr, SOFT_BF16: tl.constexpr,
-                                   TILE: tl.constexpr, WCAP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-                                   BC: tl.constexpr):
+def _depthwise_bwd_input_cl_kernel(
+    g_ptr,
+    w_ptr,
+    gx_ptr,
+    C,
+    H,
+    W,
+    HT,
+    WT,
+    Ho,
+    Wo,
+    ph,
+    pw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    TILE: tl.constexpr,
+    WCAP: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    BC: tl.constexpr,
+):
     """Depthwise input gradient, channels_last; math and row-parity split as
     _depthwise_bwd_input_kernel, tiles [BH rows of one parity, BW columns, BC channels] of image n.
 
@@ -363,11 +452,35 @@ def _depthwise_bwd_input_cl_kernel(g_ptr, w_ptr, gx_ptr, C, H, W, HT, WT, Ho, Wo
 @triton.autotune(configs=_configs(_GPU_CONFIGS_WGRAD), key=_KEY)
 @triton.heuristics(_HEUR_WG_NCHW)
 @triton.jit
-def _depthwise_bwd_weight_kernel(g_ptr, x_ptr, part_ptr, C, H, W, HT, WT, Ho, Wo, ph, pw, S, RPS,
-                                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                                 DH: tl.constexpr, DW: tl.constexpr, KKP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 SOFT_BF16: tl.constexpr, TILE: tl.constexpr, WCAP: tl.constexpr, BH: tl.constexpr,
-                                 BW: tl.constexpr):
+def _depthwise_bwd_weight_kernel(
+    g_ptr,
+    x_ptr,
+    part_ptr,
+    C,
+    H,
+    W,
+    HT,
+    WT,
+    Ho,
+    Wo,
+    ph,
+    pw,
+    S,
+    RPS,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    KKP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    TILE: tl.constexpr,
+    WCAP: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+):
     """Depthwise weight (and bias) gradient partials, NCHW:
         part[nc, s, a*KW + b] = sum_{i in rows(s), j} g[n, c, i, j] * x[n, c, i*SH - ph + a*DH, j*SW - pw + b*DW]
         part[nc, s, KH*KW]    = sum_{i in rows(s), j} g[n, c, i, j]                     (HAS_BIAS)
@@ -400,8 +513,9 @@ def _depthwise_bwd_weight_kernel(g_ptr, x_ptr, part_ptr, C, H, W, HT, WT, Ho, Wo
         for col0 in range(0, Wo, BW):
             ow = col0 + tl.arange(0, BW)
             mw = ow < Wo
-            gv = to_f32(tl.load(g_base + oh[:, None] * Wo + ow[None, :], mask=mh[:, None] & mw[None, :],
-                                other=0.0), SOFT_BF16)
+            gv = to_f32(
+                tl.load(g_base + oh[:, None] * Wo + ow[None, :], mask=mh[:, None] & mw[None, :], other=0.0), SOFT_BF16
+            )
             iw = (ow * SW - pw)[None, :] + kw_off[:, None]  # [KKP, BW]
             miw = (iw >= 0) & (iw < W) & mw[None, :]
             m = mih[:, :, None] & miw[:, None, :]
@@ -418,11 +532,35 @@ def _depthwise_bwd_weight_kernel(g_ptr, x_ptr, part_ptr, C, H, W, HT, WT, Ho, Wo
 @triton.autotune(configs=_configs(_GPU_CONFIGS_WGRAD_CL), key=_KEY)
 @triton.heuristics(_HEUR_WG_CL)
 @triton.jit
-def _depthwise_bwd_weight_cl_kernel(g_ptr, x_ptr, part_ptr, C, H, W, HT, WT, Ho, Wo, ph, pw, S, RPS,
-                                    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                                    DH: tl.constexpr, DW: tl.constexpr, KKP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                    SOFT_BF16: tl.constexpr, TILE: tl.constexpr, WCAP: tl.constexpr, BW: tl.constexpr,
-                                    BC: tl.constexpr):
+def _depthwise_bwd_weight_cl_kernel(
+    g_ptr,
+    x_ptr,
+    part_ptr,
+    C,
+    H,
+    W,
+    HT,
+    WT,
+    Ho,
+    Wo,
+    ph,
+    pw,
+    S,
+    RPS,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    KKP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    TILE: tl.constexpr,
+    WCAP: tl.constexpr,
+    BW: tl.constexpr,
+    BC: tl.constexpr,
+):
     """Depthwise weight (and bias) gradient partials, channels_last; math as
     _depthwise_bwd_weight_kernel, partials part[s, k, c] (fp32 [S, KH*KW + 1, C]).
 
@@ -510,8 +648,10 @@ def _check_x_weight(fn: str, x: torch.Tensor, weight: torch.Tensor, name: str = 
         raise TypeError(f"{fn}: weight must have {name}'s dtype {x.dtype}, got {weight.dtype}")
     check_dims(fn, "weight", weight, 4)
     if weight.shape[0] != x.shape[1] or weight.shape[1] != 1 or weight.device != x.device:
-        raise ValueError(f"{fn}: weight must be [C = {x.shape[1]}, 1, kh, kw] on {x.device}, got "
-                         f"{tuple(weight.shape)} on {weight.device}")
+        raise ValueError(
+            f"{fn}: weight must be [C = {x.shape[1]}, 1, kh, kw] on {x.device}, got "
+            f"{tuple(weight.shape)} on {weight.device}"
+        )
 
 
 def _check_affine(fn: str, name: str, v: torch.Tensor, C: int, device: torch.device) -> None:
@@ -549,23 +689,40 @@ def depthwise_fwd(x, weight, scale, shift, sh, sw, ph, pw, dh, dw, act):
     KH, KW = int(weight.shape[2]), int(weight.shape[3])
     Ho, Wo = _out_size(H, KH, sh, ph, dh), _out_size(W, KW, sw, pw, dw)
     cl = _is_cl(x)
-    out = torch.empty((N, C, max(Ho, 0), max(Wo, 0)), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+    out = torch.empty(
+        (N, C, max(Ho, 0), max(Wo, 0)),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last if cl else torch.contiguous_format,
+    )
     if out.numel() == 0:
         return out
     has_scale, has_shift = scale.numel() > 0, shift.numel() > 0
     sc = scale.contiguous() if has_scale else out
     sf = shift.contiguous() if has_shift else out
-    meta = dict(KH=KH, KW=KW, SH=sh, SW=sw, DH=dh, DW=dw, HAS_SCALE=has_scale, HAS_SHIFT=has_shift, ACT=int(act),
-                SOFT_BF16=soft_bf16(), **_OPTS)
+    meta = dict(
+        KH=KH,
+        KW=KW,
+        SH=sh,
+        SW=sw,
+        DH=dh,
+        DW=dw,
+        HAS_SCALE=has_scale,
+        HAS_SHIFT=has_shift,
+        ACT=int(act),
+        SOFT_BF16=soft_bf16(),
+        **_OPTS,
+    )
     if cl:
         _check_i32("image", max(H * W, Ho * Wo) * C)
+
         def grid(m):
             return N * triton.cdiv(Ho, m["BH"]) * triton.cdiv(Wo, m["BW"]), triton.cdiv(C, m["BC"])
 
         _depthwise_fwd_cl_kernel[grid](x, weight, sc, sf, out, C, H, W, Ho, Wo, ph, pw, **meta)
     else:
         _check_i32("plane", max(H * W, Ho * Wo))
+
         def grid(m):
             return N * C, triton.cdiv(Ho, m["BH"]) * triton.cdiv(Wo, m["BW"])
 
@@ -583,8 +740,12 @@ def depthwise_bwd_input(grad_out, weight, H, W, sh, sw, ph, pw, dh, dw):
     N, C, Ho, Wo = g.shape
     KH, KW = int(weight.shape[2]), int(weight.shape[3])
     cl = _is_cl(g)
-    gx = torch.empty((N, C, H, W), dtype=g.dtype, device=g.device,
-                     memory_format=torch.channels_last if cl else torch.contiguous_format)
+    gx = torch.empty(
+        (N, C, H, W),
+        dtype=g.dtype,
+        device=g.device,
+        memory_format=torch.channels_last if cl else torch.contiguous_format,
+    )
     if gx.numel() == 0:
         return gx
     if g.numel() == 0:
@@ -593,12 +754,14 @@ def depthwise_bwd_input(grad_out, weight, H, W, sh, sw, ph, pw, dh, dw):
     meta = dict(KH=KH, KW=KW, SH=sh, SW=sw, DH=dh, DW=dw, SOFT_BF16=soft_bf16(), **_OPTS)
     if cl:
         _check_i32("image", max(H * W, Ho * Wo) * C)
+
         def grid(m):
             return N * sh * triton.cdiv(HT, m["BH"]) * triton.cdiv(W, m["BW"]), triton.cdiv(C, m["BC"])
 
         _depthwise_bwd_input_cl_kernel[grid](g, weight, gx, C, H, W, HT, W, Ho, Wo, ph, pw, **meta)
     else:
         _check_i32("plane", max(H * W, Ho * Wo))
+
         def grid(m):
             return N * C, sh * triton.cdiv(HT, m["BH"]) * triton.cdiv(W, m["BW"])
 
@@ -616,11 +779,15 @@ def depthwise_bwd_weight(grad_out, x, kh, kw, sh, sw, ph, pw, dh, dw, with_bias)
     check_dims(fn, "x", x, 4)
     check_dims(fn, "grad_out", grad_out, 4)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or grad_out.dtype != x.dtype:
-        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16 and grad_out of x's dtype, got {x.dtype} "
-                        f"and {grad_out.dtype}")
+        raise TypeError(
+            f"{fn}: x must be float32, float16 or bfloat16 and grad_out of x's dtype, got {x.dtype} "
+            f"and {grad_out.dtype}"
+        )
     if grad_out.shape[:2] != x.shape[:2] or grad_out.device != x.device:
-        raise ValueError(f"{fn}: grad_out must be [N = {x.shape[0]}, C = {x.shape[1]}, Ho, Wo] on {x.device}, got "
-                         f"{tuple(grad_out.shape)} on {grad_out.device}")
+        raise ValueError(
+            f"{fn}: grad_out must be [N = {x.shape[0]}, C = {x.shape[1]}, Ho, Wo] on {x.device}, got "
+            f"{tuple(grad_out.shape)} on {grad_out.device}"
+        )
     sh, sw, ph, pw, dh, dw = _geometry(sh, sw, ph, pw, dh, dw)
     KH, KW = int(kh), int(kw)
     if KH < 1 or KW < 1:
@@ -636,8 +803,9 @@ def depthwise_bwd_weight(grad_out, x, kh, kw, sh, sw, ph, pw, dh, dw, with_bias)
     if g.numel() == 0:
         gw = torch.zeros((C, 1, KH, KW), dtype=torch.float32, device=dev)
         return gw, (torch.zeros(C, dtype=torch.float32, device=dev) if with_bias else gb_empty)
-    meta = dict(KH=KH, KW=KW, SH=sh, SW=sw, DH=dh, DW=dw, KKP=_np2(KK), HAS_BIAS=bool(with_bias),
-                SOFT_BF16=soft_bf16(), **_OPTS)
+    meta = dict(
+        KH=KH, KW=KW, SH=sh, SW=sw, DH=dh, DW=dw, KKP=_np2(KK), HAS_BIAS=bool(with_bias), SOFT_BF16=soft_bf16(), **_OPTS
+    )
     if cl:
         _check_i32("image", max(H * W, Ho * Wo) * C)
         rows = N * Ho
@@ -646,6 +814,7 @@ def depthwise_bwd_weight(grad_out, x, kh, kw, sh, sw, ph, pw, dh, dw, with_bias)
         rps = triton.cdiv(rows, S)
         S = triton.cdiv(rows, rps)
         part = torch.empty((S, KK + 1, C), dtype=torch.float32, device=dev)
+
         def grid(m):
             return triton.cdiv(C, m["BC"]), S
 

@@ -37,14 +37,25 @@ blocks; per-channel picks, by the size of the partial buffer it needs, either ro
 [outer, C * inner] matrix that loop over several row tiles (reduced along outer; good for small
 inner, e.g. channels-last).
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_float, check_like, check_packed, check_vector, from_f32, pack_bits, packed_mask_bytes,
-                      select_tile, soft_bf16, to_f32)
+from ._common import (
+    check_float,
+    check_like,
+    check_packed,
+    check_vector,
+    from_f32,
+    pack_bits,
+    packed_mask_bytes,
+    select_tile,
+    soft_bf16,
+    to_f32,
+)
 
 __all__ = ["fake_quantize_fwd", "fake_quantize_bwd", "fake_quantize_bwd_learnable"]
 
@@ -148,10 +159,30 @@ def _lsq_terms(x, g, inv, scale, zp, qmin, qmax):
 
 
 @triton.jit
-def _fwd_tile(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_ptr, start, n, mask_nbytes, inner, C,
-              div_in_m, div_in_s, div_c_m, div_c_s, qmin, qmax,
-              MODE: tl.constexpr, WITH_MASK: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
-              SOFT_BF16: tl.constexpr):
+def _fwd_tile(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    inv_ptr,
+    scale_ptr,
+    zp_ptr,
+    start,
+    n,
+    mask_nbytes,
+    inner,
+    C,
+    div_in_m,
+    div_in_s,
+    div_c_m,
+    div_c_s,
+    qmin,
+    qmax,
+    MODE: tl.constexpr,
+    WITH_MASK: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     """One block of BLOCK elements from flat index `start`, as a [BLOCK // 8, 8] tile whose rows
     are the bytes of the packed mask. MASKED is False for a full block (no bounds checks). The
     scalar divisions below run once per thread, not per element, but with 16 elements per thread
@@ -211,10 +242,29 @@ def _fwd_tile(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_ptr, start, n, ma
 
 
 @triton.jit
-def _fake_quantize_fwd_kernel(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_ptr, n, mask_nbytes, inner, C,
-                              div_in_m, div_in_s, div_c_m, div_c_s, qmin, qmax,
-                              MODE: tl.constexpr, WITH_MASK: tl.constexpr, BLOCK: tl.constexpr,
-                              I64: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _fake_quantize_fwd_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    inv_ptr,
+    scale_ptr,
+    zp_ptr,
+    n,
+    mask_nbytes,
+    inner,
+    C,
+    div_in_m,
+    div_in_s,
+    div_c_m,
+    div_c_s,
+    qmin,
+    qmax,
+    MODE: tl.constexpr,
+    WITH_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    I64: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     """Fake-quantization forward over flat blocks of BLOCK elements (1D grid, cdiv(n, BLOCK)).
 
     Math (fp32 whatever x's dtype; x upcast right after the load, out cast to x's dtype once):
@@ -233,16 +283,76 @@ def _fake_quantize_fwd_kernel(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_p
     else:
         start = tl.program_id(0) * BLOCK
     if start + BLOCK <= n:
-        _fwd_tile(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_ptr, start, n, mask_nbytes, inner, C,
-                  div_in_m, div_in_s, div_c_m, div_c_s, qmin, qmax, MODE, WITH_MASK, False, BLOCK, SOFT_BF16)
+        _fwd_tile(
+            x_ptr,
+            out_ptr,
+            mask_ptr,
+            inv_ptr,
+            scale_ptr,
+            zp_ptr,
+            start,
+            n,
+            mask_nbytes,
+            inner,
+            C,
+            div_in_m,
+            div_in_s,
+            div_c_m,
+            div_c_s,
+            qmin,
+            qmax,
+            MODE,
+            WITH_MASK,
+            False,
+            BLOCK,
+            SOFT_BF16,
+        )
     else:
-        _fwd_tile(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_ptr, start, n, mask_nbytes, inner, C,
-                  div_in_m, div_in_s, div_c_m, div_c_s, qmin, qmax, MODE, WITH_MASK, True, BLOCK, SOFT_BF16)
+        _fwd_tile(
+            x_ptr,
+            out_ptr,
+            mask_ptr,
+            inv_ptr,
+            scale_ptr,
+            zp_ptr,
+            start,
+            n,
+            mask_nbytes,
+            inner,
+            C,
+            div_in_m,
+            div_in_s,
+            div_c_m,
+            div_c_s,
+            qmin,
+            qmax,
+            MODE,
+            WITH_MASK,
+            True,
+            BLOCK,
+            SOFT_BF16,
+        )
 
 
 @triton.jit
-def _fwd_cols_tile(x_ptr, out_ptr, mask_ptr, offs, byte_offs, inv, scale, zp, rmask, cmask, bmask, qmin, qmax,
-                   WITH_MASK: tl.constexpr, MASKED: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _fwd_cols_tile(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    offs,
+    byte_offs,
+    inv,
+    scale,
+    zp,
+    rmask,
+    cmask,
+    bmask,
+    qmin,
+    qmax,
+    WITH_MASK: tl.constexpr,
+    MASKED: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     """One [RO, BL // 8, 8] tile of _fake_quantize_fwd_cols_kernel; MASKED False: a full tile."""
     if MASKED:
         m = rmask[:, None, None] & cmask[None, :, :]
@@ -267,9 +377,25 @@ def _fwd_cols_tile(x_ptr, out_ptr, mask_ptr, offs, byte_offs, inv, scale, zp, rm
 
 
 @triton.jit
-def _fake_quantize_fwd_cols_kernel(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr, zp_ptr, outer, L, ncb, n,
-                                   mask_nbytes, qmin, qmax, WITH_MASK: tl.constexpr, RO: tl.constexpr,
-                                   BL: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _fake_quantize_fwd_cols_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    inv_ptr,
+    scale_ptr,
+    zp_ptr,
+    outer,
+    L,
+    ncb,
+    n,
+    mask_nbytes,
+    qmin,
+    qmax,
+    WITH_MASK: tl.constexpr,
+    RO: tl.constexpr,
+    BL: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     """Per-channel fake-quantization forward for channels-last data (inner == 1), on column tiles.
 
     x viewed as an [outer, L = C] matrix, column l in channel l (L < 2**31). Program pid covers
@@ -296,11 +422,43 @@ def _fake_quantize_fwd_cols_kernel(x_ptr, out_ptr, mask_ptr, inv_ptr, scale_ptr,
     offs = (r * L)[:, None, None] + cl[None, :, :]
     byte_offs = ((r * L + col0) // 8)[:, None] + grp[None, :]
     if (rb.to(tl.int64) * RO + RO <= outer) & (col0 + BL <= L):
-        _fwd_cols_tile(x_ptr, out_ptr, mask_ptr, offs, byte_offs, inv, scale, zp, rmask, cmask, bmask, qmin, qmax,
-                       WITH_MASK, False, SOFT_BF16)
+        _fwd_cols_tile(
+            x_ptr,
+            out_ptr,
+            mask_ptr,
+            offs,
+            byte_offs,
+            inv,
+            scale,
+            zp,
+            rmask,
+            cmask,
+            bmask,
+            qmin,
+            qmax,
+            WITH_MASK,
+            False,
+            SOFT_BF16,
+        )
     else:
-        _fwd_cols_tile(x_ptr, out_ptr, mask_ptr, offs, byte_offs, inv, scale, zp, rmask, cmask, bmask, qmin, qmax,
-                       WITH_MASK, True, SOFT_BF16)
+        _fwd_cols_tile(
+            x_ptr,
+            out_ptr,
+            mask_ptr,
+            offs,
+            byte_offs,
+            inv,
+            scale,
+            zp,
+            rmask,
+            cmask,
+            bmask,
+            qmin,
+            qmax,
+            WITH_MASK,
+            True,
+            SOFT_BF16,
+        )
     if WITH_MASK:
         if pid == 0:
             pad = n // 8 + tl.arange(0, 4)
@@ -331,8 +489,24 @@ def _fake_quantize_bwd_kernel(g_ptr, mask_ptr, gx_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _lsq_flat_tile(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr, zp_ptr, part_ptr, start, pid, n, n_prog, qmin, qmax,
-                   MASKED: tl.constexpr, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _lsq_flat_tile(
+    g_ptr,
+    x_ptr,
+    gx_ptr,
+    inv_ptr,
+    scale_ptr,
+    zp_ptr,
+    part_ptr,
+    start,
+    pid,
+    n,
+    n_prog,
+    qmin,
+    qmax,
+    MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     j = tl.arange(0, BLOCK)
     if MASKED:
         inb = j < n - start
@@ -341,8 +515,9 @@ def _lsq_flat_tile(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr, zp_ptr, part_ptr, s
     else:
         g_raw = tl.load(g_ptr + start + j)
         x = to_f32(tl.load(x_ptr + start + j), SOFT_BF16)
-    clamped, d_scale, d_zero = _lsq_terms(x, to_f32(g_raw, SOFT_BF16), tl.load(inv_ptr), tl.load(scale_ptr),
-                                          tl.load(zp_ptr), qmin, qmax)
+    clamped, d_scale, d_zero = _lsq_terms(
+        x, to_f32(g_raw, SOFT_BF16), tl.load(inv_ptr), tl.load(scale_ptr), tl.load(zp_ptr), qmin, qmax
+    )
     # grad_x selects the loaded gradient itself: no fp32 round trip.
     gx = tl.where(clamped, tl.zeros_like(g_raw), g_raw)
     if MASKED:
@@ -356,8 +531,21 @@ def _lsq_flat_tile(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr, zp_ptr, part_ptr, s
 
 
 @triton.jit
-def _fake_quantize_bwd_learnable_kernel(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr, zp_ptr, part_ptr, n, n_prog,
-                                        qmin, qmax, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _fake_quantize_bwd_learnable_kernel(
+    g_ptr,
+    x_ptr,
+    gx_ptr,
+    inv_ptr,
+    scale_ptr,
+    zp_ptr,
+    part_ptr,
+    n,
+    n_prog,
+    qmin,
+    qmax,
+    BLOCK: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     """Per-tensor LSQ backward over flat blocks of BLOCK elements (1D grid of n_prog programs).
 
     gx = g where x is not clamped, else 0 (x's dtype). Per element, fp32 (see _lsq_terms):
@@ -368,18 +556,66 @@ def _fake_quantize_bwd_learnable_kernel(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     if start + BLOCK <= n:
-        _lsq_flat_tile(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr, zp_ptr, part_ptr, start, pid, n, n_prog, qmin,
-                       qmax, False, BLOCK, SOFT_BF16)
+        _lsq_flat_tile(
+            g_ptr,
+            x_ptr,
+            gx_ptr,
+            inv_ptr,
+            scale_ptr,
+            zp_ptr,
+            part_ptr,
+            start,
+            pid,
+            n,
+            n_prog,
+            qmin,
+            qmax,
+            False,
+            BLOCK,
+            SOFT_BF16,
+        )
     else:
-        _lsq_flat_tile(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr, zp_ptr, part_ptr, start, pid, n, n_prog, qmin,
-                       qmax, True, BLOCK, SOFT_BF16)
+        _lsq_flat_tile(
+            g_ptr,
+            x_ptr,
+            gx_ptr,
+            inv_ptr,
+            scale_ptr,
+            zp_ptr,
+            part_ptr,
+            start,
+            pid,
+            n,
+            n_prog,
+            qmin,
+            qmax,
+            True,
+            BLOCK,
+            SOFT_BF16,
+        )
 
 
 @triton.jit
-def _fake_quantize_bwd_learnable_rows_kernel(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr, zp_ptr, part_ptr,
-                                             R, inner, C, ncb, part_stride, qmin, qmax,
-                                             ROWS: tl.constexpr, BI: tl.constexpr, MASKED: tl.constexpr,
-                                             SOFT_BF16: tl.constexpr):
+def _fake_quantize_bwd_learnable_rows_kernel(
+    g_ptr,
+    x_ptr,
+    gx_ptr,
+    inv_ptr,
+    scale_ptr,
+    zp_ptr,
+    part_ptr,
+    R,
+    inner,
+    C,
+    ncb,
+    part_stride,
+    qmin,
+    qmax,
+    ROWS: tl.constexpr,
+    BI: tl.constexpr,
+    MASKED: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     """Per-channel LSQ backward on row tiles: x viewed as a [R = outer * C, inner] matrix, row r
     in channel r % C. Program pid covers rows [rb * ROWS, +ROWS) x columns [kb * BI, +BI) with
     rb = pid // ncb, kb = pid % ncb (ncb = cdiv(inner, BI)); the channel parameters are loaded once
@@ -422,9 +658,26 @@ def _fake_quantize_bwd_learnable_rows_kernel(g_ptr, x_ptr, gx_ptr, inv_ptr, scal
 
 
 @triton.jit
-def _fake_quantize_bwd_learnable_cols_kernel(g_ptr, x_ptr, gx_ptr, inv_ptr, scale_ptr, zp_ptr, part_ptr,
-                                             outer, L, inner, ncb, iters, part_stride, qmin, qmax,
-                                             RO: tl.constexpr, BL: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _fake_quantize_bwd_learnable_cols_kernel(
+    g_ptr,
+    x_ptr,
+    gx_ptr,
+    inv_ptr,
+    scale_ptr,
+    zp_ptr,
+    part_ptr,
+    outer,
+    L,
+    inner,
+    ncb,
+    iters,
+    part_stride,
+    qmin,
+    qmax,
+    RO: tl.constexpr,
+    BL: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     """Per-channel LSQ backward on column tiles: x viewed as an [outer, L = C * inner] matrix,
     column l in channel l // inner. Program pid covers columns [lb * BL, +BL) (lb = pid % ncb) and
     `iters` consecutive tiles of RO rows starting at row (pid // ncb) * iters * RO; the channel
@@ -506,9 +759,26 @@ def fake_quantize_fwd(x, inv_scale, scale, zero_point, qmin, qmax, inner, with_m
         bl = max(bl, min(triton.next_power_of_2(L), block // ro))  # few rows: widen the tile instead
         ncb = triton.cdiv(L, bl)
         _fake_quantize_fwd_cols_kernel[(triton.cdiv(outer, ro) * ncb,)](
-            x, out, mask if with_mask else out, inv_scale, scale, zero_point, outer, L, ncb, n, mask.numel(),
-            float(qmin), float(qmax), WITH_MASK=bool(with_mask), RO=ro, BL=bl, SOFT_BF16=soft_bf16(),
-            num_warps=FWD_WARPS, **_OPTS)
+            x,
+            out,
+            mask if with_mask else out,
+            inv_scale,
+            scale,
+            zero_point,
+            outer,
+            L,
+            ncb,
+            n,
+            mask.numel(),
+            float(qmin),
+            float(qmax),
+            WITH_MASK=bool(with_mask),
+            RO=ro,
+            BL=bl,
+            SOFT_BF16=soft_bf16(),
+            num_warps=FWD_WARPS,
+            **_OPTS,
+        )
         return out, mask
     if C == 1:
         mode = 0
@@ -521,10 +791,30 @@ def fake_quantize_fwd(x, inv_scale, scale, zero_point, qmin, qmax, inner, with_m
     grid = (triton.cdiv(n, block),)
     assert mode != 1 or block <= 1 << (_DIV_BITS - 1)
     _fake_quantize_fwd_kernel[grid](
-        x, out, mask if with_mask else out, inv_scale, scale, zero_point, n, mask.numel(), inner, C,
-        div_in[0], div_in[1], div_c[0], div_c[1], float(qmin), float(qmax),
-        MODE=mode, WITH_MASK=bool(with_mask), BLOCK=block, I64=n + block >= 2**31, SOFT_BF16=soft_bf16(),
-        num_warps=FWD_WARPS, **_OPTS)
+        x,
+        out,
+        mask if with_mask else out,
+        inv_scale,
+        scale,
+        zero_point,
+        n,
+        mask.numel(),
+        inner,
+        C,
+        div_in[0],
+        div_in[1],
+        div_c[0],
+        div_c[1],
+        float(qmin),
+        float(qmax),
+        MODE=mode,
+        WITH_MASK=bool(with_mask),
+        BLOCK=block,
+        I64=n + block >= 2**31,
+        SOFT_BF16=soft_bf16(),
+        num_warps=FWD_WARPS,
+        **_OPTS,
+    )
     return out, mask
 
 
@@ -538,8 +828,9 @@ def fake_quantize_bwd(grad, mask):
     if n == 0:
         return grad_x
     block = BWD_BLOCK
-    _fake_quantize_bwd_kernel[(triton.cdiv(n, block),)](grad, mask, grad_x, n, BLOCK=block, num_warps=BWD_WARPS,
-                                                         **_OPTS)
+    _fake_quantize_bwd_kernel[(triton.cdiv(n, block),)](
+        grad, mask, grad_x, n, BLOCK=block, num_warps=BWD_WARPS, **_OPTS
+    )
     return grad_x
 
 
@@ -586,8 +877,22 @@ def fake_quantize_bwd_learnable(grad, x, inv_scale, scale, zero_point, qmin, qma
         nprog = triton.cdiv(n, block)
         part = torch.empty((2, nprog), dtype=torch.float64, device=x.device)
         _fake_quantize_bwd_learnable_kernel[(nprog,)](
-            grad, x, grad_x, inv_scale, scale, zero_point, part, n, nprog, qmin_f, qmax_f,
-            BLOCK=block, SOFT_BF16=soft_bf16(), num_warps=LRN_WARPS, **_OPTS)
+            grad,
+            x,
+            grad_x,
+            inv_scale,
+            scale,
+            zero_point,
+            part,
+            n,
+            nprog,
+            qmin_f,
+            qmax_f,
+            BLOCK=block,
+            SOFT_BF16=soft_bf16(),
+            num_warps=LRN_WARPS,
+            **_OPTS,
+        )
         sums = part.sum(dim=1, dtype=torch.float64).view(2, 1)
     else:
         outer = n // (C * inner)
@@ -597,17 +902,53 @@ def fake_quantize_bwd_learnable(grad, x, inv_scale, scale, zero_point, qmin, qma
             part = torch.empty((2, R * ncb), dtype=torch.float64, device=x.device)
             masked = R % plan["ROWS"] != 0 or inner % plan["BI"] != 0
             _fake_quantize_bwd_learnable_rows_kernel[(plan["nprog"],)](
-                grad, x, grad_x, inv_scale, scale, zero_point, part, R, inner, C, ncb, R * ncb, qmin_f, qmax_f,
-                ROWS=plan["ROWS"], BI=plan["BI"], MASKED=masked, SOFT_BF16=soft_bf16(), num_warps=LRN_WARPS,
-                **_OPTS)
+                grad,
+                x,
+                grad_x,
+                inv_scale,
+                scale,
+                zero_point,
+                part,
+                R,
+                inner,
+                C,
+                ncb,
+                R * ncb,
+                qmin_f,
+                qmax_f,
+                ROWS=plan["ROWS"],
+                BI=plan["BI"],
+                MASKED=masked,
+                SOFT_BF16=soft_bf16(),
+                num_warps=LRN_WARPS,
+                **_OPTS,
+            )
             sums = part.view(2, outer, C, ncb).sum(dim=(1, 3), dtype=torch.float64)
         else:
             L, nob = C * inner, plan["nob"]
             part = torch.empty((2, nob * L), dtype=torch.float64, device=x.device)
             _fake_quantize_bwd_learnable_cols_kernel[(plan["nprog"],)](
-                grad, x, grad_x, inv_scale, scale, zero_point, part, outer, L, inner, plan["ncb"], plan["iters"],
-                nob * L, qmin_f, qmax_f, RO=plan["RO"], BL=plan["BL"], SOFT_BF16=soft_bf16(), num_warps=LRN_WARPS,
-                **_OPTS)
+                grad,
+                x,
+                grad_x,
+                inv_scale,
+                scale,
+                zero_point,
+                part,
+                outer,
+                L,
+                inner,
+                plan["ncb"],
+                plan["iters"],
+                nob * L,
+                qmin_f,
+                qmax_f,
+                RO=plan["RO"],
+                BL=plan["BL"],
+                SOFT_BF16=soft_bf16(),
+                num_warps=LRN_WARPS,
+                **_OPTS,
+            )
             sums = part.view(2, nob, C, inner).sum(dim=(1, 3), dtype=torch.float64)
     # As the reference: fp32 sums, then times grad_factor in fp32; two separate (non-aliasing) outputs.
     sums = sums.to(torch.float32)

@@ -21,14 +21,25 @@ Everything runs under the Triton interpreter too (``TRITON_INTERPRET=1``, CPU te
 how it is tested without a GPU. A program whose block is full runs an unmasked copy of the tile
 code (so loads and stores vectorise whatever n is); only the last program bounds-checks.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_float, check_like, check_packed, from_f32, pack_bits, packed_mask_bytes, select_tile,
-                      soft_bf16, to_f32, unpack_bits)
+from ._common import (
+    check_float,
+    check_like,
+    check_packed,
+    from_f32,
+    pack_bits,
+    packed_mask_bytes,
+    select_tile,
+    soft_bf16,
+    to_f32,
+    unpack_bits,
+)
 
 __all__ = ["pack_mask", "unpack_mask", "apply_mask", "apply_mask_", "masked_sgd_step"]
 
@@ -165,9 +176,24 @@ def _apply_mask_kernel(w_ptr, out_ptr, words_ptr, n, BLOCK: tl.constexpr, I64: t
 
 
 @triton.jit
-def _sgd_tile(p_ptr, g_ptr, b_ptr, words_ptr, start, n, lr, momentum, weight_decay, damp1,
-              WD: tl.constexpr, MODE: tl.constexpr, NEST: tl.constexpr, MASKED: tl.constexpr,
-              BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _sgd_tile(
+    p_ptr,
+    g_ptr,
+    b_ptr,
+    words_ptr,
+    start,
+    n,
+    lr,
+    momentum,
+    weight_decay,
+    damp1,
+    WD: tl.constexpr,
+    MODE: tl.constexpr,
+    NEST: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     rows = tl.arange(0, BLOCK // 32)
     j = rows[:, None] * 32 + tl.arange(0, 32)[None, :]
     offs = start + j
@@ -214,9 +240,23 @@ def _sgd_tile(p_ptr, g_ptr, b_ptr, words_ptr, start, n, lr, momentum, weight_dec
 
 
 @triton.jit
-def _masked_sgd_step_kernel(p_ptr, g_ptr, b_ptr, words_ptr, n, lr, momentum, weight_decay, damp1,
-                            WD: tl.constexpr, MODE: tl.constexpr, NEST: tl.constexpr, BLOCK: tl.constexpr,
-                            I64: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _masked_sgd_step_kernel(
+    p_ptr,
+    g_ptr,
+    b_ptr,
+    words_ptr,
+    n,
+    lr,
+    momentum,
+    weight_decay,
+    damp1,
+    WD: tl.constexpr,
+    MODE: tl.constexpr,
+    NEST: tl.constexpr,
+    BLOCK: tl.constexpr,
+    I64: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     """One masked SGD step in place on param p and momentum buffer b (grad g read only).
 
     Math per element, fp32 whatever the dtype (loads upcast at once, stores rounded to nearest
@@ -235,11 +275,43 @@ def _masked_sgd_step_kernel(p_ptr, g_ptr, b_ptr, words_ptr, n, lr, momentum, wei
     else:
         start = tl.program_id(0) * BLOCK
     if start + BLOCK <= n:
-        _sgd_tile(p_ptr, g_ptr, b_ptr, words_ptr, start, n, lr, momentum, weight_decay, damp1,
-                  WD, MODE, NEST, False, BLOCK, SOFT_BF16)
+        _sgd_tile(
+            p_ptr,
+            g_ptr,
+            b_ptr,
+            words_ptr,
+            start,
+            n,
+            lr,
+            momentum,
+            weight_decay,
+            damp1,
+            WD,
+            MODE,
+            NEST,
+            False,
+            BLOCK,
+            SOFT_BF16,
+        )
     else:
-        _sgd_tile(p_ptr, g_ptr, b_ptr, words_ptr, start, n, lr, momentum, weight_decay, damp1,
-                  WD, MODE, NEST, True, BLOCK, SOFT_BF16)
+        _sgd_tile(
+            p_ptr,
+            g_ptr,
+            b_ptr,
+            words_ptr,
+            start,
+            n,
+            lr,
+            momentum,
+            weight_decay,
+            damp1,
+            WD,
+            MODE,
+            NEST,
+            True,
+            BLOCK,
+            SOFT_BF16,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +327,14 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return out
     grid = (triton.cdiv(n, PACK_BLOCK),)
-    _pack_mask_kernel[grid](mask.reshape(-1).view(torch.uint8), out.view(torch.int32), n,
-                            BLOCK=PACK_BLOCK, I64=_i64(n, PACK_BLOCK), num_warps=PACK_WARPS)
+    _pack_mask_kernel[grid](
+        mask.reshape(-1).view(torch.uint8),
+        out.view(torch.int32),
+        n,
+        BLOCK=PACK_BLOCK,
+        I64=_i64(n, PACK_BLOCK),
+        num_warps=PACK_WARPS,
+    )
     return out
 
 
@@ -267,8 +345,9 @@ def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
     if n == 0:
         return out
     grid = (triton.cdiv(n, PACK_BLOCK),)
-    _unpack_mask_kernel[grid](_words(packed), out.view(torch.uint8), n,
-                              BLOCK=PACK_BLOCK, I64=_i64(n, PACK_BLOCK), num_warps=PACK_WARPS)
+    _unpack_mask_kernel[grid](
+        _words(packed), out.view(torch.uint8), n, BLOCK=PACK_BLOCK, I64=_i64(n, PACK_BLOCK), num_warps=PACK_WARPS
+    )
     return out
 
 
@@ -279,8 +358,9 @@ def _apply(fn: str, w: torch.Tensor, out: torch.Tensor, packed: torch.Tensor) ->
     if n == 0:
         return
     grid = (triton.cdiv(n, APPLY_BLOCK),)
-    _apply_mask_kernel[grid](_raw(w), _raw(out), _words(packed), n, BLOCK=APPLY_BLOCK, I64=_i64(n, APPLY_BLOCK),
-                             num_warps=APPLY_WARPS)
+    _apply_mask_kernel[grid](
+        _raw(w), _raw(out), _words(packed), n, BLOCK=APPLY_BLOCK, I64=_i64(n, APPLY_BLOCK), num_warps=APPLY_WARPS
+    )
 
 
 def apply_mask(w: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -309,6 +389,21 @@ def masked_sgd_step(param, grad, buf, packed, lr, momentum, weight_decay, dampen
         return
     grid = (triton.cdiv(n, SGD_BLOCK),)
     _masked_sgd_step_kernel[grid](
-        param, grad, buf if mode != 0 else param, _words(packed), n, float(lr), float(momentum), float(weight_decay),
-        float(1.0 - dampening), WD=weight_decay != 0, MODE=mode, NEST=bool(nesterov) and mode != 0, BLOCK=SGD_BLOCK,
-        I64=_i64(n, SGD_BLOCK), SOFT_BF16=soft_bf16(), num_warps=SGD_WARPS, **_OPTS)
+        param,
+        grad,
+        buf if mode != 0 else param,
+        _words(packed),
+        n,
+        float(lr),
+        float(momentum),
+        float(weight_decay),
+        float(1.0 - dampening),
+        WD=weight_decay != 0,
+        MODE=mode,
+        NEST=bool(nesterov) and mode != 0,
+        BLOCK=SGD_BLOCK,
+        I64=_i64(n, SGD_BLOCK),
+        SOFT_BF16=soft_bf16(),
+        num_warps=SGD_WARPS,
+        **_OPTS,
+    )

@@ -4,6 +4,7 @@
 backends report the reason when asked. PYCOMPRESS_REQUIRE_EXT=1 makes a missing extension an
 ImportError (CI sets it, so a silently missing build cannot pass).
 """
+
 from __future__ import annotations
 
 import importlib.util

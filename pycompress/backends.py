@@ -14,6 +14,7 @@ why. When auto finds nothing, the error lists every backend tried and its reason
 interpreter (``TRITON_INTERPRET=1``, CPU tensors) runs only when ``triton`` is asked for
 explicitly: it is a testing tool, far too slow to be chosen automatically.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """The `pycompress` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,14 @@ import os
 import sys
 from typing import Optional, Sequence
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 
 
 def _positive_int(text: str) -> int:
@@ -24,20 +32,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command")
 
-    info = sub.add_parser("info", help="versions, extension and backends; with FILE: an artifact's manifest and "
-                                       "per-layer table")
+    info = sub.add_parser(
+        "info", help="versions, extension and backends; with FILE: an artifact's manifest and per-layer table"
+    )
     info.add_argument("file", nargs="?", help="a .pcz artifact to describe")
     info.add_argument("--json", metavar="FILE", help="with an artifact: write its manifest and table as JSON")
     info.set_defaults(func=_info)
 
-    ex = sub.add_parser("export", help="write the compressed artifact of a run or checkpoint (.pcz, fp16, uint8, "
-                                       "onnx)")
-    ex.add_argument("source", help="a run directory (its final student), a checkpoint (best.pt), or a .pcz "
-                                   "artifact (for --format onnx)")
+    ex = sub.add_parser("export", help="write the compressed artifact of a run or checkpoint (.pcz, fp16, uint8, onnx)")
+    ex.add_argument(
+        "source",
+        help="a run directory (its final student), a checkpoint (best.pt), or a .pcz artifact (for --format onnx)",
+    )
     ex.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write")
-    ex.add_argument("--format", choices=["pcz", "fp16", "uint8", "onnx"], default="pcz",
-                    help="pcz: quantized weights as integer codes, other tensors fp32 (default); fp16 / uint8: "
-                         "other tensors as IEEE half / hw7's per-tensor min-max uint8; onnx: a QDQ ONNX graph")
+    ex.add_argument(
+        "--format",
+        choices=["pcz", "fp16", "uint8", "onnx"],
+        default="pcz",
+        help="pcz: quantized weights as integer codes, other tensors fp32 (default); fp16 / uint8: "
+        "other tensors as IEEE half / hw7's per-tensor min-max uint8; onnx: a QDQ ONNX graph",
+    )
     ex.add_argument("--stage", metavar="NAME", help="with a run directory: export this stage's best model")
     ex.add_argument("--force", action="store_true", help="overwrite an existing output file")
     ex.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers instead of folding them")
@@ -53,18 +67,26 @@ def _parser() -> argparse.ArgumentParser:
     ops = bench_sub.add_parser("ops", help="microbenchmark every op in every available backend against torch")
     ops.add_argument("--op", help="only this op (default: all)")
     ops.add_argument("--backend", help="only this backend (default: every available one)")
-    ops.add_argument("--size", type=_positive_int, help="elements of the roofline cases (default: 16M on CPU, 268M on GPU)")
+    ops.add_argument(
+        "--size", type=_positive_int, help="elements of the roofline cases (default: 16M on CPU, 268M on GPU)"
+    )
     ops.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     ops.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="repeatable; default float32")
     ops.add_argument("--case", help="only cases whose name contains this text")
     ops.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
-    ops.add_argument("--cold-heap", action="store_true",
-                     help="CPU: leave glibc's allocator at its defaults (freed outputs go back to the kernel and the "
-                          "next call pays page faults); by default the heap is kept warm for every backend alike")
+    ops.add_argument(
+        "--cold-heap",
+        action="store_true",
+        help="CPU: leave glibc's allocator at its defaults (freed outputs go back to the kernel and the "
+        "next call pays page faults); by default the heap is kept warm for every backend alike",
+    )
     ops.set_defaults(func=_bench_ops)
 
-    ov = bench_sub.add_parser("overhead", help="fixed per-call cost of every op (tiny tensors, eager, CPU): argument "
-                                               "checks, backend choice, dispatch and launch, against stock torch")
+    ov = bench_sub.add_parser(
+        "overhead",
+        help="fixed per-call cost of every op (tiny tensors, eager, CPU): argument "
+        "checks, backend choice, dispatch and launch, against stock torch",
+    )
     ov.add_argument("--op", action="append", help="only this op (repeatable; default: all)")
     ov.add_argument("--backend", action="append", help="repeatable; default: cpu and reference")
     ov.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats per row (median reported)")
@@ -72,39 +94,64 @@ def _parser() -> argparse.ArgumentParser:
     ov.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
     ov.set_defaults(func=_bench_overhead)
 
-    bm = bench_sub.add_parser("model", help="inference latency and throughput of a .pcz artifact: fp32 torch, the "
-                                            "artifact module, ONNX Runtime fp32 and int8 (QDQ)")
+    bm = bench_sub.add_parser(
+        "model",
+        help="inference latency and throughput of a .pcz artifact: fp32 torch, the "
+        "artifact module, ONNX Runtime fp32 and int8 (QDQ)",
+    )
     bm.add_argument("file", help="a .pcz artifact")
-    bm.add_argument("--batch", type=_positive_int, action="append", metavar="N",
-                    help="batch size (repeatable; default 1 and 64)")
+    bm.add_argument(
+        "--batch", type=_positive_int, action="append", metavar="N", help="batch size (repeatable; default 1 and 64)"
+    )
     bm.add_argument("--threads", type=_positive_int, help="torch and ONNX Runtime threads (default: torch's)")
     bm.add_argument("--repeats", type=_positive_int, default=20, help="timed calls per row (median reported)")
     bm.add_argument("--warmup", type=_positive_int, default=5)
-    bm.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="cuda: also the torch rows on the GPU; auto (default): cuda when a GPU is present")
+    bm.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="cuda: also the torch rows on the GPU; auto (default): cuda when a GPU is present",
+    )
     bm.add_argument("--input-size", metavar="CxHxW", help="when the artifact records no dataset")
     bm.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     bm.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
     bm.set_defaults(func=_bench_model)
 
     from pycompress import profile as _profile
-    pr = sub.add_parser("profile", help="parameters, MACs and activation memory per layer, and inference latency, of a "
-                                        "model name, checkpoint or .pcz artifact")
+
+    pr = sub.add_parser(
+        "profile",
+        help="parameters, MACs and activation memory per layer, and inference latency, of a "
+        "model name, checkpoint or .pcz artifact",
+    )
     _profile.add_arguments(pr)
     pr.set_defaults(func=_profile.cli_main)
 
     run = sub.add_parser("run", help="run a recipe (YAML) end to end into a run directory")
     run.add_argument("recipe", help="recipe file, e.g. recipes/quickstart.yaml")
-    run.add_argument("--data-root", metavar="DIR", help="where datasets are (default: the known places, "
-                     "e.g. /usr/share/datasets/fashion-mnist, and $PYCOMPRESS_DATA)")
+    run.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="where datasets are (default: the known places, "
+        "e.g. /usr/share/datasets/fashion-mnist, and $PYCOMPRESS_DATA)",
+    )
     run.add_argument("--out", metavar="DIR", help="run directory (default: runs/<recipe name>)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the recipe's device")
-    run.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"],
-                     help="op backend for the whole run (overrides kernel_backend)")
+    run.add_argument(
+        "--backend",
+        choices=["auto", "reference", "cpu", "triton", "cuda"],
+        help="op backend for the whole run (overrides kernel_backend)",
+    )
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe value: STAGE.key=value or a top-level key, e.g. "
-                     "--set qat4.epochs=2 --set data.batch_size=64 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value: STAGE.key=value or a top-level key, e.g. "
+        "--set qat4.epochs=2 --set data.batch_size=64 (repeatable)",
+    )
     run.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
@@ -114,8 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.set_defaults(func=_check)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint (best.pt / checkpoint.pt of a run) or a .pcz artifact "
-                                     "on its test set")
+    ev = sub.add_parser(
+        "eval", help="evaluate a checkpoint (best.pt / checkpoint.pt of a run) or a .pcz artifact on its test set"
+    )
     ev.add_argument("checkpoint", help="a checkpoint or a .pcz artifact")
     ev.add_argument("--data-root", metavar="DIR")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -145,8 +193,9 @@ def _sparsity(args) -> int:
     except (CheckpointError, ValueError) as exc:
         return _err("sparsity", exc)
     # the layers a pruning stage masked are the selection; without masks every weight with >= 2 dims
-    selected = [f"{n}.weight" for n in masked_layers(model)] or \
-        [n for n, p in model.named_parameters() if p.dim() >= 2 and n.endswith("weight")]
+    selected = [f"{n}.weight" for n in masked_layers(model)] or [
+        n for n, p in model.named_parameters() if p.dim() >= 2 and n.endswith("weight")
+    ]
     rep = sparsity_report(model, selected=selected)
     print(rep.to_markdown() if args.markdown else rep.format())
     if args.json:
@@ -173,9 +222,15 @@ def _run(args) -> int:
     except RecipeError as exc:
         return _err("run", exc)
     try:
-        report = run_recipe(recipe, args.out, data_root=args.data_root, device=args.device,
-                            backend=args.backend, resume=args.resume,
-                            progress=False if args.no_progress else None)
+        report = run_recipe(
+            recipe,
+            args.out,
+            data_root=args.data_root,
+            device=args.device,
+            backend=args.backend,
+            resume=args.resume,
+            progress=False if args.no_progress else None,
+        )
     except (RunError, RecipeError, DatasetNotFoundError, CheckpointError) as exc:
         return _err("run", exc)
     except TrainingDiverged as exc:
@@ -183,9 +238,11 @@ def _run(args) -> int:
         return 3
     s = report.get("student")
     if s:
-        print(f"student ({s['stage']}): top-1 {s['top1']:.2f}%, {s['params']:,} parameters, "
-              f"{s['size_bytes']:,} bytes ({s['compression']:.1f}x smaller than fp32); "
-              f"{report['total_seconds'] / 60:.1f} min")
+        print(
+            f"student ({s['stage']}): top-1 {s['top1']:.2f}%, {s['params']:,} parameters, "
+            f"{s['size_bytes']:,} bytes ({s['compression']:.1f}x smaller than fp32); "
+            f"{report['total_seconds'] / 60:.1f} min"
+        )
     return 0
 
 
@@ -200,8 +257,7 @@ def _check(args) -> int:
             print(f"FAIL {exc}", file=sys.stderr)
             bad += 1
             continue
-        stages = ", ".join(f"{s.name} ({s.kind}" + (f", {s.epochs} ep" if s.epochs else "") + ")"
-                           for s in r.stages)
+        stages = ", ".join(f"{s.name} ({s.kind}" + (f", {s.epochs} ep" if s.epochs else "") + ")" for s in r.stages)
         print(f"ok   {path}: {r.name}: {r.model.name} on {r.data.dataset}; stages: {stages}")
     return 1 if bad else 0
 
@@ -240,11 +296,12 @@ def _eval(args) -> int:
         data = ckpt.get("data")
         if not data:
             raise CheckpointError(f"{args.checkpoint!r} does not record its dataset")
-        test_set, _ = build_dataset(data["dataset"], "test", data_root=args.data_root, augment=False,
-                                    **data.get("options", {}))
+        test_set, _ = build_dataset(
+            data["dataset"], "test", data_root=args.data_root, augment=False, **data.get("options", {})
+        )
         loader = make_loader(test_set, args.batch_size, shuffle=False)
         # "auto" keeps PYCOMPRESS_BACKEND in force, as `run` does
-        with (backends.use(args.backend) if args.backend != "auto" else contextlib.nullcontext()):
+        with backends.use(args.backend) if args.backend != "auto" else contextlib.nullcontext():
             ev = evaluate(model, loader, device)
     except (CheckpointError, ArtifactError, DatasetNotFoundError, ValueError) as exc:
         return _err("eval", exc)
@@ -253,27 +310,39 @@ def _eval(args) -> int:
         size = {"bytes": (int(sizes.get("bits", 0)) + 7) // 8, "fp32_bytes": sizes.get("fp32_bytes")}
     else:
         from pycompress.quant import model_size
+
         size = model_size(model)
-    res = {"checkpoint": args.checkpoint, "dataset": data["dataset"], "top1": ev["top1"],
-           "top5": ev["top5"], "loss": ev["loss"], "samples": ev["samples"],
-           "size_bytes": int(size["bytes"]),
-           "fp32_bytes": None if size["fp32_bytes"] is None else int(size["fp32_bytes"]),
-           "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch")}
+    res = {
+        "checkpoint": args.checkpoint,
+        "dataset": data["dataset"],
+        "top1": ev["top1"],
+        "top5": ev["top5"],
+        "loss": ev["loss"],
+        "samples": ev["samples"],
+        "size_bytes": int(size["bytes"]),
+        "fp32_bytes": None if size["fp32_bytes"] is None else int(size["fp32_bytes"]),
+        "stage": ckpt.get("stage"),
+        "epoch": ckpt.get("epoch"),
+    }
     if artifact is not None:
         res["file_bytes"] = artifact.facts["file_bytes"]
         res["artifact"] = True
         recorded = artifact.manifest.get("eval") or {}
         if recorded.get("top1") is not None:
             res["recorded_top1"] = recorded["top1"]
-    what = (f"file {res['file_bytes']:,} bytes (counted {res['size_bytes']:,})" if artifact is not None
-            else f"size {res['size_bytes']:,} bytes")
-    print(f"{args.checkpoint}: {data['dataset']} test, {ev['samples']} images: top-1 {ev['top1']:.2f}%  "
-          f"top-5 {ev['top5']:.2f}%  loss {ev['loss']:.4f}  {what}"
-          + (f" (fp32 {res['fp32_bytes']:,})" if res["fp32_bytes"] else ""))
+    what = (
+        f"file {res['file_bytes']:,} bytes (counted {res['size_bytes']:,})"
+        if artifact is not None
+        else f"size {res['size_bytes']:,} bytes"
+    )
+    print(
+        f"{args.checkpoint}: {data['dataset']} test, {ev['samples']} images: top-1 {ev['top1']:.2f}%  "
+        f"top-5 {ev['top5']:.2f}%  loss {ev['loss']:.4f}  {what}"
+        + (f" (fp32 {res['fp32_bytes']:,})" if res["fp32_bytes"] else "")
+    )
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2))
     return 0
-
 
 
 def _info(args) -> int:
@@ -284,9 +353,13 @@ def _info(args) -> int:
     import pycompress
     from pycompress import _ext, backends
 
-    print(f"pycompress {pycompress.__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-    print(f"extension pycompress._C: {'loaded' if _ext.loaded() else _ext.missing_reason()}"
-          + (f", CUDA kernels {'built' if _ext.cuda_built() else 'not built'}" if _ext.loaded() else ""))
+    print(
+        f"pycompress {pycompress.__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
+    )
+    print(
+        f"extension pycompress._C: {'loaded' if _ext.loaded() else _ext.missing_reason()}"
+        + (f", CUDA kernels {'built' if _ext.cuda_built() else 'not built'}" if _ext.loaded() else "")
+    )
     for name in backends.BACKENDS:
         reason = backends.status(name)
         print(f"  backend {name:9s} {'available' if reason is None else 'unavailable: ' + reason}")
@@ -309,24 +382,32 @@ def _info_file(args) -> int:
     arch = m.get("arch", {})
     print(f"{args.file}: pycompress artifact, format version {f['format_version']}, encoding {m.get('encoding')}")
     print(f"  written by pycompress {m.get('pycompress')} with torch {m.get('torch')}")
-    print(f"  model: {arch.get('model')} {arch.get('args') or {}} (in_channels {arch.get('in_channels')}, "
-          f"num_classes {arch.get('num_classes')})")
+    print(
+        f"  model: {arch.get('model')} {arch.get('args') or {}} (in_channels {arch.get('in_channels')}, "
+        f"num_classes {arch.get('num_classes')})"
+    )
     data = m.get("data") or {}
     if data:
-        print(f"  data: {data.get('dataset')} {data.get('options') or {}}, input {data.get('in_channels')}x"
-              f"{'x'.join(str(v) for v in data.get('image_size') or [])}")
+        print(
+            f"  data: {data.get('dataset')} {data.get('options') or {}}, input {data.get('in_channels')}x"
+            f"{'x'.join(str(v) for v in data.get('image_size') or [])}"
+        )
     src = m.get("source") or {}
     if src:
         print("  source: " + ", ".join(f"{k} {v}" for k, v in src.items() if v is not None))
     ev = m.get("eval") or {}
     if ev:
-        print(f"  evaluation at export: top-1 {ev.get('top1'):.2f}%, top-5 {ev.get('top5'):.2f}% on "
-              f"{ev.get('samples')} {ev.get('dataset')} {ev.get('split')} images")
+        print(
+            f"  evaluation at export: top-1 {ev.get('top1'):.2f}%, top-5 {ev.get('top5'):.2f}% on "
+            f"{ev.get('samples')} {ev.get('dataset')} {ev.get('split')} images"
+        )
     bn = m.get("bn_folding") or {}
     print(f"  BatchNorm folded: {bn.get('folded', 0)}" + (f" ({bn['note']})" if bn.get("note") else ""))
     counted = (int(m.get("size", {}).get("bits", 0)) + 7) // 8
-    print(f"  file {f['file_bytes']:,} bytes = payload {f['payload_bytes']:,} + manifest {f['manifest_bytes']:,} "
-          f"+ header/trailer 56; counted bits {counted:,} bytes; sha256 {f['sha256']}")
+    print(
+        f"  file {f['file_bytes']:,} bytes = payload {f['payload_bytes']:,} + manifest {f['manifest_bytes']:,} "
+        f"+ header/trailer 56; counted bits {counted:,} bytes; sha256 {f['sha256']}"
+    )
     rows = layer_table(m)
     w = max([len(r["name"]) for r in rows] + [6])
     print(f"\n{'tensor':{w}s}  {'shape':18s} {'encoding':12s} {'bits':>4s} {'sparsity':>8s} {'bytes':>9s}")
@@ -354,13 +435,18 @@ def _resolve_source(source: str, stage: str = None):
         with open(run_json, encoding="utf-8") as f:
             state = json.load(f)
         stages = state.get("stages", {})
-        done = [(st.get("index", 0), name, st) for name, st in stages.items()
-                if st.get("status") == "done" and (st.get("result") or {}).get("best")]
+        done = [
+            (st.get("index", 0), name, st)
+            for name, st in stages.items()
+            if st.get("status") == "done" and (st.get("result") or {}).get("best")
+        ]
         if stage is not None:
             pick = [d for d in done if d[1] == stage]
             if not pick:
-                raise CheckpointError(f"{source}: no finished stage {stage!r} with a model (finished: "
-                                      f"{', '.join(d[1] for d in sorted(done)) or 'none'})")
+                raise CheckpointError(
+                    f"{source}: no finished stage {stage!r} with a model (finished: "
+                    f"{', '.join(d[1] for d in sorted(done)) or 'none'})"
+                )
         else:
             pick = [d for d in sorted(done) if d[2].get("target", "student") == "student"][-1:]
             if not pick:
@@ -403,27 +489,45 @@ def _export(args) -> int:
         loader = None
         if not args.no_eval:
             if not data or not data.get("dataset"):
-                print("pycompress export: note: the checkpoint records no dataset; exporting without evaluation",
-                      file=sys.stderr)
+                print(
+                    "pycompress export: note: the checkpoint records no dataset; exporting without evaluation",
+                    file=sys.stderr,
+                )
             else:
                 try:
-                    test_set, _ = build_dataset(data["dataset"], "test", data_root=args.data_root, augment=False,
-                                                **data.get("options", {}))
+                    test_set, _ = build_dataset(
+                        data["dataset"], "test", data_root=args.data_root, augment=False, **data.get("options", {})
+                    )
                     loader = make_loader(test_set, 500, shuffle=False)
                 except DatasetNotFoundError as exc:
                     print(f"pycompress export: note: no evaluation, the test set is missing: {exc}", file=sys.stderr)
-        source = {"checkpoint": os.path.abspath(path), "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch"),
-                  "recipe": ckpt.get("recipe")}
-        res = export_formats(model, {args.format: args.output}, arch=arch, data=data, source=source, loader=loader,
-                             device=device, fold_bn=not args.no_fold_bn, force=args.force,
-                             log=lambda line: print(line))
+        source = {
+            "checkpoint": os.path.abspath(path),
+            "stage": ckpt.get("stage"),
+            "epoch": ckpt.get("epoch"),
+            "recipe": ckpt.get("recipe"),
+        }
+        res = export_formats(
+            model,
+            {args.format: args.output},
+            arch=arch,
+            data=data,
+            source=source,
+            loader=loader,
+            device=device,
+            fold_bn=not args.no_fold_bn,
+            force=args.force,
+            log=lambda line: print(line),
+        )
     except (CheckpointError, ArtifactError, ExportError, ValueError, FileExistsError, ImportError) as exc:
         return _err("export", exc)
     row = res["artifacts"][0]
     if args.format != "onnx":
-        print(f"wrote {args.output}: {row['file_bytes']:,} bytes (payload {row['payload_bytes']:,}, manifest "
-              f"{row['manifest_bytes']:,}, header and checksum 56); the payload encodes "
-              f"{(row['counted_bits'] + 7) // 8:,} bytes of information (fp32 model: {res['fp32_bytes']:,} bytes)")
+        print(
+            f"wrote {args.output}: {row['file_bytes']:,} bytes (payload {row['payload_bytes']:,}, manifest "
+            f"{row['manifest_bytes']:,}, header and checksum 56); the payload encodes "
+            f"{(row['counted_bits'] + 7) // 8:,} bytes of information (fp32 model: {res['fp32_bytes']:,} bytes)"
+        )
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2, default=str) + "\n")
     return 0
@@ -445,8 +549,10 @@ def _export_artifact(args) -> int:
     from pycompress.export.pipeline import input_shape_of
 
     if args.format != "onnx":
-        raise ValueError(f"{args.source} is already a .pcz artifact; re-encoding it as {args.format} needs the "
-                         f"checkpoint it came from (only --format onnx works from an artifact)")
+        raise ValueError(
+            f"{args.source} is already a .pcz artifact; re-encoding it as {args.format} needs the "
+            f"checkpoint it came from (only --format onnx works from an artifact)"
+        )
     from pycompress.export import onnx as onnx_export
 
     model = load(args.source)
@@ -460,10 +566,10 @@ def _export_artifact(args) -> int:
 
 
 def _bench_model(args) -> int:
+    import torch
+
     from pycompress.bench import model as bench_model
     from pycompress.export import ArtifactError
-
-    import torch
 
     device = args.device
     if device == "auto":
@@ -471,9 +577,17 @@ def _bench_model(args) -> int:
     try:
         shape = _parse_shape(args.input_size) if args.input_size else None
         meta: dict = {}
-        rows = bench_model.run(args.file, batch_sizes=args.batch or (1, 64), threads=args.threads,
-                               warmup=args.warmup, repeats=args.repeats, device=device, input_shape=shape,
-                               onnx=not args.no_onnx, meta=meta)
+        rows = bench_model.run(
+            args.file,
+            batch_sizes=args.batch or (1, 64),
+            threads=args.threads,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            device=device,
+            input_shape=shape,
+            onnx=not args.no_onnx,
+            meta=meta,
+        )
     except (ArtifactError, ValueError, RuntimeError, ImportError) as exc:
         return _err("bench model", exc)
     print(bench_model.format_table(rows))
@@ -490,8 +604,13 @@ def _bench_overhead(args) -> int:
     from pycompress.bench import overhead
 
     try:
-        rows = overhead.run(args.op, args.backend, repeats=args.repeats, torch_rows=not args.no_torch,
-                            printer=lambda s: print(s, file=sys.stderr))
+        rows = overhead.run(
+            args.op,
+            args.backend,
+            repeats=args.repeats,
+            torch_rows=not args.no_torch,
+            printer=lambda s: print(s, file=sys.stderr),
+        )
     except ValueError as exc:
         print(f"pycompress bench overhead: {exc}", file=sys.stderr)
         return 2
@@ -521,8 +640,9 @@ def _bench_ops(args) -> int:
             return 2
     dtypes = tuple(getattr(torch, _DTYPES[d]) for d in (args.dtype or ["float32"]))
     try:
-        rows, meta = bench_ops.run(args.op, args.backend, args.size, args.device, dtypes, args.case,
-                                   warm_heap=not args.cold_heap)
+        rows, meta = bench_ops.run(
+            args.op, args.backend, args.size, args.device, dtypes, args.case, warm_heap=not args.cold_heap
+        )
     except ValueError as exc:
         print(f"pycompress bench ops: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """What the strict layer specs (pycompress.quant.QuantSpec, pycompress.prune.PruneSpec) share:
 ``from_dict`` / ``to_dict`` with unknown keys refused, and the layer selection by type and name
 regexes (``types``, ``include``, ``exclude``), validated with errors that name the spec and the key."""
+
 from __future__ import annotations
 
 import copy

@@ -12,6 +12,7 @@
 - :func:`conv2d`: ``F.conv2d`` that routes supported depthwise convolutions to the fused op (the
   QAT conv layer uses it, so quantized depthwise layers keep the fast kernel).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -71,8 +72,15 @@ def _conv_geometry_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding
     return None
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
-           dilation=1, groups: int = 1) -> torch.Tensor:
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> torch.Tensor:
     """``F.conv2d``, except that a depthwise convolution (groups = in channels = out channels, 4-D
     input) runs on ``pycompress.ops.depthwise_conv2d`` where the kernels support it (square odd
     kernel up to 7, stride 1 or 2, numeric padding).
@@ -92,7 +100,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         if pinned != "auto":
             raise backends.BackendError(
                 f"backend {pinned!r} cannot run depthwise_conv2d: {reason} (F.conv2d would run it under the "
-                "automatic backend choice)")
+                "automatic backend choice)"
+            )
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -101,10 +110,22 @@ class DepthwiseConv2d(nn.Conv2d):
     computed by ``pycompress.ops.depthwise_conv2d``. Same parameters and state-dict keys as the
     nn.Conv2d it replaces; the backend is chosen per call (``pycompress.backends.use``, ...)."""
 
-    def __init__(self, channels: int, kernel_size, stride=1, padding=0, dilation=1, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=bias,
-                         padding_mode="zeros", device=device, dtype=dtype)
+    def __init__(
+        self, channels: int, kernel_size, stride=1, padding=0, dilation=1, bias: bool = True, device=None, dtype=None
+    ):
+        super().__init__(
+            channels,
+            channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups=channels,
+            bias=bias,
+            padding_mode="zeros",
+            device=device,
+            dtype=dtype,
+        )
         reason = depthwise_supported(self)
         if reason:
             raise ValueError(f"DepthwiseConv2d: {reason}")
@@ -117,8 +138,9 @@ class DepthwiseConv2d(nn.Conv2d):
             raise ValueError(f"DepthwiseConv2d.from_conv: {reason}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.__dict__.update({k: v for k, v in conv.__dict__.items()
-                             if k not in ("_parameters", "_buffers", "_modules")})
+        new.__dict__.update(
+            {k: v for k, v in conv.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+        )
         new._parameters = conv._parameters
         new._buffers = conv._buffers
         new._modules = conv._modules
@@ -138,8 +160,16 @@ class DepthwiseConvBNAct(nn.Module):
     ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta + (bias - running_mean) * scale``.
     Build it with :meth:`fuse`; it holds the conv weight as a Parameter and scale / shift as buffers."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, stride, padding, dilation,
-                 act: str = "relu6"):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        stride,
+        padding,
+        dilation,
+        act: str = "relu6",
+    ):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.register_buffer("scale", scale.detach().float().clone())
@@ -158,26 +188,29 @@ class DepthwiseConvBNAct(nn.Module):
         if bn is not None:
             if bn.running_var is None or not bn.track_running_stats:
                 raise ValueError("DepthwiseConvBNAct.fuse: the BatchNorm has no running statistics")
-            scale = (bn.weight.float() if bn.weight is not None else torch.ones(C, device=w.device)) \
-                / torch.sqrt(bn.running_var.float() + bn.eps)
+            scale = (bn.weight.float() if bn.weight is not None else torch.ones(C, device=w.device)) / torch.sqrt(
+                bn.running_var.float() + bn.eps
+            )
             beta = bn.bias.float() if bn.bias is not None else torch.zeros(C, device=w.device)
             shift = beta + (bias - bn.running_mean.float()) * scale
         else:
             scale, shift = torch.ones(C, device=w.device), bias
         name = "none" if act is None else _ACTS.get(type(act))
         if name is None:
-            raise ValueError(f"DepthwiseConvBNAct.fuse: activation {type(act).__name__} is not fusable "
-                             "(ReLU6, ReLU or none)")
+            raise ValueError(
+                f"DepthwiseConvBNAct.fuse: activation {type(act).__name__} is not fusable (ReLU6, ReLU or none)"
+            )
         return cls(w, scale, shift, conv.stride, conv.padding, conv.dilation, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, w = _autocast(x, self.weight)
-        return depthwise_conv2d_bn_act(x, w, self.scale, self.shift, self.stride, self.padding, self.dilation,
-                                       self.act)
+        return depthwise_conv2d_bn_act(x, w, self.scale, self.shift, self.stride, self.padding, self.dilation, self.act)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, act={self.act}")
+        return (
+            f"{self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, act={self.act}"
+        )
 
 
 def _is_plain_depthwise(m: nn.Module) -> bool:

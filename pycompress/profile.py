@@ -50,6 +50,7 @@ busy process on a 2-core VM, OpenMP's spinning worker threads compete with it an
 were measured up to 100x slower (on an idle machine the default wait policy is the fastest:
 1.07 ms against 2.82 ms with ``OMP_WAIT_POLICY=PASSIVE`` for the student at batch 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,18 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["load_for_profile", "profile_model", "measure_latency", "parse_input_size", "parse_model_args",
-           "format_report", "add_arguments", "cli_main", "DEFAULT_INPUT_SIZE", "DEFAULT_NUM_CLASSES"]
+__all__ = [
+    "load_for_profile",
+    "profile_model",
+    "measure_latency",
+    "parse_input_size",
+    "parse_model_args",
+    "format_report",
+    "add_arguments",
+    "cli_main",
+    "DEFAULT_INPUT_SIZE",
+    "DEFAULT_NUM_CLASSES",
+]
 
 DEFAULT_INPUT_SIZE = (3, 32, 32)
 DEFAULT_NUM_CLASSES = 10
@@ -120,7 +131,9 @@ def parse_model_args(text: Union[None, str, Iterable[str]]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ model specs
-def _shape_from_data(data: Optional[Dict[str, Any]], in_channels: Optional[int], data_root) -> Optional[Tuple[int, int, int]]:
+def _shape_from_data(
+    data: Optional[Dict[str, Any]], in_channels: Optional[int], data_root
+) -> Optional[Tuple[int, int, int]]:
     """(C, H, W) from a recorded dataset description; builds the dataset (test split) only when it
     names a dataset but no image size."""
     data = data or {}
@@ -130,8 +143,9 @@ def _shape_from_data(data: Optional[Dict[str, Any]], in_channels: Optional[int],
         try:
             from .data import build_dataset
 
-            _, dinfo = build_dataset(data["dataset"], "test", data_root=data_root, augment=False,
-                                     **(data.get("options") or {}))
+            _, dinfo = build_dataset(
+                data["dataset"], "test", data_root=data_root, augment=False, **(data.get("options") or {})
+            )
             c, size = dinfo.in_channels, list(dinfo.image_size)
         except Exception:  # noqa: BLE001 - the caller asks for --input-size instead
             return None
@@ -149,9 +163,14 @@ def _known_names() -> str:
     return ", ".join(models.names())
 
 
-def load_for_profile(spec: str, *, model_args: Optional[Dict[str, Any]] = None,
-                     num_classes: Optional[int] = None, input_size: Union[None, str, Sequence[int]] = None,
-                     data_root=None) -> Tuple[nn.Module, Tuple[int, int, int], Dict[str, Any]]:
+def load_for_profile(
+    spec: str,
+    *,
+    model_args: Optional[Dict[str, Any]] = None,
+    num_classes: Optional[int] = None,
+    input_size: Union[None, str, Sequence[int]] = None,
+    data_root=None,
+) -> Tuple[nn.Module, Tuple[int, int, int], Dict[str, Any]]:
     """Resolve a model spec into ``(model, (C, H, W), info)``.
 
     * a registry model name: ``pycompress.models.build(name, in_channels=C, num_classes=N,
@@ -177,8 +196,9 @@ def load_for_profile(spec: str, *, model_args: Optional[Dict[str, Any]] = None,
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model spec must be a registry model name, a checkpoint or a .pcz file, got {spec!r}")
     shape = parse_input_size(input_size) if input_size is not None else None
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 1):
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
 
     if spec in models.names() and os.sep not in spec:
@@ -192,20 +212,33 @@ def load_for_profile(spec: str, *, model_args: Optional[Dict[str, Any]] = None,
         except (TypeError, ValueError) as exc:
             raise ValueError(f"cannot build model {spec!r} for input {c}x{h}x{w} with {n} classes: {exc}") from None
         model.float().eval()
-        info = {"spec": spec, "kind": "name", "model": spec, "args": args, "in_channels": c, "num_classes": n,
-                "input_shape": [c, h, w]}
+        info = {
+            "spec": spec,
+            "kind": "name",
+            "model": spec,
+            "args": args,
+            "in_channels": c,
+            "num_classes": n,
+            "input_shape": [c, h, w],
+        }
         return model, (c, h, w), info
 
     if not os.path.exists(spec):
-        raise ValueError(f"{spec!r} is neither a known model name nor an existing file: expected a registry "
-                         f"model name (known models: {_known_names()}), a pycompress checkpoint (.pt) or a "
-                         f".pcz artifact")
+        raise ValueError(
+            f"{spec!r} is neither a known model name nor an existing file: expected a registry "
+            f"model name (known models: {_known_names()}), a pycompress checkpoint (.pt) or a "
+            f".pcz artifact"
+        )
     if os.path.isdir(spec):
-        raise ValueError(f"{spec!r} is a directory: expected a registry model name, a pycompress checkpoint file "
-                         f"(e.g. a run's <stage>/best.pt) or a .pcz artifact")
+        raise ValueError(
+            f"{spec!r} is a directory: expected a registry model name, a pycompress checkpoint file "
+            f"(e.g. a run's <stage>/best.pt) or a .pcz artifact"
+        )
     if model_args:
-        raise ValueError(f"{spec!r} is a file, and --model-args applies to a registry model name only "
-                         f"(a checkpoint or artifact records its own architecture)")
+        raise ValueError(
+            f"{spec!r} is a file, and --model-args applies to a registry model name only "
+            f"(a checkpoint or artifact records its own architecture)"
+        )
 
     from .export import is_artifact
 
@@ -220,13 +253,21 @@ def load_for_profile(spec: str, *, model_args: Optional[Dict[str, Any]] = None,
         man = model.artifact.manifest
         arch = man.get("arch") or {}
         data = man.get("data") or {}
-        info = {"spec": spec, "kind": "artifact", "path": path, "model": arch.get("model"),
-                "args": dict(arch.get("args") or {}), "in_channels": arch.get("in_channels"),
-                "num_classes": arch.get("num_classes"), "qat": any(
-                    (e or {}).get("kind") == "quantized" for e in (man.get("layers") or {}).values()),
-                "stage": (man.get("source") or {}).get("stage"), "epoch": (man.get("source") or {}).get("epoch"),
-                "dataset": data.get("dataset"), "encoding": man.get("encoding"),
-                "file_bytes": model.artifact.facts.get("file_bytes")}
+        info = {
+            "spec": spec,
+            "kind": "artifact",
+            "path": path,
+            "model": arch.get("model"),
+            "args": dict(arch.get("args") or {}),
+            "in_channels": arch.get("in_channels"),
+            "num_classes": arch.get("num_classes"),
+            "qat": any((e or {}).get("kind") == "quantized" for e in (man.get("layers") or {}).values()),
+            "stage": (man.get("source") or {}).get("stage"),
+            "epoch": (man.get("source") or {}).get("epoch"),
+            "dataset": data.get("dataset"),
+            "encoding": man.get("encoding"),
+            "file_bytes": model.artifact.facts.get("file_bytes"),
+        }
     else:
         from .recipe import load_model
 
@@ -234,17 +275,29 @@ def load_for_profile(spec: str, *, model_args: Optional[Dict[str, Any]] = None,
             model, ckpt = load_model(spec)
         except Exception as exc:  # noqa: BLE001 - CheckpointError, or an arch / state that does not fit
             hint = " (a .pcz file without the artifact signature)" if spec.lower().endswith(".pcz") else ""
-            raise ValueError(f"{spec!r} is not a readable pycompress checkpoint or .pcz artifact{hint}: "
-                             f"{type(exc).__name__}: {exc}") from None
+            raise ValueError(
+                f"{spec!r} is not a readable pycompress checkpoint or .pcz artifact{hint}: {type(exc).__name__}: {exc}"
+            ) from None
         arch = ckpt.get("arch") or {}
         data = ckpt.get("data") or {}
-        info = {"spec": spec, "kind": "checkpoint", "path": path, "model": arch.get("model"),
-                "args": dict(arch.get("args") or {}), "in_channels": arch.get("in_channels"),
-                "num_classes": arch.get("num_classes"), "qat": bool(arch.get("qat")),
-                "stage": ckpt.get("stage"), "epoch": ckpt.get("epoch"), "dataset": data.get("dataset")}
+        info = {
+            "spec": spec,
+            "kind": "checkpoint",
+            "path": path,
+            "model": arch.get("model"),
+            "args": dict(arch.get("args") or {}),
+            "in_channels": arch.get("in_channels"),
+            "num_classes": arch.get("num_classes"),
+            "qat": bool(arch.get("qat")),
+            "stage": ckpt.get("stage"),
+            "epoch": ckpt.get("epoch"),
+            "dataset": data.get("dataset"),
+        }
     if num_classes is not None and info["num_classes"] is not None and int(info["num_classes"]) != num_classes:
-        raise ValueError(f"{spec!r} records a model with {info['num_classes']} classes, not {num_classes} "
-                         f"(--num-classes applies to a registry model name)")
+        raise ValueError(
+            f"{spec!r} records a model with {info['num_classes']} classes, not {num_classes} "
+            f"(--num-classes applies to a registry model name)"
+        )
     rec_c = info["in_channels"]
     if shape is None:
         shape = _shape_from_data(data, rec_c, data_root)
@@ -354,8 +407,9 @@ def _macs(m: nn.Module, inputs: Tuple[Any, ...], out: Any) -> int:
     return 0
 
 
-def profile_model(model: nn.Module, input_shape: Sequence[int], *, device: Union[str, torch.device] = "cpu",
-                  seed: int = 0) -> Dict[str, Any]:
+def profile_model(
+    model: nn.Module, input_shape: Sequence[int], *, device: Union[str, torch.device] = "cpu", seed: int = 0
+) -> Dict[str, Any]:
     """Count ``params``, ``macs``, ``nonzero_macs`` and ``activation_bytes`` (all per sample) of
     ``model`` on one input of shape ``input_shape`` (C, H, W), with per-layer rows in ``layers``;
     see the module docstring for the rules. The model runs once on ``device`` (moved there and
@@ -376,13 +430,19 @@ def profile_model(model: nn.Module, input_shape: Sequence[int], *, device: Union
             st = stats.get(id(mod))
             if st is None:
                 outs = _tensors(out)
-                st = stats[id(mod)] = {"name": name, "type": type(mod).__name__, "macs": 0, "activation_bytes": 0,
-                                       "calls": 0,
-                                       "output_shape": list(outs[0].shape[1:]) if outs and outs[0].dim() else None}
+                st = stats[id(mod)] = {
+                    "name": name,
+                    "type": type(mod).__name__,
+                    "macs": 0,
+                    "activation_bytes": 0,
+                    "calls": 0,
+                    "output_shape": list(outs[0].shape[1:]) if outs and outs[0].dim() else None,
+                }
                 order.append(id(mod))
             st["calls"] += 1
             st["macs"] += _macs(mod, inputs, out)
             st["activation_bytes"] += sum(t.numel() for t in _tensors(out)) * _FP32_BYTES
+
         return fn
 
     modes = {m: m.training for m in model.modules()}
@@ -400,8 +460,10 @@ def profile_model(model: nn.Module, input_shape: Sequence[int], *, device: Union
             with torch.no_grad():
                 model(x)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise ValueError(f"the model's forward fails on an input of shape 1x{'x'.join(map(str, shape))}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+            raise ValueError(
+                f"the model's forward fails on an input of shape 1x{'x'.join(map(str, shape))}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     finally:
         for h in handles:
             h.remove()
@@ -415,17 +477,33 @@ def profile_model(model: nn.Module, input_shape: Sequence[int], *, device: Union
     ids = order + [i for i in by_id if i not in stats]  # leaves that never ran come last
     for i in ids:
         name, m = by_id[i]
-        st = stats.get(i) or {"name": name, "type": type(m).__name__, "macs": 0, "activation_bytes": 0, "calls": 0,
-                              "output_shape": None}
+        st = stats.get(i) or {
+            "name": name,
+            "type": type(m).__name__,
+            "macs": 0,
+            "activation_bytes": 0,
+            "calls": 0,
+            "output_shape": None,
+        }
         params = _module_params(m)
         if not params and not st["macs"]:
             continue
         nnz = _weight_nnz(m) if st["macs"] else None
         density = 1.0 if nnz is None else nnz[0] / nnz[1]
         nz_macs = st["macs"] if nnz is None else st["macs"] * nnz[0] // nnz[1]
-        layers.append({"name": st["name"], "type": st["type"], "params": params, "macs": st["macs"],
-                       "nonzero_macs": nz_macs, "density": density, "output_shape": st["output_shape"],
-                       "activation_bytes": st["activation_bytes"], "calls": st["calls"]})
+        layers.append(
+            {
+                "name": st["name"],
+                "type": st["type"],
+                "params": params,
+                "macs": st["macs"],
+                "nonzero_macs": nz_macs,
+                "density": density,
+                "output_shape": st["output_shape"],
+                "activation_bytes": st["activation_bytes"],
+                "calls": st["calls"],
+            }
+        )
     total_macs = sum(st["macs"] for st in stats.values())
     return {
         "input_shape": list(shape),
@@ -438,9 +516,17 @@ def profile_model(model: nn.Module, input_shape: Sequence[int], *, device: Union
 
 
 # ------------------------------------------------------------------------------------ latency
-def measure_latency(model: nn.Module, input_shape: Sequence[int], *, batch_sizes: Sequence[int] = (1, 64),
-                    device: Union[str, torch.device] = "cpu", warmup: int = 5, repeats: int = 20,
-                    threads: Optional[int] = None, seed: int = 0) -> List[Dict[str, Any]]:
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    device: Union[str, torch.device] = "cpu",
+    warmup: int = 5,
+    repeats: int = 20,
+    threads: Optional[int] = None,
+    seed: int = 0,
+) -> List[Dict[str, Any]]:
     """Inference latency per batch size: ``[{"device", "batch", "ms", "ms_min", "images_per_s",
     "threads"}]`` (``ms`` the median of ``repeats`` individually timed calls after ``warmup``
     untimed ones; see the module docstring). The model runs in eval mode under
@@ -486,8 +572,16 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], *, batch_sizes
                     sync()
                     times.append((time.perf_counter() - t0) * 1e3)
             ms = statistics.median(times)
-            rows.append({"device": dev.type, "batch": b, "ms": ms, "ms_min": min(times),
-                         "images_per_s": b / ms * 1e3 if ms > 0 else float("inf"), "threads": n_threads})
+            rows.append(
+                {
+                    "device": dev.type,
+                    "batch": b,
+                    "ms": ms,
+                    "ms_min": min(times),
+                    "images_per_s": b / ms * 1e3 if ms > 0 else float("inf"),
+                    "threads": n_threads,
+                }
+            )
     finally:
         torch.set_num_threads(old_threads)
         for m, training in modes.items():
@@ -513,18 +607,24 @@ def format_report(prof: Dict[str, Any], latency: Sequence[Dict[str, Any]] = (), 
         lines.append(title)
     lines.append(f"{'layer':{w}s}  {'type':{tw}s}  {'output':14s} {'params':>10s} {'MACs':>13s} {'share':>6s}")
     for r in rows:
-        lines.append(f"{r['name']:{w}s}  {r['type']:{tw}s}  {_shape_text(r['output_shape']):14s} "
-                     f"{r['params']:10,d} {r['macs']:13,d} {100 * r['macs'] / total:5.1f}%")
+        lines.append(
+            f"{r['name']:{w}s}  {r['type']:{tw}s}  {_shape_text(r['output_shape']):14s} "
+            f"{r['params']:10,d} {r['macs']:13,d} {100 * r['macs'] / total:5.1f}%"
+        )
     nz = prof["nonzero_macs"]
     act = prof["activation_bytes"]
     lines.append("")
-    lines.append(f"input {_shape_text(prof['input_shape'])}: {prof['params']:,} parameters, "
-                 f"{prof['macs'] / 1e6:.3f} M MACs per image ({prof['macs']:,}), nonzero-weight MACs "
-                 f"{nz / 1e6:.3f} M ({100 * nz / total:.1f}%), activations {act / 1e3:.1f} KB per image "
-                 f"({act:,} bytes, fp32, all leaf outputs)")
+    lines.append(
+        f"input {_shape_text(prof['input_shape'])}: {prof['params']:,} parameters, "
+        f"{prof['macs'] / 1e6:.3f} M MACs per image ({prof['macs']:,}), nonzero-weight MACs "
+        f"{nz / 1e6:.3f} M ({100 * nz / total:.1f}%), activations {act / 1e3:.1f} KB per image "
+        f"({act:,} bytes, fp32, all leaf outputs)"
+    )
     for r in latency:
-        lines.append(f"latency {r['device']:4s} batch {r['batch']:4d}: {r['ms']:9.3f} ms median "
-                     f"(min {r['ms_min']:.3f}), {r['images_per_s']:12,.1f} images/s, {r.get('threads')} threads")
+        lines.append(
+            f"latency {r['device']:4s} batch {r['batch']:4d}: {r['ms']:9.3f} ms median "
+            f"(min {r['ms_min']:.3f}), {r['images_per_s']:12,.1f} images/s, {r.get('threads')} threads"
+        )
     return "\n".join(lines)
 
 
@@ -541,27 +641,50 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `pycompress profile`'s arguments to ``p`` (a subparser); returns ``p``."""
-    p.add_argument("model", help="a registry model name (e.g. mobilenet_student), a pycompress checkpoint "
-                                 "(best.pt) or a .pcz artifact")
-    p.add_argument("--model-args", action="append", metavar="K=V,...",
-                   help="with a model name: its arguments, values parsed as YAML, e.g. width_mult=0.5,depth=20 "
-                        "(repeatable)")
-    p.add_argument("--num-classes", type=_positive_int, metavar="N",
-                   help=f"with a model name: output classes (default {DEFAULT_NUM_CLASSES})")
-    p.add_argument("--input-size", metavar="CxHxW",
-                   help="input shape (default: the one a checkpoint or artifact records; 3x32x32 for a name)")
+    p.add_argument(
+        "model",
+        help="a registry model name (e.g. mobilenet_student), a pycompress checkpoint (best.pt) or a .pcz artifact",
+    )
+    p.add_argument(
+        "--model-args",
+        action="append",
+        metavar="K=V,...",
+        help="with a model name: its arguments, values parsed as YAML, e.g. width_mult=0.5,depth=20 (repeatable)",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        metavar="N",
+        help=f"with a model name: output classes (default {DEFAULT_NUM_CLASSES})",
+    )
+    p.add_argument(
+        "--input-size",
+        metavar="CxHxW",
+        help="input shape (default: the one a checkpoint or artifact records; 3x32x32 for a name)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the profile and latency rows as JSON")
     p.add_argument("--no-latency", action="store_true", help="count only; do not time the model")
-    p.add_argument("--batch", type=_positive_int, action="append", metavar="N",
-                   help="latency batch size (repeatable; default 1 and 64)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="latency on the CPU, and also on the GPU with cuda; auto (default): cuda when available")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads while timing "
-                                                                      "(default: torch's)")
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        action="append",
+        metavar="N",
+        help="latency batch size (repeatable; default 1 and 64)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="latency on the CPU, and also on the GPU with cuda; auto (default): cuda when available",
+    )
+    p.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="torch CPU threads while timing (default: torch's)"
+    )
     p.add_argument("--repeats", type=_positive_int, default=20, help="timed calls per row (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
-    p.add_argument("--data-root", metavar="DIR",
-                   help="where datasets are, when a file records a dataset but no image size")
+    p.add_argument(
+        "--data-root", metavar="DIR", help="where datasets are, when a file records a dataset but no image size"
+    )
     return p
 
 
@@ -583,15 +706,26 @@ def cli_main(args: argparse.Namespace) -> int:
     devices = ["cpu"] + (["cuda"] if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else [])
     try:
         margs = parse_model_args(a("model_args"))
-        model, shape, info = load_for_profile(a("model"), model_args=margs, num_classes=a("num_classes"),
-                                              input_size=a("input_size"), data_root=a("data_root"))
+        model, shape, info = load_for_profile(
+            a("model"),
+            model_args=margs,
+            num_classes=a("num_classes"),
+            input_size=a("input_size"),
+            data_root=a("data_root"),
+        )
         prof = profile_model(model, shape)
         latency: List[Dict[str, Any]] = []
         if not a("no_latency", False):
             for dev in devices:
-                latency += measure_latency(model, shape, batch_sizes=a("batch") or (1, 64), device=dev,
-                                           warmup=5 if a("warmup") is None else a("warmup"),
-                                           repeats=a("repeats") or 20, threads=a("threads"))
+                latency += measure_latency(
+                    model,
+                    shape,
+                    batch_sizes=a("batch") or (1, 64),
+                    device=dev,
+                    warmup=5 if a("warmup") is None else a("warmup"),
+                    repeats=a("repeats") or 20,
+                    threads=a("threads"),
+                )
     except ValueError as exc:
         return _err(exc)
     except RuntimeError as exc:  # e.g. out of memory at a large batch
@@ -602,8 +736,13 @@ def cli_main(args: argparse.Namespace) -> int:
     where = "" if info["kind"] == "name" else f" from {info['kind']} {a('model')}"
     print(format_report(prof, latency, title=f"{desc}{where}, input {_shape_text(shape)}"))
     if a("json"):
-        res = {"model": info, **prof, "latency": latency, "torch": torch.__version__,
-               "threads": torch.get_num_threads() if a("threads") is None else a("threads")}
+        res = {
+            "model": info,
+            **prof,
+            "latency": latency,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads() if a("threads") is None else a("threads"),
+        }
         try:
             atomic_write_text(a("json"), json.dumps(res, indent=1, default=str) + "\n")
         except OSError as exc:

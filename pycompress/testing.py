@@ -12,6 +12,7 @@ that names the family, dtype, tolerance, the number of mismatches and the worst 
 ``mismatch(...)`` returns that text (None when the tensors agree) for callers that report instead
 of raising.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,8 +95,14 @@ def tolerance(op: str, dtype: torch.dtype, expected: Optional[torch.Tensor] = No
     return rtol, atol
 
 
-def mismatch(actual: torch.Tensor, expected: torch.Tensor, op: str, dtype: Optional[torch.dtype] = None, *,
-             equal_nan: bool = True) -> Optional[str]:
+def mismatch(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    op: str,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    equal_nan: bool = True,
+) -> Optional[str]:
     """None when `actual` equals `expected` within family `op`'s tolerance for `dtype` (default:
     expected's dtype), else what differs. Shapes and dtypes must match; integer and bool tensors
     must be equal."""
@@ -111,8 +118,10 @@ def mismatch(actual: torch.Tensor, expected: torch.Tensor, op: str, dtype: Optio
         if not bool(bad.any()):
             return None
         i = int(bad.reshape(-1).nonzero()[0])
-        return (f"{int(bad.sum())} of {b.numel()} elements differ (exact comparison); first at flat index {i}: "
-                f"{a.reshape(-1)[i].item()} vs expected {b.reshape(-1)[i].item()}")
+        return (
+            f"{int(bad.sum())} of {b.numel()} elements differ (exact comparison); first at flat index {i}: "
+            f"{a.reshape(-1)[i].item()} vs expected {b.reshape(-1)[i].item()}"
+        )
     dtype = dtype or expected.dtype
     rtol, atol = tolerance(op, dtype, b)
     a64, b64 = a.double(), b.double()
@@ -126,13 +135,22 @@ def mismatch(actual: torch.Tensor, expected: torch.Tensor, op: str, dtype: Optio
     av, bv = a64.reshape(-1)[worst].item(), b64.reshape(-1)[worst].item()
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), b.shape)) if b.dim() else ()
     rel = abs(av - bv) / abs(bv) if bv != 0 and math.isfinite(bv) else float("inf")
-    return (f"{int(bad.sum())} of {b.numel()} elements differ beyond {op} {str(dtype).replace('torch.', '')} "
-            f"tolerance (rtol={rtol:.3g}, atol={atol:.3g}{', NaN == NaN' if equal_nan else ''}); "
-            f"worst at index {index}: {av!r} vs expected {bv!r} (abs diff {abs(av - bv):.3g}, rel diff {rel:.3g})")
+    return (
+        f"{int(bad.sum())} of {b.numel()} elements differ beyond {op} {str(dtype).replace('torch.', '')} "
+        f"tolerance (rtol={rtol:.3g}, atol={atol:.3g}{', NaN == NaN' if equal_nan else ''}); "
+        f"worst at index {index}: {av!r} vs expected {bv!r} (abs diff {abs(av - bv):.3g}, rel diff {rel:.3g})"
+    )
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, op: str, dtype: Optional[torch.dtype] = None,
-                 msg: str = "", *, equal_nan: bool = True) -> None:
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    op: str,
+    dtype: Optional[torch.dtype] = None,
+    msg: str = "",
+    *,
+    equal_nan: bool = True,
+) -> None:
     """Raise AssertionError (prefixed with `msg`) when mismatch(...) finds a difference."""
     text = mismatch(actual, expected, op, dtype, equal_nan=equal_nan)
     if text is not None:

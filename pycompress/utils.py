@@ -1,4 +1,5 @@
 """Small shared helpers: atomic file writes, the input of a batch, a model's device."""
+
 from __future__ import annotations
 
 import itertools

@@ -1,6 +1,7 @@
 """Helpers shared by test modules (conftest.py keeps only fixtures and hooks): the device a backend's
 tensors live on, running the CLI and writing recipes, a small synthetic classification task with a
 trained model, and running tests in a fresh interpreter with a given environment."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,16 +39,17 @@ def write_recipe(directory, raw: dict, name: str = "tiny.yaml") -> str:
     return str(p)
 
 
-def run_cli(args: List[str], env_extra: Optional[Dict[str, str]] = None, timeout: float = 600
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+    args: List[str], env_extra: Optional[Dict[str, str]] = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """`pycompress ARGS` in a fresh interpreter (one thread, cwd = the repository root)."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     env.update(env_extra or {})
-    code = ("import sys, torch; torch.set_num_threads(1); from pycompress.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    code = "import sys, torch; torch.set_num_threads(1); from pycompress.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 # ----------------------------------------------------------------------------- a small trained model
@@ -61,7 +63,7 @@ def quadrant_data(n: int, seed: int, noise: float = 1.0) -> Tuple[torch.Tensor, 
     x = noise * torch.randn(n, 1, 12, 12, generator=g)
     for c in range(4):
         r, q = divmod(c, 2)
-        x[y == c, :, 6 * r:6 * r + 6, 6 * q:6 * q + 6] += 0.5
+        x[y == c, :, 6 * r : 6 * r + 6, 6 * q : 6 * q + 6] += 0.5
     return x, y
 
 
@@ -76,12 +78,12 @@ def train_on_quadrants(make_model: Callable[[], nn.Module], steps: int, n_test: 
     model.train()
     for step in range(steps):
         i = (step * 64) % 512
-        loss = nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
+        loss = nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 512, 64)]
     return model, batches, quadrant_data(n_test, 1, noise)
 
 
@@ -113,16 +115,25 @@ class IsolatedRun:
             mine = {cid: out for cid, out in self.cases.items() if cid.split("[", 1)[0] == name}
             if not mine:
                 problems.append(f"{name}: no case ran")
-            problems += [f"{cid}: {outcome}\n{details}" for cid, (outcome, details) in mine.items()
-                         if outcome != "passed"]
+            problems += [
+                f"{cid}: {outcome}\n{details}" for cid, (outcome, details) in mine.items() if outcome != "passed"
+            ]
         if problems:
             raise AssertionError(
                 f"in a fresh interpreter with {self.env} ({' '.join(self.command)}):\n"
-                + "\n".join(problems) + "\n--- output (tail) ---\n" + self.output[-4000:])
+                + "\n".join(problems)
+                + "\n--- output (tail) ---\n"
+                + self.output[-4000:]
+            )
 
 
-def run_isolated(path: str, tests: Union[str, Iterable[str]], env: Dict[str, str], keyword: Optional[str] = None,
-                 timeout: float = 600) -> IsolatedRun:
+def run_isolated(
+    path: str,
+    tests: Union[str, Iterable[str]],
+    env: Dict[str, str],
+    keyword: Optional[str] = None,
+    timeout: float = 600,
+) -> IsolatedRun:
     """Run the test functions `tests` of the test file `path` in a fresh interpreter
     (`python -m pytest path::test ...`) whose environment is this one updated with `env`, so the
     variables are set before torch or pycompress is imported (for settings read once per process,
@@ -135,15 +146,25 @@ def run_isolated(path: str, tests: Union[str, Iterable[str]], env: Dict[str, str
     full_env = {**os.environ, **env}
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.xml")
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                   *[f"{rel}::{t}" for t in tests]]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            *[f"{rel}::{t}" for t in tests],
+        ]
         if keyword:
             command += ["-k", keyword]
         res = subprocess.run(command, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         output = res.stdout + res.stderr
         if res.returncode not in (0, 1) or not os.path.exists(report):
-            raise AssertionError(f"pytest exited with {res.returncode} in a fresh interpreter with {env} "
-                                 f"({' '.join(command)}):\n{output[-4000:]}")
+            raise AssertionError(
+                f"pytest exited with {res.returncode} in a fresh interpreter with {env} "
+                f"({' '.join(command)}):\n{output[-4000:]}"
+            )
         cases = {}
         for case in ET.parse(report).getroot().iter("testcase"):
             outcome, details = "passed", ""

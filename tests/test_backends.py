@@ -5,6 +5,7 @@ available(), status() on this machine, register_op.
 
 Most tests register a toy op on a private copy of the registry and fake which backends the
 machine can run (``machine``), so they do not depend on the machine or on the real ops."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -329,8 +330,7 @@ def test_status_of_each_backend_on_this_machine(monkeypatch):
         avail = backends.available(op)
         assert "cuda" not in avail and "triton" not in avail, (op, avail)
     if has_triton:
-        assert triton == ("no CUDA device is available (set TRITON_INTERPRET=1 to run the Triton interpreter "
-                          "on CPU)")
+        assert triton == ("no CUDA device is available (set TRITON_INTERPRET=1 to run the Triton interpreter on CPU)")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert backends.status("triton") is None
     else:

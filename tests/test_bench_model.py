@@ -1,5 +1,6 @@
 """pycompress.bench.model: the fp32 baseline built from an artifact, the benchmark rows, the table
 and the JSON file."""
+
 import json
 
 import pytest
@@ -37,8 +38,11 @@ def test_fp32_model_is_the_artifact_without_quantization(artifact_path):
     for name, q in qa.items():
         assert torch.equal(fm[name].weight, q.weight) and torch.equal(fm[name].bias, q.bias)
         assert not hasattr(fm[name], "act_scale")
-    assert sum(isinstance(m, torch.nn.Identity) for m in f.modules()) == \
-        sum(isinstance(m, torch.nn.Identity) for m in art.modules()) > 0  # folded BatchNorms stay folded
+    assert (
+        sum(isinstance(m, torch.nn.Identity) for m in f.modules())
+        == sum(isinstance(m, torch.nn.Identity) for m in art.modules())
+        > 0
+    )  # folded BatchNorms stay folded
     x = torch.randn(64, 1, SIZE, SIZE)
     with torch.no_grad():
         ya, yf = art(x), f(x)

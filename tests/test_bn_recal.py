@@ -1,5 +1,6 @@
 """pycompress.train.recalibrate_bn: BatchNorm running statistics re-estimated after the network
 changed (MicroNet's step after quantization), nothing else touched."""
+
 import copy
 
 import pytest
@@ -62,8 +63,9 @@ def hand_stats(model, batches):
         if isinstance(mod, nn.Dropout):
             mod.eval()
     seen = {id(bn): [] for bn in bns(m)}
-    hooks = [bn.register_forward_pre_hook(lambda mod, inp: seen[id(mod)].append(inp[0].detach().clone()))
-             for bn in bns(m)]
+    hooks = [
+        bn.register_forward_pre_hook(lambda mod, inp: seen[id(mod)].append(inp[0].detach().clone())) for bn in bns(m)
+    ]
     with torch.no_grad():
         for x, _ in batches:
             m(x)
@@ -130,8 +132,7 @@ def test_modes_and_momenta_restored(trained):
     m.bn1.momentum, m.bn2.momentum = 0.3, None
     modes = {n: mod.training for n, mod in m.named_modules()}
     during = []
-    hook = m.conv2.register_forward_hook(
-        lambda *a: during.append({n: mod.training for n, mod in m.named_modules()}))
+    hook = m.conv2.register_forward_hook(lambda *a: during.append({n: mod.training for n, mod in m.named_modules()}))
     recalibrate_bn(m, batches, num_batches=2)
     hook.remove()
     assert len(during) == 2
@@ -209,8 +210,12 @@ def test_dropout_is_off(trained):
 
 
 def quantizer_state(model):
-    return {f"{n}.{k}": v.detach().clone() for n, q in model.named_modules() if isinstance(q, FakeQuantizer)
-            for k, v in q.state_dict().items()}
+    return {
+        f"{n}.{k}": v.detach().clone()
+        for n, q in model.named_modules()
+        if isinstance(q, FakeQuantizer)
+        for k, v in q.state_dict().items()
+    }
 
 
 def test_qat_model(trained):

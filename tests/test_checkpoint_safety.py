@@ -1,5 +1,6 @@
 """Checkpoints are weights-only: they load with ``torch.load(weights_only=True)``, and a file whose
 pickle would run code is refused (a CheckpointError naming it) without running anything."""
+
 from __future__ import annotations
 
 import os
@@ -43,10 +44,16 @@ def _evil(tmp_path, payload):
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil.pt"
     # everything a pycompress checkpoint has, plus the payload
-    torch.save({"format": ckpt_mod.FORMAT, "version": ckpt_mod.VERSION,
-                "arch": {"model": "lenet5", "args": {}, "in_channels": 1, "num_classes": 10,
-                         "qat": None},
-                "model": {"w": torch.zeros(2)}, "payload": payload(marker)}, str(path))
+    torch.save(
+        {
+            "format": ckpt_mod.FORMAT,
+            "version": ckpt_mod.VERSION,
+            "arch": {"model": "lenet5", "args": {}, "in_channels": 1, "num_classes": 10, "qat": None},
+            "model": {"w": torch.zeros(2)},
+            "payload": payload(marker),
+        },
+        str(path),
+    )
     return str(path), marker
 
 
@@ -84,8 +91,7 @@ def test_legacy_format_file_refused(tmp_path):
     """The same with torch's old (non-zip) serialization format."""
     marker = tmp_path / "PWNED"
     path = str(tmp_path / "evil_legacy.pt")
-    torch.save({"format": ckpt_mod.FORMAT, "payload": _System(marker)}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save({"format": ckpt_mod.FORMAT, "payload": _System(marker)}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match="weights-only load refuses") as err:
         load_checkpoint(path)
     assert path in str(err.value)
@@ -109,9 +115,11 @@ def test_unreadable_files_still_say_cannot_be_read(tmp_path):
 
 # ----------------------------------------------------------------------------- RNG state
 def _draws():
-    return ([random.random() for _ in range(5)] + [random.gauss(0, 1)],
-            np.random.standard_normal(7).tolist() + np.random.randint(0, 1000, 5).tolist(),
-            torch.rand(5).tolist() + torch.randn(3).tolist())
+    return (
+        [random.random() for _ in range(5)] + [random.gauss(0, 1)],
+        np.random.standard_normal(7).tolist() + np.random.randint(0, 1000, 5).tolist(),
+        torch.rand(5).tolist() + torch.randn(3).tolist(),
+    )
 
 
 def _scramble():
@@ -124,8 +132,8 @@ def test_rng_state_round_trip(tmp_path):
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    _draws()   # an odd number of gaussians: numpy caches one (has_gauss, cached_gaussian)
-    random.gauss(0, 1)             # python caches the second gaussian (gauss_next)
+    _draws()  # an odd number of gaussians: numpy caches one (has_gauss, cached_gaussian)
+    random.gauss(0, 1)  # python caches the second gaussian (gauss_next)
     np_state = np.random.get_state()
     state = rng_state()
     assert isinstance(state["numpy"], dict)
@@ -151,12 +159,19 @@ def test_old_style_checkpoint_still_loads(tmp_path):
     np.random.seed(8)
     torch.manual_seed(9)
     np.random.standard_normal()
-    old_rng = {"python": random.getstate(), "numpy": np.random.get_state(),
-               "torch": torch.get_rng_state()}
+    old_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     want = _draws()
     path = str(tmp_path / "old.pt")
-    torch.save({"format": ckpt_mod.FORMAT, "version": 1, "model": {"w": torch.ones(3)},
-                "history": [{"epoch": 1, "lr": 0.1}], "rng": old_rng}, path)
+    torch.save(
+        {
+            "format": ckpt_mod.FORMAT,
+            "version": 1,
+            "model": {"w": torch.ones(3)},
+            "history": [{"epoch": 1, "lr": 0.1}],
+            "rng": old_rng,
+        },
+        path,
+    )
     # a plain weights-only load refuses the numpy array: the file really is old-style
     with pytest.raises(Exception):
         torch.load(path, weights_only=True)
@@ -172,22 +187,34 @@ def test_old_style_checkpoint_still_loads(tmp_path):
 
 
 # ----------------------------------------------------------------------------- whole trainer
-@pytest.mark.parametrize("optimizer,schedule", [
-    ({"name": "sgd", "lr": 0.1, "momentum": 0.9}, {"name": "warmup_cosine", "warmup_epochs": 1}),
-    ({"name": "adamw", "lr": 1e-3}, {"name": "multistep", "milestones": [1]}),
-])
+@pytest.mark.parametrize(
+    "optimizer,schedule",
+    [
+        ({"name": "sgd", "lr": 0.1, "momentum": 0.9}, {"name": "warmup_cosine", "warmup_epochs": 1}),
+        ({"name": "adamw", "lr": 1e-3}, {"name": "multistep", "milestones": [1]}),
+    ],
+)
 def test_trainer_checkpoint_is_weights_only(tmp_path, optimizer, schedule):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
     x, y = torch.randn(32, 8), torch.arange(32) % 4
-    train = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
-    pruner = Pruner(model, {"criterion": "global_magnitude", "sparsity": 0.5, "schedule": "regrow",
-                            "update_interval": 2})
-    t = Trainer(model, train, DataLoader(TensorDataset(x, y), batch_size=8), epochs=2,
-                optimizer=build_masked_optimizer(model, optimizer), schedule=schedule,
-                hooks=[pruner], out_dir=str(tmp_path), progress=False, log=lambda s: None,
-                checkpoint_extra=lambda: {"arch": {"model": "tiny", "args": {"k": (1, 2)}}})
+    train = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    pruner = Pruner(
+        model, {"criterion": "global_magnitude", "sparsity": 0.5, "schedule": "regrow", "update_interval": 2}
+    )
+    t = Trainer(
+        model,
+        train,
+        DataLoader(TensorDataset(x, y), batch_size=8),
+        epochs=2,
+        optimizer=build_masked_optimizer(model, optimizer),
+        schedule=schedule,
+        hooks=[pruner],
+        out_dir=str(tmp_path),
+        progress=False,
+        log=lambda s: None,
+        checkpoint_extra=lambda: {"arch": {"model": "tiny", "args": {"k": (1, 2)}}},
+    )
     t.fit()
     for name in ("checkpoint.pt", "best.pt"):
         path = str(tmp_path / name)

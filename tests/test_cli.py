@@ -1,4 +1,5 @@
 """The command line: info, bench ops and bench overhead."""
+
 import json
 import subprocess
 import sys
@@ -20,8 +21,24 @@ def test_info_lists_backends(capsys):
 def test_bench_ops_checks_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     # --cold-heap: the default (warm heap) would change glibc's settings for the rest of this process
-    assert main(["bench", "ops", "--op", "fake_quantize", "--size", "8192", "--device", "cpu", "--json", str(path),
-                 "--cold-heap"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "ops",
+                "--op",
+                "fake_quantize",
+                "--size",
+                "8192",
+                "--device",
+                "cpu",
+                "--json",
+                str(path),
+                "--cold-heap",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "# CPU allocator: default" in out
     assert "| backend | shape | dtype | median ms | GB/s | % of copy | vs torch | check |" in out
@@ -83,7 +100,10 @@ def test_bench_ops_bad_arguments(argv, words, capsys):
 
 
 def test_bench_explicit_backend_that_cannot_run_is_skipped_with_reason(capsys):
-    assert main(["bench", "ops", "--size", "4096", "--device", "cpu", "--backend", "cuda", "--case", "fwd per-tensor"]) == 0
+    assert (
+        main(["bench", "ops", "--size", "4096", "--device", "cpu", "--backend", "cuda", "--case", "fwd per-tensor"])
+        == 0
+    )
     assert "skip cuda: backend 'cuda' cannot run fake_quantize" in capsys.readouterr().out
 
 
@@ -98,16 +118,36 @@ def test_bench_ops_depthwise_cases_build_and_check(capsys):
     names = [c.name for c in cases]
     assert {"3x3 fwd NCHW", "3x3 fwd channels_last", "3x3 fwd+bwd channels_last", "5x5 fwd channels_last"} <= set(names)
     backend = "cpu" if "cpu" in backends.available("depthwise_conv2d") else "reference"
-    assert main(["bench", "ops", "--op", "depthwise", "--case", "channels_last", "--device", "cpu",
-                 "--backend", backend, "--cold-heap"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "ops",
+                "--op",
+                "depthwise",
+                "--case",
+                "channels_last",
+                "--device",
+                "cpu",
+                "--backend",
+                backend,
+                "--cold-heap",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count(f"| {backend} | 32x128x28x28 | float32 |") == 3 and "FAILED" not in out
 
 
 def test_bench_overhead_prints_a_row_per_backend_and_writes_json(tmp_path, capsys):
     path = tmp_path / "overhead.json"
-    assert main(["bench", "overhead", "--op", "apply_mask", "--backend", "reference", "--repeats", "1",
-                 "--json", str(path)]) == 0
+    assert (
+        main(
+            ["bench", "overhead", "--op", "apply_mask", "--backend", "reference", "--repeats", "1", "--json", str(path)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| apply_mask | 8x8 | reference | fwd+bwd |" in out and "| apply_mask | 8x8 | torch |" in out
     rows = json.loads(path.read_text())["rows"]

@@ -1,4 +1,5 @@
 """Tests of pycompress.data: file formats read back exactly, errors, MicroNet policy, loaders."""
+
 import gzip
 import pickle
 from pathlib import Path
@@ -24,6 +25,7 @@ def _rng(seed=0):
 
 
 # --------------------------------------------------------------------------- IDX (MNIST family)
+
 
 def _write_mnist_like(directory: Path, n_train=12, n_test=7, gz=True, seed=0):
     directory.mkdir(parents=True, exist_ok=True)
@@ -147,12 +149,12 @@ def test_corrupt_idx_in_dataset(tmp_path):
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not (REAL_FMNIST / "t10k-images-idx3-ubyte.gz").is_file(),
-                    reason="Debian package dataset-fashion-mnist not installed "
-                           "(apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not (REAL_FMNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)",
+)
 def test_real_fashion_mnist_from_debian_package(tmp_path):
-    ds, info = D.build_dataset("fashion_mnist", "test", data_root=tmp_path / "empty",
-                               augment=False)
+    ds, info = D.build_dataset("fashion_mnist", "test", data_root=tmp_path / "empty", augment=False)
     assert info.root == str(REAL_FMNIST)
     assert len(ds) == 10_000
     assert ds.data.shape == (10_000, 28, 28, 1) and ds.data.dtype == torch.uint8
@@ -165,6 +167,7 @@ def test_real_fashion_mnist_from_debian_package(tmp_path):
 
 
 # --------------------------------------------------------------------------- missing datasets
+
 
 def test_missing_mnist_error_names_files_and_flag(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
@@ -185,12 +188,15 @@ def test_missing_fashion_mnist_mentions_apt(tmp_path, monkeypatch):
     assert str(tmp_path / "FashionMNIST/raw") in msg and "no-such-dir" in msg
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("cifar10", ["cifar-10-batches-py", "data_batch_1", "data_batch_5"]),
-    ("cifar100", ["cifar-100-python", "train"]),
-    ("food11", ["training", "<class>_<index>.jpg"]),
-    ("imagefolder", ["<class>"]),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("cifar10", ["cifar-10-batches-py", "data_batch_1", "data_batch_5"]),
+        ("cifar100", ["cifar-100-python", "train"]),
+        ("food11", ["training", "<class>_<index>.jpg"]),
+        ("imagefolder", ["<class>"]),
+    ],
+)
 def test_missing_other_datasets(tmp_path, name, expected):
     with pytest.raises(FileNotFoundError) as e:
         D.build_dataset(name, "train", data_root=tmp_path)
@@ -201,8 +207,7 @@ def test_missing_other_datasets(tmp_path, name, expected):
 
 
 def test_names_and_unknown():
-    assert set(D.names()) >= {"fashion_mnist", "mnist", "cifar10", "cifar100", "food11",
-                              "imagefolder", "synthetic"}
+    assert set(D.names()) >= {"fashion_mnist", "mnist", "cifar10", "cifar100", "food11", "imagefolder", "synthetic"}
     assert D.canonical_name("Fashion-MNIST") == "fashion_mnist"
     assert D.canonical_name("food-11") == "food11"
     with pytest.raises(ValueError, match="unknown dataset"):
@@ -212,6 +217,7 @@ def test_names_and_unknown():
 
 
 # --------------------------------------------------------------------------- CIFAR
+
 
 def _pickle(path, obj):
     with open(path, "wb") as f:
@@ -247,8 +253,7 @@ def test_cifar10_reads_back(tmp_path):
     # <root> may also be the batches folder itself; test split
     ts, _ = D.build_dataset("cifar10", "test", data_root=d)
     assert len(ts) == 4 and [ts[i][1] for i in range(4)] == ty
-    np.testing.assert_array_equal(_pixels(ts, 3)[0],
-                                  tx[3].reshape(3, 32, 32).transpose(1, 2, 0))
+    np.testing.assert_array_equal(_pixels(ts, 3)[0], tx[3].reshape(3, 32, 32).transpose(1, 2, 0))
 
     torch.manual_seed(0)
     aug, _ = D.build_dataset("cifar10", "train", data_root=tmp_path, augment=True)
@@ -284,10 +289,14 @@ def test_cifar100_fine_labels(tmp_path):
 
 # --------------------------------------------------------------------------- food-11, imagefolder
 
+
 def _write_food11(root: Path, size=(32, 32)):
     r = _rng(5)
-    for folder, items in (("training", [(0, 0), (3, 1), (10, 2), (3, 0)]),
-                          ("validation", [(1, 0), (7, 5)]), ("testing", [])):
+    for folder, items in (
+        ("training", [(0, 0), (3, 1), (10, 2), (3, 0)]),
+        ("validation", [(1, 0), (7, 5)]),
+        ("testing", []),
+    ):
         (root / folder).mkdir(parents=True)
         for c, k in items:
             p = root / folder / f"{c}_{k}.jpg"
@@ -297,8 +306,7 @@ def _write_food11(root: Path, size=(32, 32)):
 
 def test_food11_reads_labels_and_pixels(tmp_path):
     _write_food11(tmp_path)
-    ds, info = D.build_dataset("food11", "train", data_root=tmp_path, augment=False,
-                               image_size=32)
+    ds, info = D.build_dataset("food11", "train", data_root=tmp_path, augment=False, image_size=32)
     assert info.num_classes == 11 and len(info.classes) == 11 and info.image_size == (32, 32)
     assert len(ds) == 4
     # sorted by (class, index); labels from the file-name prefix
@@ -350,8 +358,7 @@ def test_imagefolder(tmp_path):
         np.testing.assert_array_equal(px, written[("train", cls, k)])
     ts, _ = D.build_dataset("imagefolder", "test", data_root=tmp_path)  # falls back to val/
     assert len(ts) == 6 and ts[0][0].shape == (3, 20, 20)
-    g, gi = D.build_dataset("imagefolder", "train", data_root=tmp_path, in_channels=1,
-                            image_size=16)
+    g, gi = D.build_dataset("imagefolder", "train", data_root=tmp_path, in_channels=1, image_size=16)
     assert g[0][0].shape == (1, 16, 16) and gi.in_channels == 1
     torch.manual_seed(0)
     au, _ = D.build_dataset("imagefolder", "train", data_root=tmp_path, augment=True)
@@ -361,13 +368,11 @@ def test_imagefolder(tmp_path):
 
 # --------------------------------------------------------------------------- synthetic, loaders
 
+
 def test_synthetic_deterministic_and_learnable():
-    a, info = D.build_dataset("synthetic", "train", num_classes=4, image_size=8, in_channels=2,
-                              length=200, seed=3)
-    b, _ = D.build_dataset("synthetic", "train", num_classes=4, image_size=8, in_channels=2,
-                           length=200, seed=3)
-    c, _ = D.build_dataset("synthetic", "train", num_classes=4, image_size=8, in_channels=2,
-                           length=200, seed=4)
+    a, info = D.build_dataset("synthetic", "train", num_classes=4, image_size=8, in_channels=2, length=200, seed=3)
+    b, _ = D.build_dataset("synthetic", "train", num_classes=4, image_size=8, in_channels=2, length=200, seed=3)
+    c, _ = D.build_dataset("synthetic", "train", num_classes=4, image_size=8, in_channels=2, length=200, seed=4)
     assert len(a) == 200 and info.num_classes == 4 and info.in_channels == 2
     x0, y0 = a[5]
     assert x0.shape == (2, 8, 8) and x0.dtype == torch.float32 and 0 <= y0 < 4
@@ -375,8 +380,7 @@ def test_synthetic_deterministic_and_learnable():
         assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
         assert torch.equal(a[i][0], a[i][0])
     assert not torch.equal(a[0][0], c[0][0])
-    t, _ = D.build_dataset("synthetic", "test", num_classes=4, image_size=8, in_channels=2,
-                           length=100, seed=3)
+    t, _ = D.build_dataset("synthetic", "test", num_classes=4, image_size=8, in_channels=2, length=100, seed=3)
     assert not torch.equal(t[0][0], a[0][0])
     # learnable: nearest class mean (fit on train) classifies the test split
     X = torch.stack([a[i][0].flatten() for i in range(len(a))])
@@ -414,14 +418,14 @@ def test_make_loaders_workers_augmentation_reproducible(tmp_path):
     runs = []
     for _ in range(2):
         torch.manual_seed(123)  # global state must not matter
-        tr, te, _ = D.make_loaders("fashion_mnist", data_root=tmp_path, batch_size=4, seed=7,
-                                   num_workers=2)
+        tr, te, _ = D.make_loaders("fashion_mnist", data_root=tmp_path, batch_size=4, seed=7, num_workers=2)
         runs.append(_epoch(tr))
         torch.manual_seed(999)
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 # --------------------------------------------------------------------------- MicroNet policy
+
 
 def _img(seed=0, size=(32, 32), mode="RGB"):
     r = _rng(seed)
@@ -431,11 +435,23 @@ def _img(seed=0, size=(32, 32), mode="RGB"):
 
 def test_micronet_subpolicy_table():
     ops = [(s.op, s.prob, s.level) for s in D.MICRONET_SUBPOLICIES]
-    assert ops == [("Invert", .2, 2), ("Contrast", .4, 4), ("Rotate", .5, 1),
-                   ("TranslateX", .4, 3), ("Sharpness", .5, 3), ("ShearY", .3, 4),
-                   ("TranslateY", .6, 8), ("AutoContrast", .6, 3), ("Equalize", .5, 5),
-                   ("Solarize", .4, 4), ("Color", .5, 5), ("Posterize", .2, 2),
-                   ("Brightness", .4, 5), ("Cutout", .3, 3), ("ShearX", .1, 3)]
+    assert ops == [
+        ("Invert", 0.2, 2),
+        ("Contrast", 0.4, 4),
+        ("Rotate", 0.5, 1),
+        ("TranslateX", 0.4, 3),
+        ("Sharpness", 0.5, 3),
+        ("ShearY", 0.3, 4),
+        ("TranslateY", 0.6, 8),
+        ("AutoContrast", 0.6, 3),
+        ("Equalize", 0.5, 5),
+        ("Solarize", 0.4, 4),
+        ("Color", 0.5, 5),
+        ("Posterize", 0.2, 2),
+        ("Brightness", 0.4, 5),
+        ("Cutout", 0.3, 3),
+        ("ShearX", 0.1, 3),
+    ]
 
 
 def test_level_mapping_matches_autoaugment():
@@ -485,8 +501,9 @@ def test_cutout_size_16():
     corner = np.asarray(A.apply_cutout(white, 16, center=(0, 0)))
     assert int((corner != 255).any(-1).sum()) == 64  # clipped at the border
     # the policy's final cutout: only cutout enabled, full 16x16 squares away from the border
-    pol = D.MicroNetPolicy(num_subpolicies=0, crop_padding=0, flip=False, cutout=16,
-                           generator=torch.Generator().manual_seed(0))
+    pol = D.MicroNetPolicy(
+        num_subpolicies=0, crop_padding=0, flip=False, cutout=16, generator=torch.Generator().manual_seed(0)
+    )
     counts = []
     for _ in range(40):
         o = np.asarray(pol(white))
@@ -545,8 +562,7 @@ def test_micronet_applies_exactly_two_distinct_subpolicies(monkeypatch):
 
 def test_micronet_applies_both_not_only_the_second():
     subs = [("Invert", 1.0, 2), ("Posterize", 1.0, 2)]
-    pol = D.MicroNetPolicy(subs, crop_padding=0, flip=False, cutout=0,
-                           generator=torch.Generator().manual_seed(0))
+    pol = D.MicroNetPolicy(subs, crop_padding=0, flip=False, cutout=0, generator=torch.Generator().manual_seed(0))
     img = _img(3)
     x = np.asarray(img).astype(int)
     for _ in range(6):
@@ -557,8 +573,7 @@ def test_micronet_applies_both_not_only_the_second():
             expect = 255 - (x & 0xF0)
         np.testing.assert_array_equal(out, expect)
     # probability 0 -> never applied
-    pol0 = D.MicroNetPolicy([("Invert", 0.0, 2), ("Posterize", 0.0, 2)], crop_padding=0,
-                            flip=False, cutout=0)
+    pol0 = D.MicroNetPolicy([("Invert", 0.0, 2), ("Posterize", 0.0, 2)], crop_padding=0, flip=False, cutout=0)
     np.testing.assert_array_equal(np.asarray(pol0(img)), x)
 
 
@@ -566,6 +581,7 @@ def test_cropflip_batch_is_a_padded_crop_or_its_mirror():
     import torch
 
     from pycompress.data import CropFlip
+
     torch.manual_seed(0)
     x = torch.randint(1, 255, (64, 6, 5, 2), dtype=torch.uint8)
     aug = CropFlip((6, 5), padding=2, flip=True)
@@ -574,8 +590,13 @@ def test_cropflip_batch_is_a_padded_crop_or_its_mirror():
     xp = torch.nn.functional.pad(x, (0, 0, 2, 2, 2, 2))
     seen_offsets, flips = set(), 0
     for i in range(64):
-        matches = [(oy, ox, f) for oy in range(5) for ox in range(5) for f in (False, True)
-                   if torch.equal(out[i], (lambda c: c.flip(1) if f else c)(xp[i, oy:oy + 6, ox:ox + 5]))]
+        matches = [
+            (oy, ox, f)
+            for oy in range(5)
+            for ox in range(5)
+            for f in (False, True)
+            if torch.equal(out[i], (lambda c: c.flip(1) if f else c)(xp[i, oy : oy + 6, ox : ox + 5]))
+        ]
         assert matches, i
         seen_offsets.add(matches[0][:2])
         flips += matches[0][2]
@@ -588,6 +609,7 @@ def test_getitems_matches_getitem_without_augmentation(tmp_path):
 
     from pycompress.data import DatasetInfo
     from pycompress.data.datasets import ArrayImageDataset
+
     info = DatasetInfo("t", "train", 3, 1, (4, 4), ["a", "b", "c"], (0.5,), (0.25,), None)
     data = np.random.RandomState(0).randint(0, 255, (10, 4, 4)).astype(np.uint8)
     ds = ArrayImageDataset(data, np.arange(10) % 3, info)
@@ -602,6 +624,7 @@ def test_fashion_mnist_pad_option(tmp_path):
     import pytest
 
     from pycompress.data import build_dataset, write_idx
+
     d = tmp_path / "fashion-mnist"
     d.mkdir()
     imgs = np.full((3, 28, 28), 200, dtype=np.uint8)

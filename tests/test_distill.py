@@ -1,5 +1,6 @@
 """Tests for pycompress.distill: loss values vs hand-computed formulas, gradients, stability,
 frozen teacher, spec parsing and validation."""
+
 import math
 
 import pytest
@@ -78,8 +79,7 @@ def test_probability_kinds_match_formula(kind, temp):
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "hinton"])
 def test_label_weight_and_t2_scale(kind):
     s, t, y = tensors()
-    loss = build_loss({"kind": kind, "temperature": 3.0, "label_weight": 0.3, "t2_scale": True,
-                       "weight": 2.0})
+    loss = build_loss({"kind": kind, "temperature": 3.0, "label_weight": 0.3, "t2_scale": True, "weight": 2.0})
     expected = 2.0 * ref(kind, S, T_, Y, 3.0, label_weight=0.3, t2=True)
     assert loss(s, t, y).item() == pytest.approx(expected, rel=1e-12)
 
@@ -98,7 +98,8 @@ def test_hinton_defaults_and_homework_formula():
     assert loss.temperature == 20.0 and loss.alpha == 0.5
     T, a = 20.0, 0.5
     hw = (1 - a) * F.cross_entropy(s, y) + a * T * T * nn.KLDivLoss(reduction="batchmean")(
-        F.log_softmax(s / T, 1), F.softmax(t / T, 1))
+        F.log_softmax(s / T, 1), F.softmax(t / T, 1)
+    )
     assert loss(s, t, y).item() == pytest.approx(hw.item(), rel=1e-10)
 
 
@@ -219,8 +220,9 @@ def test_teacher_frozen_eval_untracked():
     assert all(p.grad is None for p in teacher.parameters())
     # convenience forward with the student
     opt = torch.optim.SGD(d.parameters(), lr=0.1)
-    assert {id(p) for g in opt.param_groups for p in g["params"] if p.requires_grad} == \
-        {id(p) for p in student.parameters()}
+    assert {id(p) for g in opt.param_groups for p in g["params"] if p.requires_grad} == {
+        id(p) for p in student.parameters()
+    }
     loss2, s_logits = d(x, y)
     assert s_logits.shape == (16, 4) and loss2.requires_grad
     for k, v in teacher.state_dict().items():
@@ -242,26 +244,29 @@ def test_distiller_default_and_string_loss():
 # --------------------------------------------------------------------------------------------
 # bad specs
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec,key", [
-    ({"kind": "nope"}, "kind"),
-    ("nope:1", "kind"),
-    ({"kind": 3}, "kind"),
-    ({"temperature": 2.0}, "kind"),
-    ({"kind": "hinton", "temperature": -1.0}, "temperature"),
-    ({"kind": "kldiv", "temperature": 0}, "temperature"),
-    ("kldiv:1:-2", "temperature"),
-    ({"kind": "hinton", "alpha": 1.5}, "alpha"),
-    ({"kind": "hinton", "alpha": -0.1}, "alpha"),
-    ({"kind": "hinton", "alpha": "x"}, "alpha"),
-    ({"kind": "kldiv", "alpha": 0.5}, "alpha"),
-    ({"kind": "hinton", "label_weight": 0.5}, "label_weight"),
-    ({"kind": "js", "label_weight": -1}, "label_weight"),
-    ({"kind": "js", "weight": -1}, "weight"),
-    ("js:abc", "weight"),
-    ({"kind": "js", "t2_scale": 1}, "t2_scale"),
-    ({"kind": "js", "temprature": 2}, "temprature"),
-    ({"kind": "hinton", "t2_scale": True}, "t2_scale"),
-])
+@pytest.mark.parametrize(
+    "spec,key",
+    [
+        ({"kind": "nope"}, "kind"),
+        ("nope:1", "kind"),
+        ({"kind": 3}, "kind"),
+        ({"temperature": 2.0}, "kind"),
+        ({"kind": "hinton", "temperature": -1.0}, "temperature"),
+        ({"kind": "kldiv", "temperature": 0}, "temperature"),
+        ("kldiv:1:-2", "temperature"),
+        ({"kind": "hinton", "alpha": 1.5}, "alpha"),
+        ({"kind": "hinton", "alpha": -0.1}, "alpha"),
+        ({"kind": "hinton", "alpha": "x"}, "alpha"),
+        ({"kind": "kldiv", "alpha": 0.5}, "alpha"),
+        ({"kind": "hinton", "label_weight": 0.5}, "label_weight"),
+        ({"kind": "js", "label_weight": -1}, "label_weight"),
+        ({"kind": "js", "weight": -1}, "weight"),
+        ("js:abc", "weight"),
+        ({"kind": "js", "t2_scale": 1}, "t2_scale"),
+        ({"kind": "js", "temprature": 2}, "temprature"),
+        ({"kind": "hinton", "t2_scale": True}, "t2_scale"),
+    ],
+)
 def test_bad_specs_raise_value_error_naming_key(spec, key):
     with pytest.raises(ValueError, match=key):
         build_loss(spec)

@@ -1,4 +1,5 @@
 """The .pcz artifact: codecs, round trips per encoding and per zoo model, size accounting, bad files."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,10 @@ def _student(qat=True, pruned=False, wbits=4, abits=8, seed=0, **spec):
         prune.prune_model(m, {"criterion": "global_magnitude", "sparsity": 0.75})
     x = torch.randn(16, 1, 32, 32)
     if qat:
-        quant.prepare_qat(m, {"weight_bits": wbits, "act_bits": abits, "first": {"weight_bits": 8},
-                              "last": {"weight_bits": 8}, **spec})
+        quant.prepare_qat(
+            m,
+            {"weight_bits": wbits, "act_bits": abits, "first": {"weight_bits": 8}, "last": {"weight_bits": 8}, **spec},
+        )
         quant.calibrate(m, [x], 1)
     return m.eval(), x
 
@@ -387,9 +390,9 @@ def test_newer_format_version(good_file):
 def _with_manifest(path, edit):
     data = open(path, "rb").read()
     _, version, flags, m, p = struct.unpack_from("<8sHHIQ", data)
-    manifest = json.loads(zlib.decompress(data[24:24 + m]))
+    manifest = json.loads(zlib.decompress(data[24 : 24 + m]))
     edit(manifest)
-    _rewrite(path, fmt.container_bytes(manifest, data[24 + m:24 + m + p]), fix_sha=False)
+    _rewrite(path, fmt.container_bytes(manifest, data[24 + m : 24 + m + p]), fix_sha=False)
 
 
 def test_unknown_model(good_file):

@@ -1,5 +1,6 @@
 """Artifacts in runs and on the command line: the export stage (auto-added for compressing recipes),
 `pycompress export | eval FILE | info FILE`, and the post-training stages ptq and bn_recalibrate."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,12 @@ from pycompress import export
 from pycompress.cli import main
 from pycompress.recipe import RecipeError, load_model, run_recipe, validate
 
-DATA = {"dataset": "synthetic", "batch_size": 16, "eval_batch_size": 64,
-        "options": {"num_classes": 4, "image_size": 16, "in_channels": 1, "length": 96}}
+DATA = {
+    "dataset": "synthetic",
+    "batch_size": 16,
+    "eval_batch_size": 64,
+    "options": {"num_classes": 4, "image_size": 16, "in_channels": 1, "length": 96},
+}
 
 TINY = {
     "name": "tiny-export",
@@ -27,10 +32,20 @@ TINY = {
     "model": {"name": "mobilenet_student", "args": {"width_mult": 0.5}},
     "stages": [
         {"name": "float", "kind": "train", "epochs": 2, "optimizer": {"name": "adamw", "lr": 3e-3}},
-        {"name": "prune", "kind": "prune", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-         "prune": {"criterion": "global_magnitude", "sparsity": 0.6}},
-        {"name": "qat4", "kind": "quantize", "epochs": 1, "optimizer": {"name": "adamw", "lr": 5e-4},
-         "quantize": {"weight_bits": 4, "act_bits": 8, "calib_batches": 1}},
+        {
+            "name": "prune",
+            "kind": "prune",
+            "epochs": 1,
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+            "prune": {"criterion": "global_magnitude", "sparsity": 0.6},
+        },
+        {
+            "name": "qat4",
+            "kind": "quantize",
+            "epochs": 1,
+            "optimizer": {"name": "adamw", "lr": 5e-4},
+            "quantize": {"weight_bits": 4, "act_bits": 8, "calib_batches": 1},
+        },
         {"name": "recal", "kind": "bn_recalibrate", "batches": 3, "rounds": 2},
     ],
 }
@@ -64,23 +79,29 @@ def test_auto_export_stage_added_only_when_compressing():
     assert "export" not in [s.kind for s in validate(off, "t.yaml").stages]
     # the resolved recipe (what a run directory stores) validates to the same stages
     from pycompress.recipe import dump_recipe
+
     again = validate(yaml.safe_load(dump_recipe(r)), "t.yaml")
     assert [s.name for s in again.stages] == [s.name for s in r.stages]
 
 
-@pytest.mark.parametrize("stage,match", [
-    ({"name": "e", "kind": "export", "formats": ["pcz", "zip"]}, "unknown format 'zip'"),
-    ({"name": "e", "kind": "export", "formats": []}, "non-empty list"),
-    ({"name": "e", "kind": "export", "epochs": 2}, "'epochs' does not apply to a 'export' stage"),
-    ({"name": "e", "kind": "export", "target": "teacher"}, "works on the student"),
-    ({"name": "p", "kind": "ptq"}, "missing required key 'quantize'"),
-    ([{"name": "e", "kind": "export"}], "needs an earlier stage that trains the student"),
-    ({"name": "p", "kind": "ptq", "quantize": {"weight_bits": 17}}, "weight_bits"),
-    ({"name": "b", "kind": "bn_recalibrate", "rounds": 0}, "'rounds' must be >= 1"),
-    ({"name": "b", "kind": "bn_recalibrate", "optimizer": {"name": "sgd", "lr": 0.1}}, "does not apply"),
-    ({"name": "t", "kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1}, "formats": ["pcz"]},
-     "'formats' does not apply to a 'train' stage"),
-])
+@pytest.mark.parametrize(
+    "stage,match",
+    [
+        ({"name": "e", "kind": "export", "formats": ["pcz", "zip"]}, "unknown format 'zip'"),
+        ({"name": "e", "kind": "export", "formats": []}, "non-empty list"),
+        ({"name": "e", "kind": "export", "epochs": 2}, "'epochs' does not apply to a 'export' stage"),
+        ({"name": "e", "kind": "export", "target": "teacher"}, "works on the student"),
+        ({"name": "p", "kind": "ptq"}, "missing required key 'quantize'"),
+        ([{"name": "e", "kind": "export"}], "needs an earlier stage that trains the student"),
+        ({"name": "p", "kind": "ptq", "quantize": {"weight_bits": 17}}, "weight_bits"),
+        ({"name": "b", "kind": "bn_recalibrate", "rounds": 0}, "'rounds' must be >= 1"),
+        ({"name": "b", "kind": "bn_recalibrate", "optimizer": {"name": "sgd", "lr": 0.1}}, "does not apply"),
+        (
+            {"name": "t", "kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1}, "formats": ["pcz"]},
+            "'formats' does not apply to a 'train' stage",
+        ),
+    ],
+)
 def test_bad_stages(stage, match):
     raw = copy.deepcopy(TINY)
     raw["stages"] = stage if isinstance(stage, list) else raw["stages"][:1] + [stage]
@@ -175,11 +196,16 @@ def test_cli_errors_name_file_and_problem(tmp_path):
 # ------------------------------------------------------------------------------ ptq
 def test_ptq_stage(tmp_path):
     raw = copy.deepcopy(TINY)
-    raw["stages"] = [raw["stages"][0],
-                     {"name": "ptq8", "kind": "ptq", "batches": 2,
-                      "quantize": {"weight_bits": 8, "act_bits": 8, "act_observer": "percentile",
-                                   "act_percentile": 99.9}},
-                     {"name": "export", "kind": "export", "formats": ["pcz"]}]
+    raw["stages"] = [
+        raw["stages"][0],
+        {
+            "name": "ptq8",
+            "kind": "ptq",
+            "batches": 2,
+            "quantize": {"weight_bits": 8, "act_bits": 8, "act_observer": "percentile", "act_percentile": 99.9},
+        },
+        {"name": "export", "kind": "export", "formats": ["pcz"]},
+    ]
     out = str(tmp_path / "out")
     report = run_recipe(validate(raw, "ptq.yaml"), out, progress=False, log=lambda s: None)
     st = {s["name"]: s for s in report["stages"]}

@@ -1,5 +1,6 @@
 """tests/helpers.py itself: run_isolated (the scalar-path tests rely on it noticing a test that
 failed, was skipped or never ran) and the synthetic quadrant task."""
+
 import textwrap
 
 import pytest
@@ -41,12 +42,17 @@ def probe(tmp_path_factory):
 
 
 def test_run_isolated_reports_every_outcome(probe):
-    run = run_isolated(probe, ["test_env", "test_fails", "test_skipped", "test_param", "test_env"],
-                       {"HELPERS_PROBE": "42"})
+    run = run_isolated(
+        probe, ["test_env", "test_fails", "test_skipped", "test_param", "test_env"], {"HELPERS_PROBE": "42"}
+    )
     assert run.returncode == 1
     assert {cid: outcome for cid, (outcome, _) in run.cases.items()} == {
-        "test_env": "passed", "test_fails": "failed", "test_skipped": "skipped",
-        "test_param[xq1]": "passed", "test_param[zw2]": "passed"}
+        "test_env": "passed",
+        "test_fails": "failed",
+        "test_skipped": "skipped",
+        "test_param[xq1]": "passed",
+        "test_param[zw2]": "passed",
+    }
     run.assert_passed(["test_env", "test_param"])
     with pytest.raises(AssertionError, match="test_fails: failed") as info:
         run.assert_passed(["test_env", "test_fails"])
@@ -81,6 +87,7 @@ def test_quadrant_data_is_seeded_and_labelled_by_the_bright_quadrant():
     x2, y2 = quadrant_data(256, 3, noise=0.0)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(quadrant_data(256, 4)[1], y)
-    quadrant_sums = torch.stack([x[:, 0, 6 * (c // 2):6 * (c // 2) + 6, 6 * (c % 2):6 * (c % 2) + 6].sum((1, 2))
-                                 for c in range(4)], 1)
+    quadrant_sums = torch.stack(
+        [x[:, 0, 6 * (c // 2) : 6 * (c // 2) + 6, 6 * (c % 2) : 6 * (c % 2) + 6].sum((1, 2)) for c in range(4)], 1
+    )
     assert torch.equal(quadrant_sums.argmax(1), y)

@@ -2,6 +2,7 @@
 non-mappings refused, round trip, deep copies), the layer selection (types, include, exclude) with
 its validation errors naming the spec and the key, and selects(); on a spec defined here and on
 the two real ones (QuantSpec, PruneSpec)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -173,8 +174,11 @@ def test_selects_include_and_exclude_search_the_qualified_name():
 # ----------------------------------------------------------------------------- the real specs
 
 
-@pytest.mark.parametrize("cls,base", [(QuantSpec, {}), (PruneSpec, {"criterion": "layer_magnitude", "sparsity": 0.5})],
-                         ids=["QuantSpec", "PruneSpec"])
+@pytest.mark.parametrize(
+    "cls,base",
+    [(QuantSpec, {}), (PruneSpec, {"criterion": "layer_magnitude", "sparsity": 0.5})],
+    ids=["QuantSpec", "PruneSpec"],
+)
 def test_real_specs_share_the_selection_rules(cls, base):
     name = cls.__name__
     raises(f"{name}: nope: unknown key", cls.from_dict, {**base, "nope": 1})

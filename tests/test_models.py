@@ -1,4 +1,5 @@
 """Model zoo: registry API, shapes/backward on small inputs, exact parameter counts, errors."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -31,9 +32,26 @@ SIZED = {"lenet300", "lenet5"}
 INPUTS = [(1, 28), (3, 32)]
 
 EXPECTED_NAMES = {
-    "lenet300", "lenet5", "mobilenet_student", "resnet18", "cifar_resnet", "resnet20",
-    "resnet56", "resnet110", "preresnet", "densenet_bc", "wrn", "vgg",
-    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "lenet300",
+    "lenet5",
+    "mobilenet_student",
+    "resnet18",
+    "cifar_resnet",
+    "resnet20",
+    "resnet56",
+    "resnet110",
+    "preresnet",
+    "densenet_bc",
+    "wrn",
+    "vgg",
+    "vgg11",
+    "vgg11_bn",
+    "vgg13",
+    "vgg13_bn",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
 }
 
 
@@ -195,7 +213,7 @@ def test_mobilenet_student_input_sizes(size, expected_spatial):
     assert out.shape == (2, 11)
 
 
-@pytest.mark.parametrize("wm", [0.5, 0.95, 0.95 ** 3])
+@pytest.mark.parametrize("wm", [0.5, 0.95, 0.95**3])
 def test_mobilenet_student_width_mult_scales_blocks_3_to_6_only(wm):
     m = build("mobilenet_student", in_channels=3, num_classes=11, width_mult=wm)
     base = [16, 32, 64, 128, 256, 256, 256, 256]
@@ -275,6 +293,7 @@ def test_invalid_values_raise_value_error(name, kwargs, pattern):
 def test_register_custom_model_and_duplicate():
     name = "_test_tiny_model"
     if name not in names():
+
         @models.register(name)
         def _tiny(*, in_channels, num_classes, hidden=4):
             return nn.Sequential(nn.Flatten(), nn.LazyLinear(hidden), nn.Linear(hidden, num_classes))

@@ -1,5 +1,6 @@
 """pycompress.nn: DepthwiseConv2d as a drop-in for nn.Conv2d, swap_depthwise (and fusion with BN +
 activation), the QAT conv routing depthwise layers to the fused op, and the model zoo using it."""
+
 from __future__ import annotations
 
 import copy
@@ -19,12 +20,17 @@ BACKENDS = [b for b in backends.available("depthwise_conv2d") if device_for(b).t
 def small_net(c=4):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, c, 3, 1, 1), nn.BatchNorm2d(c), nn.ReLU6(),
+        nn.Conv2d(1, c, 3, 1, 1),
+        nn.BatchNorm2d(c),
+        nn.ReLU6(),
         nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, groups=c), nn.BatchNorm2d(c), nn.ReLU6(), nn.Conv2d(c, 2 * c, 1)),
         nn.Sequential(nn.Conv2d(2 * c, 2 * c, 5, 2, 2, groups=2 * c), nn.BatchNorm2d(2 * c), nn.ReLU()),
-        nn.Conv2d(2 * c, 2 * c, 3, 3, groups=2 * c),      # stride 3: not supported, stays
-        nn.Conv2d(2 * c, 2 * c, 3, 1, 1, groups=c),       # multiplier 2 / groups c: not depthwise, stays
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, 3))
+        nn.Conv2d(2 * c, 2 * c, 3, 3, groups=2 * c),  # stride 3: not supported, stays
+        nn.Conv2d(2 * c, 2 * c, 3, 1, 1, groups=c),  # multiplier 2 / groups c: not depthwise, stays
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * c, 3),
+    )
 
 
 def _warm_bn(m, x):
@@ -89,14 +95,15 @@ def test_depthwise_layer_checks_and_from_conv_shares_parameters():
 def test_conv2d_routes_only_supported_depthwise(monkeypatch):
     calls = []
     import pycompress.nn as pnn
+
     real = pnn.depthwise_conv2d
     monkeypatch.setattr(pnn, "depthwise_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(1, 4, 6, 6)
     conv2d(x, torch.randn(4, 1, 3, 3), None, 1, 1, 1, 4)
     assert calls == [1]
-    conv2d(x, torch.randn(8, 1, 3, 3), None, 1, 1, 1, 4)    # multiplier 2
-    conv2d(x, torch.randn(4, 1, 3, 3), None, 3, 1, 1, 4)    # stride 3
-    conv2d(x, torch.randn(4, 4, 3, 3), None, 1, 1, 1, 1)    # dense
+    conv2d(x, torch.randn(8, 1, 3, 3), None, 1, 1, 1, 4)  # multiplier 2
+    conv2d(x, torch.randn(4, 1, 3, 3), None, 3, 1, 1, 4)  # stride 3
+    conv2d(x, torch.randn(4, 4, 3, 3), None, 1, 1, 1, 1)  # dense
     assert calls == [1]
 
 
@@ -124,6 +131,7 @@ def test_conv2d_never_falls_back_when_a_backend_is_pinned(monkeypatch):
 
 def test_qat_depthwise_layers_use_the_fused_op(monkeypatch):
     from pycompress.quant import calibrate, prepare_qat, strip_qat
+
     m = build("mobilenet_student", in_channels=1, num_classes=4, width_mult=0.5)
     ref = build("mobilenet_student", in_channels=1, num_classes=4, width_mult=0.5, fused_depthwise=False)
     ref.load_state_dict(m.state_dict())
@@ -134,6 +142,7 @@ def test_qat_depthwise_layers_use_the_fused_op(monkeypatch):
         calibrate(net, [(x, None)], num_batches=1)
     assert type(m.cnn[1][0]).__name__ == "QuantConv2d"
     import pycompress.nn as pnn
+
     calls = []
     real = pnn.depthwise_conv2d
     monkeypatch.setattr(pnn, "depthwise_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))

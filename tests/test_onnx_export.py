@@ -1,5 +1,6 @@
 """pycompress.export.onnx: the QDQ graph of a loaded artifact (int8 weight codes, activation Q/DQ),
 ONNX Runtime against the torch module, the exporters, the lazy optional dependencies."""
+
 import os
 import subprocess
 import sys
@@ -58,8 +59,9 @@ def _qat_student(weight_bits=4, act_bits=8, sparsity=0.75, negative_bn=True, see
     _randomize_bn(m, negative_bn)
     if sparsity:
         prune.prune_model(m, {"criterion": "global_magnitude", "sparsity": sparsity})
-    quant.prepare_qat(m, {"weight_bits": weight_bits, "act_bits": act_bits, "first": {"weight_bits": 8},
-                          "last": {"weight_bits": 8}})
+    quant.prepare_qat(
+        m, {"weight_bits": weight_bits, "act_bits": act_bits, "first": {"weight_bits": 8}, "last": {"weight_bits": 8}}
+    )
     quant.calibrate(m, [torch.randn(16, *SHAPE)], 1)
     return m.eval()
 
@@ -134,8 +136,10 @@ def test_qdq_graph_holds_int8_weight_codes_and_activation_pairs(student4, studen
     g = onnx.load(facts["path"]).graph
     inits = _float_inits(onnx.load(facts["path"]))
     ops = [n.op_type for n in g.node]
-    assert facts["qdq_nodes"] == {"QuantizeLinear": ops.count("QuantizeLinear"),
-                                  "DequantizeLinear": ops.count("DequantizeLinear")}
+    assert facts["qdq_nodes"] == {
+        "QuantizeLinear": ops.count("QuantizeLinear"),
+        "DequantizeLinear": ops.count("DequantizeLinear"),
+    }
     n_layers = N_CONVS + 1
     assert facts["weight_int8_initializers"] == n_layers and facts["activation_qdq"] == n_layers
     assert ops.count("QuantizeLinear") == n_layers and ops.count("DequantizeLinear") == 2 * n_layers
@@ -311,7 +315,7 @@ def test_ort_predict(student4, student4_onnx):
     pred = torch.from_numpy(ponnx.ort_run(ponnx.ort_session(student4_onnx["path"]), x)).argmax(1)
     y = pred.clone()
     y[:10] = (y[:10] + 1) % 10
-    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 40, 16)]
+    loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 40, 16)]
     res = ponnx.ort_predict(student4_onnx["path"], loader, logits=True)
     assert res["samples"] == 40 and res["predictions"].dtype == torch.long
     assert torch.equal(res["predictions"], pred)
@@ -350,10 +354,12 @@ def test_missing_extra_raises_a_clear_import_error(missing, monkeypatch, student
 
 
 def test_module_imports_without_onnx():
-    code = ("import sys; sys.modules['onnx'] = None; sys.modules['onnxruntime'] = None; "
-            "sys.modules['onnxscript'] = None; import pycompress.export.onnx as m; "
-            "from pycompress.bench import model\n"
-            "try:\n    m.count_fused('x.onnx')\nexcept ImportError as e:\n    print('ERR', e)")
+    code = (
+        "import sys; sys.modules['onnx'] = None; sys.modules['onnxruntime'] = None; "
+        "sys.modules['onnxscript'] = None; import pycompress.export.onnx as m; "
+        "from pycompress.bench import model\n"
+        "try:\n    m.count_fused('x.onnx')\nexcept ImportError as e:\n    print('ERR', e)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "pycompress[onnx]" in out.stdout

@@ -4,6 +4,7 @@ points of the torch evaluation of the same artifact, and the graph holds the exp
 The student is trained briefly (one pass over 12,000 training images), quantized to 4-bit weights
 (8-bit first / last) and 8-bit activations after training (calibrated, no retraining), exported
 to .pcz and then to ONNX. Needs Debian's dataset-fashion-mnist (installed by scripts/setup.sh)."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,8 +41,12 @@ def test_ort_top1_within_0p3_points_of_torch(fashion, tmp_path):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    quant.quantize_post_training(model, {"weight_bits": 4, "act_bits": 8, "first": {"weight_bits": 8},
-                                         "last": {"weight_bits": 8}}, loader, num_batches=4)
+    quant.quantize_post_training(
+        model,
+        {"weight_bits": 4, "act_bits": 8, "first": {"weight_bits": 8}, "last": {"weight_bits": 8}},
+        loader,
+        num_batches=4,
+    )
     pcz = str(tmp_path / "m.pcz")
     export.save(model, pcz, data={"dataset": "fashion_mnist", "in_channels": 1, "image_size": [32, 32]})
     art = export.load(pcz)
@@ -66,6 +71,7 @@ def test_ort_top1_within_0p3_points_of_torch(fashion, tmp_path):
         axis = [a.i for a in n.attribute if a.name == "axis"]
         assert axis == [0], n.name
     assert sum(n.op_type == "QuantizeLinear" for n in g.node) >= 16
-    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4 and i.dims[0] > 1
-                   for i in g.initializer), "an fp32 conv weight is left in the graph"
+    assert not any(
+        i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4 and i.dims[0] > 1 for i in g.initializer
+    ), "an fp32 conv weight is left in the graph"
     assert count_fused(path)["QLinearConv"] >= 12  # ORT runs the convs as integer kernels

@@ -1,5 +1,6 @@
 """pycompress.profile: parameters, MACs and activation memory counted by hooks and checked against
 hand counts; model specs (name, checkpoint, artifact); latency; the `profile` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,12 @@ def _by_name(prof):
 def test_lenet5_hand_count():
     prof = profile.profile_model(_lenet5(), (1, 28, 28))
     # conv1: 20 filters 5x5 on 1 channel, 28 -> 24: 20*24*24 outputs x 1*5*5 MACs each
-    conv1 = 20 * 24 * 24 * 1 * 25          # 288,000
+    conv1 = 20 * 24 * 24 * 1 * 25  # 288,000
     # pool -> 12; conv2: 50 filters 5x5 on 20 channels, 12 -> 8
-    conv2 = 50 * 8 * 8 * 20 * 25           # 1,600,000
+    conv2 = 50 * 8 * 8 * 20 * 25  # 1,600,000
     # pool -> 4; fc1: 50*4*4 = 800 -> 500; fc2: 500 -> 10
-    fc1 = 500 * 800                        # 400,000
-    fc2 = 10 * 500                         # 5,000
+    fc1 = 500 * 800  # 400,000
+    fc2 = 10 * 500  # 5,000
     assert (conv1, conv2, fc1, fc2) == (288_000, 1_600_000, 400_000, 5_000)
     assert prof["macs"] == conv1 + conv2 + fc1 + fc2 == 2_293_000
     params = (20 * 25 + 20) + (50 * 20 * 25 + 50) + (800 * 500 + 500) + (500 * 10 + 10)
@@ -53,20 +54,20 @@ def test_lenet5_hand_count():
 
 
 def _student_hand_count(in_channels=1, size=32, num_classes=10):
-    widths = models.student_widths(16, 1.0)                  # [16, 32, 64, 128, 256, 256, 256, 256]
+    widths = models.student_widths(16, 1.0)  # [16, 32, 64, 128, 256, 256, 256, 256]
     assert widths == [16, 32, 64, 128, 256, 256, 256, 256]
     r = size
-    macs = widths[0] * r * r * in_channels * 9               # first conv 3x3, padding 1: same resolution
-    params = widths[0] * in_channels * 9 + widths[0] + 2 * widths[0]   # conv + bias, BN gamma / beta
-    r //= 2                                                  # max-pool after block 0
+    macs = widths[0] * r * r * in_channels * 9  # first conv 3x3, padding 1: same resolution
+    params = widths[0] * in_channels * 9 + widths[0] + 2 * widths[0]  # conv + bias, BN gamma / beta
+    r //= 2  # max-pool after block 0
     for i in range(1, 8):
         c_in, c_out = widths[i - 1], widths[i]
-        macs += c_in * r * r * 9                             # depthwise 3x3: one input channel per output
-        macs += c_out * r * r * c_in                         # pointwise 1x1
+        macs += c_in * r * r * 9  # depthwise 3x3: one input channel per output
+        macs += c_out * r * r * c_in  # pointwise 1x1
         params += (c_in * 9 + c_in) + 2 * c_in + (c_out * c_in + c_out)
         if i <= 3:
-            r //= 2                                          # max-pools after blocks 1..3
-    macs += num_classes * widths[7]                          # linear 256 -> 10 after global average pool
+            r //= 2  # max-pools after blocks 1..3
+    macs += num_classes * widths[7]  # linear 256 -> 10 after global average pool
     params += num_classes * widths[7] + num_classes
     return macs, params
 
@@ -94,7 +95,7 @@ def test_linear_counts_leading_dims_and_grouped_conv():
             self.fc = nn.Linear(4, 6)
 
         def forward(self, x):
-            return self.fc(self.conv(x))          # linear over the last dim: 12 x 4 rows of 4
+            return self.fc(self.conv(x))  # linear over the last dim: 12 x 4 rows of 4
 
     prof = profile.profile_model(Net(), (8, 8, 8))
     rows = _by_name(prof)
@@ -151,10 +152,10 @@ def test_pruned_nonzero_macs(criterion):
         want += nnz * positions
         kept, total = kept + nnz, total + mods[name].weight.numel()
     assert prof["nonzero_macs"] == want
-    assert abs(kept / total - 0.25) < 0.01            # 75% of the weights are zero
+    assert abs(kept / total - 0.25) < 0.01  # 75% of the weights are zero
     ratio = prof["nonzero_macs"] / prof["macs"]
     if criterion == "layer_magnitude":
-        assert abs(ratio - 0.25) < 0.01, ratio        # every layer at 75%: the MACs follow
+        assert abs(ratio - 0.25) < 0.01, ratio  # every layer at 75%: the MACs follow
     else:
         # one global threshold keeps more of the small-fan-in layers (the first conv, the depthwise
         # convs: larger default-init weights), which do most MACs per weight: ~43% of the MACs remain
@@ -167,7 +168,7 @@ def test_pruned_nonzero_macs(criterion):
 # ------------------------------------------------------------------------------ hooks, modes
 def test_hooks_removed_and_modes_restored():
     m = _student().train()
-    m.cnn[2][1].eval()                                 # a mixed state: one BatchNorm frozen
+    m.cnn[2][1].eval()  # a mixed state: one BatchNorm frozen
     profile.profile_model(m, (1, 32, 32))
     assert all(not mod._forward_hooks for mod in m.modules())
     assert m.training and not m.cnn[2][1].training and m.cnn[2][0].training  # each module's own mode back
@@ -176,7 +177,7 @@ def test_hooks_removed_and_modes_restored():
 def test_hooks_removed_on_error():
     m = _lenet5()
     with pytest.raises(ValueError, match="1x1x32x32"):
-        profile.profile_model(m, (1, 32, 32))     # built for 28x28: fc1 gets the wrong size
+        profile.profile_model(m, (1, 32, 32))  # built for 28x28: fc1 gets the wrong size
     assert all(not mod._forward_hooks for mod in m.modules())
     assert m.training
 
@@ -186,10 +187,11 @@ def test_spec_name_defaults_and_arguments():
     m, shape, info = profile.load_for_profile("mobilenet_student")
     assert shape == (3, 32, 32) and info["kind"] == "name" and info["num_classes"] == 10
     assert m.cnn[0][0].in_channels == 3 and m.fc[0].out_features == 10 and not m.training
-    m, shape, info = profile.load_for_profile("mobilenet_student", model_args={"width_mult": 0.5}, num_classes=7,
-                                              input_size="1x28x28")
+    m, shape, info = profile.load_for_profile(
+        "mobilenet_student", model_args={"width_mult": 0.5}, num_classes=7, input_size="1x28x28"
+    )
     assert shape == (1, 28, 28) and m.fc[0].out_features == 7 and m.widths[3] == 64
-    m, shape, _ = profile.load_for_profile("lenet5", input_size=(1, 28, 28))   # input_size passed on
+    m, shape, _ = profile.load_for_profile("lenet5", input_size=(1, 28, 28))  # input_size passed on
     assert profile.profile_model(m, shape)["macs"] == 2_293_000
 
 
@@ -222,12 +224,18 @@ def _arch(name="mobilenet_student"):
 def test_spec_checkpoint(tmp_path):
     m = _student()
     path = str(tmp_path / "best.pt")
-    save_checkpoint(path, {"model": m.state_dict(), "arch": _arch(),
-                           "data": {"dataset": "synthetic", "in_channels": 1, "image_size": [32, 32]}})
+    save_checkpoint(
+        path,
+        {
+            "model": m.state_dict(),
+            "arch": _arch(),
+            "data": {"dataset": "synthetic", "in_channels": 1, "image_size": [32, 32]},
+        },
+    )
     model, shape, info = profile.load_for_profile(path)
     assert shape == (1, 32, 32) and info["kind"] == "checkpoint" and info["model"] == "mobilenet_student"
     assert profile.profile_model(model, shape)["macs"] == _student_hand_count()[0]
-    _, shape, _ = profile.load_for_profile(path, input_size="1x64x64")   # overridable
+    _, shape, _ = profile.load_for_profile(path, input_size="1x64x64")  # overridable
     assert shape == (1, 64, 64)
     with pytest.raises(ValueError, match="input channels"):
         profile.load_for_profile(path, input_size="3x32x32")
@@ -248,7 +256,7 @@ def test_spec_artifact(tmp_path):
     assert prof["macs"] == prune_free_prof["macs"] == _student_hand_count(size=28)[0]
     rows = _by_name(prof)
     assert rows["cnn.1.3"]["type"] == "QuantizedConv2d" and rows["cnn.1.3"]["params"] == 16 * 32 + 32
-    assert "cnn.0.1" not in rows   # BatchNorm folded away: its parameters are gone, MACs the same
+    assert "cnn.0.1" not in rows  # BatchNorm folded away: its parameters are gone, MACs the same
     bn_params = sum(mod.weight.numel() * 2 for mod in m.modules() if isinstance(mod, nn.BatchNorm2d))
     assert prof["params"] == prune_free_prof["params"] - bn_params
     # nonzero MACs from the artifact's weight codes equal the QAT layer's codes
@@ -277,8 +285,25 @@ def _parse(argv):
 
 def test_cli_table_and_json(tmp_path, capsys):
     out = tmp_path / "p.json"
-    args = _parse(["lenet5", "--input-size", "1x28x28", "--batch", "1", "--batch", "2", "--repeats", "2",
-                   "--warmup", "1", "--device", "cpu", "--json", str(out)])
+    args = _parse(
+        [
+            "lenet5",
+            "--input-size",
+            "1x28x28",
+            "--batch",
+            "1",
+            "--batch",
+            "2",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert args.batch == [1, 2] and args.device == "cpu"
     assert profile.cli_main(args) == 0
     text = capsys.readouterr().out
@@ -304,6 +329,8 @@ def test_cli_errors(capsys):
     assert err.startswith("pycompress profile: error: ") and "lenet5" in err and "mobilenet_student" in err
     assert profile.cli_main(_parse(["lenet5", "--model-args", "nope"])) == 2
     assert "key=value" in capsys.readouterr().err
-    assert profile.cli_main(_parse(["lenet5", "--input-size", "1x32x32", "--model-args", "input_size=28",
-                                    "--no-latency"])) == 2
+    assert (
+        profile.cli_main(_parse(["lenet5", "--input-size", "1x32x32", "--model-args", "input_size=28", "--no-latency"]))
+        == 2
+    )
     assert "1x1x32x32" in capsys.readouterr().err

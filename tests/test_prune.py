@@ -1,5 +1,6 @@
 """Pruning library: masks on layers, PruneSpec, the Pruner's schedules, masked optimizers, QAT and
 size accounting, resume."""
+
 from __future__ import annotations
 
 import copy
@@ -13,17 +14,40 @@ import torch.nn.functional as F
 
 from pycompress import backends
 from pycompress.ops import pack_mask
-from pycompress.prune import (MaskedAdam, MaskedAdamW, MaskedSGD, Pruner, PruneSpec, apply_masks, attach_masks,
-                              build_masked_optimizer, drop_shadows, get_mask, gradual_sparsity, has_masks,
-                              masked_layers, prepare_state_dict, prune_model, remove_masks, select_masks)
+from pycompress.prune import (
+    MaskedAdam,
+    MaskedAdamW,
+    MaskedSGD,
+    Pruner,
+    PruneSpec,
+    apply_masks,
+    attach_masks,
+    build_masked_optimizer,
+    drop_shadows,
+    get_mask,
+    gradual_sparsity,
+    has_masks,
+    masked_layers,
+    prepare_state_dict,
+    prune_model,
+    remove_masks,
+    select_masks,
+)
 from pycompress.prune import masks as M
 from pycompress.train import Trainer
 
 
 def net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
+    )
 
 
 def batches(n=12, seed=1):
@@ -137,32 +161,41 @@ def test_prune_model_global_matches_topk_and_reports():
 
 
 # ------------------------------------------------------------------------------ spec
-@pytest.mark.parametrize("spec,msg", [
-    ({"criterion": "global_magnitude"}, "sparsity: criterion 'global_magnitude' needs"),
-    ({"criterion": "magnitude", "sparsity": 0.5}, "criterion: must be one of"),
-    ({"criterion": "threshold"}, "threshold: criterion 'threshold' needs"),
-    ({"criterion": "threshold", "threshold": 0.1, "sparsity": 0.5}, "does not take a target sparsity"),
-    ({"criterion": "global_magnitude", "sparsity": 1.5}, "sparsity: must be <= 1.0"),
-    ({"criterion": "random", "sparsity": 0.5, "schedule": "regrow"}, "schedule: 'regrow'"),
-    ({"criterion": "std_ratio", "schedule": "gradual"}, "schedule: 'gradual'"),
-    ({"criterion": "random", "sparsity": 0.5, "schedule": "gradual"}, "schedule: 'gradual'"),
-    ({"criterion": "global_magnitude", "sparsity": 0.5, "update_interval": 5}, "only the regrow and gradual"),
-    ({"criterion": "global_magnitude", "sparsity": 0.5, "schedule": "gradual", "update_stop": 5},
-     "only the regrow schedule"),
-    ({"criterion": "global_magnitude", "sparsity": 0.5, "end_step": 5}, "end_step: only the gradual"),
-    ({"criterion": "global_magnitude", "sparsity": 0.5, "schedule": "gradual", "start_step": 10, "end_step": 5},
-     "must be after start_step"),
-    ({"criterion": "global_magnitude", "sparsity": 0.5, "schedule": "gradual", "initial_sparsity": 0.7},
-     "must not exceed sparsity"),
-    ({"criterion": "global_magnitude", "sparsity": 0.5, "types": ["bn"]}, "types[0]: must be one of"),
-    ({"criterion": "global_magnitude", "sparsity": 0.5, "include": ["("]}, "not a valid regular expression"),
-    ({"criterion": "global_magnitude", "sparsity": 0.5, "first": "no"}, "first: must be true"),
-    ({"regularizer": "hoyer"}, "needs a strength > 0"),
-    ({"regularizer": "hoyerr", "strength": 1.0}, "regularizer: must be one of"),
-    ({"strength": 1.0}, "no regularizer is named"),
-    ({}, "needs a criterion"),
-    ({"criterion": "global_magnitude", "sparsity": 0.5, "sparsty": 0.5}, "sparsty: unknown key"),
-])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ({"criterion": "global_magnitude"}, "sparsity: criterion 'global_magnitude' needs"),
+        ({"criterion": "magnitude", "sparsity": 0.5}, "criterion: must be one of"),
+        ({"criterion": "threshold"}, "threshold: criterion 'threshold' needs"),
+        ({"criterion": "threshold", "threshold": 0.1, "sparsity": 0.5}, "does not take a target sparsity"),
+        ({"criterion": "global_magnitude", "sparsity": 1.5}, "sparsity: must be <= 1.0"),
+        ({"criterion": "random", "sparsity": 0.5, "schedule": "regrow"}, "schedule: 'regrow'"),
+        ({"criterion": "std_ratio", "schedule": "gradual"}, "schedule: 'gradual'"),
+        ({"criterion": "random", "sparsity": 0.5, "schedule": "gradual"}, "schedule: 'gradual'"),
+        ({"criterion": "global_magnitude", "sparsity": 0.5, "update_interval": 5}, "only the regrow and gradual"),
+        (
+            {"criterion": "global_magnitude", "sparsity": 0.5, "schedule": "gradual", "update_stop": 5},
+            "only the regrow schedule",
+        ),
+        ({"criterion": "global_magnitude", "sparsity": 0.5, "end_step": 5}, "end_step: only the gradual"),
+        (
+            {"criterion": "global_magnitude", "sparsity": 0.5, "schedule": "gradual", "start_step": 10, "end_step": 5},
+            "must be after start_step",
+        ),
+        (
+            {"criterion": "global_magnitude", "sparsity": 0.5, "schedule": "gradual", "initial_sparsity": 0.7},
+            "must not exceed sparsity",
+        ),
+        ({"criterion": "global_magnitude", "sparsity": 0.5, "types": ["bn"]}, "types[0]: must be one of"),
+        ({"criterion": "global_magnitude", "sparsity": 0.5, "include": ["("]}, "not a valid regular expression"),
+        ({"criterion": "global_magnitude", "sparsity": 0.5, "first": "no"}, "first: must be true"),
+        ({"regularizer": "hoyer"}, "needs a strength > 0"),
+        ({"regularizer": "hoyerr", "strength": 1.0}, "regularizer: must be one of"),
+        ({"strength": 1.0}, "no regularizer is named"),
+        ({}, "needs a criterion"),
+        ({"criterion": "global_magnitude", "sparsity": 0.5, "sparsty": 0.5}, "sparsty: unknown key"),
+    ],
+)
 def test_spec_errors_name_the_key(spec, msg):
     with pytest.raises(ValueError) as exc:
         PruneSpec.from_dict(spec)
@@ -184,14 +217,15 @@ def test_spec_selection_and_round_trip():
 def test_gradual_sparsity_formula():
     assert gradual_sparsity(0, 10, 110, 0.0, 0.8) == 0.0
     assert gradual_sparsity(110, 10, 110, 0.0, 0.8) == 0.8
-    assert gradual_sparsity(60, 10, 110, 0.1, 0.8) == pytest.approx(0.8 + (0.1 - 0.8) * 0.5 ** 3)
+    assert gradual_sparsity(60, 10, 110, 0.1, 0.8) == pytest.approx(0.8 + (0.1 - 0.8) * 0.5**3)
     assert gradual_sparsity(500, 10, 110, 0.1, 0.8) == 0.8
 
 
 # ------------------------------------------------------------------------------ schedules
 OPTIMIZERS = {
-    "masked_sgd": lambda m: build_masked_optimizer(m, {"name": "sgd", "lr": 0.05, "momentum": 0.9,
-                                                       "weight_decay": 1e-3, "nesterov": True}),
+    "masked_sgd": lambda m: build_masked_optimizer(
+        m, {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "nesterov": True}
+    ),
     "masked_adamw": lambda m: build_masked_optimizer(m, {"name": "adamw", "lr": 1e-2, "weight_decay": 1e-2}),
     "plain_sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
     "plain_adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-3),
@@ -223,9 +257,14 @@ def test_masked_sgd_equals_sgd_then_remask():
     prune_model(m2, spec)
     o1 = build_masked_optimizer(m1, {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3})
     o1.set_masks({l.weight: l.weight_mask for l in masked_layers(m1).values()})
-    o2 = torch.optim.SGD([{"params": [p for p in m2.parameters() if p.dim() >= 2], "weight_decay": 1e-3},
-                          {"params": [p for p in m2.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-                         lr=0.05, momentum=0.9)
+    o2 = torch.optim.SGD(
+        [
+            {"params": [p for p in m2.parameters() if p.dim() >= 2], "weight_decay": 1e-3},
+            {"params": [p for p in m2.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=0.05,
+        momentum=0.9,
+    )
     for x, y in batches(6):
         for m, o in ((m1, o1), (m2, o2)):
             o.zero_grad()
@@ -254,10 +293,19 @@ def test_regrow_matches_a_hand_written_micronet_loop():
     m = net()
     ref = copy.deepcopy(m)
     LR = 0.5
-    opt = build_masked_optimizer(m, {"name": "sgd", "lr": LR, "momentum": 0.0, "weight_decay": 0.0,
-                                     "no_bias_decay": False})
-    pr = Pruner(m, {"criterion": "global_magnitude", "sparsity": 0.7, "schedule": "regrow", "update_interval": 3,
-                    "update_stop": 7})
+    opt = build_masked_optimizer(
+        m, {"name": "sgd", "lr": LR, "momentum": 0.0, "weight_decay": 0.0, "no_bias_decay": False}
+    )
+    pr = Pruner(
+        m,
+        {
+            "criterion": "global_magnitude",
+            "sparsity": 0.7,
+            "schedule": "regrow",
+            "update_interval": 3,
+            "update_stop": 7,
+        },
+    )
     drive(m, pr, opt, data)
     # the reference: weight = shadow * mask in the forward pass, the shadow takes the dense step
     layers = ["0", "3", "6"]
@@ -311,8 +359,17 @@ def test_regrow_without_stop_keeps_shadows_until_the_last_step():
 def test_gradual_reaches_the_target_on_schedule():
     m = net()
     opt = build_masked_optimizer(m, {"name": "sgd", "lr": 0.05})
-    pr = Pruner(m, {"criterion": "global_magnitude", "sparsity": 0.8, "schedule": "gradual", "update_interval": 2,
-                    "start_step": 2, "end_step": 8})
+    pr = Pruner(
+        m,
+        {
+            "criterion": "global_magnitude",
+            "sparsity": 0.8,
+            "schedule": "gradual",
+            "update_interval": 2,
+            "start_step": 2,
+            "end_step": 8,
+        },
+    )
     seen = []
     orig = pr.after_step
 
@@ -334,7 +391,7 @@ def test_regularizer_only_adds_loss_and_no_masks():
     tr = types.SimpleNamespace(optimizer=None, global_step=0, epochs=1, steps_per_epoch=1, name="t")
     pr.on_fit_start(tr)
     w = m[6].weight
-    want = 1e-3 * w.abs().sum() ** 2 / (w ** 2).sum()
+    want = 1e-3 * w.abs().sum() ** 2 / (w**2).sum()
     torch.testing.assert_close(pr.extra_loss(tr), want)
     assert not has_masks(m)
 
@@ -357,14 +414,18 @@ def test_no_layer_matched_is_an_error():
 def _loader():
     x = torch.randn(48, 1, 8, 8)
     y = torch.randint(0, 5, (48,))
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True,
-                                       generator=torch.Generator())
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator()
+    )
 
 
-@pytest.mark.parametrize("schedule", [{"criterion": "global_magnitude", "sparsity": 0.75, "schedule": "regrow",
-                                       "update_interval": 2},
-                                      {"criterion": "layer_magnitude", "sparsity": 0.6, "schedule": "gradual",
-                                       "update_interval": 2}])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"criterion": "global_magnitude", "sparsity": 0.75, "schedule": "regrow", "update_interval": 2},
+        {"criterion": "layer_magnitude", "sparsity": 0.6, "schedule": "gradual", "update_interval": 2},
+    ],
+)
 def test_trainer_resume_is_bit_identical(tmp_path, schedule):
     loader = _loader()
 
@@ -379,8 +440,18 @@ def test_trainer_resume_is_bit_identical(tmp_path, schedule):
     def make(out, extra=()):
         m = net()
         opt = build_masked_optimizer(m, {"name": "sgd", "lr": 0.05, "momentum": 0.9})
-        return Trainer(m, loader, loader, epochs=3, optimizer=opt, hooks=[Pruner(m, schedule), *extra],
-                       out_dir=out, progress=False, log=lambda s: None, name="p"), m
+        return Trainer(
+            m,
+            loader,
+            loader,
+            epochs=3,
+            optimizer=opt,
+            hooks=[Pruner(m, schedule), *extra],
+            out_dir=out,
+            progress=False,
+            log=lambda s: None,
+            name="p",
+        ), m
 
     full, m_full = make(str(tmp_path / "a"))
     full.fit()
@@ -400,6 +471,7 @@ def test_trainer_resume_is_bit_identical(tmp_path, schedule):
 # ------------------------------------------------------------------------------ QAT and size
 def test_pruning_composes_with_qat_and_size_counts_masks():
     from pycompress.quant import calibrate, model_size, prepare_qat
+
     m = net()
     prune_model(m, {"criterion": "global_magnitude", "sparsity": 0.75})
     dense_bits = model_size(net())["bits"]

@@ -249,7 +249,13 @@ def test_dtypes_match_float64(dtype, name):
 # ------------------------------------------------------------------------------ registry & errors
 def test_registry_and_dispatch():
     assert set(CRITERIA) == {
-        "global_magnitude", "layer_magnitude", "threshold", "std_ratio", "random", "filter_norm", "channel_norm",
+        "global_magnitude",
+        "layer_magnitude",
+        "threshold",
+        "std_ratio",
+        "random",
+        "filter_norm",
+        "channel_norm",
     }
     w = _rand_weights()
     _assert_masks_equal(select_masks(w, "global_magnitude", sparsity=0.5), global_magnitude(w, 0.5))

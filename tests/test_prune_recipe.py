@@ -1,5 +1,6 @@
 """Pruning in recipes: a small recipe prunes under KD to 75% (MicroNet's regrowing masks), fine-tunes
 with 4-bit QAT and the masks fixed, reports the sparsity, and resumes bit-identically after a kill."""
+
 from __future__ import annotations
 
 import copy
@@ -18,21 +19,51 @@ PRUNE_TINY = {
     "name": "tiny-prune",
     "seed": 5,
     "device": "cpu",
-    "data": {"dataset": "synthetic", "batch_size": 16, "eval_batch_size": 64,
-             "options": {"num_classes": 4, "image_size": 16, "in_channels": 1, "length": 64}},
+    "data": {
+        "dataset": "synthetic",
+        "batch_size": 16,
+        "eval_batch_size": 64,
+        "options": {"num_classes": 4, "image_size": 16, "in_channels": 1, "length": 64},
+    },
     "model": {"name": "mobilenet_student", "args": {"width_mult": 0.5}},
     "teacher": {"name": "lenet5", "args": {"input_size": 16}},
     "stages": [
-        {"name": "teacher", "kind": "train", "target": "teacher", "epochs": 1,
-         "optimizer": {"name": "sgd", "lr": 0.05}},
-        {"name": "kd", "kind": "distill", "epochs": 1, "optimizer": {"name": "adamw", "lr": 2e-3},
-         "distill": "kldiv:1"},
-        {"name": "prune", "kind": "prune", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
-         "distill": "kldiv:1",
-         "prune": {"criterion": "global_magnitude", "sparsity": 0.75, "schedule": "regrow",
-                   "update_interval": 2, "types": ["conv"]}},
-        {"name": "ft4", "kind": "finetune", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-         "distill": "kldiv:1", "quantize": {"weight_bits": 4, "act_bits": 8, "calib_batches": 1}},
+        {
+            "name": "teacher",
+            "kind": "train",
+            "target": "teacher",
+            "epochs": 1,
+            "optimizer": {"name": "sgd", "lr": 0.05},
+        },
+        {
+            "name": "kd",
+            "kind": "distill",
+            "epochs": 1,
+            "optimizer": {"name": "adamw", "lr": 2e-3},
+            "distill": "kldiv:1",
+        },
+        {
+            "name": "prune",
+            "kind": "prune",
+            "epochs": 2,
+            "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
+            "distill": "kldiv:1",
+            "prune": {
+                "criterion": "global_magnitude",
+                "sparsity": 0.75,
+                "schedule": "regrow",
+                "update_interval": 2,
+                "types": ["conv"],
+            },
+        },
+        {
+            "name": "ft4",
+            "kind": "finetune",
+            "epochs": 2,
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+            "distill": "kldiv:1",
+            "quantize": {"weight_bits": 4, "act_bits": 8, "calib_batches": 1},
+        },
         {"name": "final", "kind": "evaluate"},
     ],
 }
@@ -113,15 +144,25 @@ def _bad(**stage_changes):
     return r
 
 
-@pytest.mark.parametrize("raw,parts", [
-    (_bad(prune=None), ["stages[2] 'prune'", "missing required key 'prune'"]),
-    (_bad(prune={"criterion": "global_magnitude"}), ["stages[2] 'prune': prune", "sparsity"]),
-    (_bad(prune={"criterion": "global_magnitude", "sparsity": 0.5, "shedule": "regrow"}),
-     ["stages[2] 'prune': prune", "shedule: unknown key"]),
-    (_bad(prune={"criterion": "global_magnitude", "sparsity": 0.5, "include": ["^nothing$"]}),
-     ["stages[2] 'prune': prune", "selects no layer of model 'mobilenet_student'"]),
-    (_bad(target="teacher", distill=None), ["stages[2] 'prune'", "'prune' is not supported on a stage with target"]),
-])
+@pytest.mark.parametrize(
+    "raw,parts",
+    [
+        (_bad(prune=None), ["stages[2] 'prune'", "missing required key 'prune'"]),
+        (_bad(prune={"criterion": "global_magnitude"}), ["stages[2] 'prune': prune", "sparsity"]),
+        (
+            _bad(prune={"criterion": "global_magnitude", "sparsity": 0.5, "shedule": "regrow"}),
+            ["stages[2] 'prune': prune", "shedule: unknown key"],
+        ),
+        (
+            _bad(prune={"criterion": "global_magnitude", "sparsity": 0.5, "include": ["^nothing$"]}),
+            ["stages[2] 'prune': prune", "selects no layer of model 'mobilenet_student'"],
+        ),
+        (
+            _bad(target="teacher", distill=None),
+            ["stages[2] 'prune'", "'prune' is not supported on a stage with target"],
+        ),
+    ],
+)
 def test_bad_prune_recipes_name_file_stage_and_key(raw, parts):
     with pytest.raises(RecipeError) as exc:
         validate(raw, "p.yaml")

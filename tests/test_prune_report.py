@@ -115,8 +115,17 @@ def test_to_dict_json():
     }
     row = d["rows"][0]
     assert row == {
-        "name": "conv.weight", "shape": [3, 2, 3, 3], "total": 54, "nonzero": 17, "pruned": 37,
-        "density": 17 / 54, "alive_in": 1, "total_in": 2, "alive_out": 2, "total_out": 3, "selected": True,
+        "name": "conv.weight",
+        "shape": [3, 2, 3, 3],
+        "total": 54,
+        "nonzero": 17,
+        "pruned": 37,
+        "density": 17 / 54,
+        "alive_in": 1,
+        "total_in": 2,
+        "alive_out": 2,
+        "total_out": 3,
+        "selected": True,
     }
     assert d["rows"][1]["alive_in"] is None
     assert sparsity_report(_tiny()).to_dict()["selected"] is None

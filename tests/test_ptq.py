@@ -1,5 +1,6 @@
 """Activation observers (min-max, percentile) and post-training quantization
 (pycompress.quant.quantize_post_training)."""
+
 import copy
 import json
 import re
@@ -49,8 +50,9 @@ def test_percentile_100_is_minmax_bit_exact(axis, signed):
     batches = [torch.randn(4, 3, 5, 5, generator=g) * (i + 1) + 0.3 * i for i in range(3)]
     c = 3 if axis is not None else 1
     qa = observe(FakeQuantizer(6, signed=signed, axis=axis, num_channels=c), batches)
-    qb = observe(FakeQuantizer(6, signed=signed, axis=axis, num_channels=c, observer="percentile",
-                               percentile=100), batches)
+    qb = observe(
+        FakeQuantizer(6, signed=signed, axis=axis, num_channels=c, observer="percentile", percentile=100), batches
+    )
     sa, sb = state(qa), state(qb)
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -91,9 +93,9 @@ def test_percentile_clips_outliers():
 
 def test_mean_of_batch_percentiles_by_hand():
     g = torch.Generator().manual_seed(2)
-    x1 = torch.rand(4, 3, 7, 7, generator=g) * 3.0 + 0.5   # all >= 0.5 ...
+    x1 = torch.rand(4, 3, 7, 7, generator=g) * 3.0 + 0.5  # all >= 0.5 ...
     x2 = torch.rand(5, 3, 7, 7, generator=g) * 5.0 + 0.5
-    x2[0, 0, 0, 0] = -0.25                                  # ... but one negative value
+    x2[0, 0, 0, 0] = -0.25  # ... but one negative value
     p = 99.0
     q = observe(FakeQuantizer(4, signed="auto", observer="percentile", percentile=p), [x1, x2])
     qq = torch.tensor([1 - p / 100, p / 100])
@@ -111,8 +113,7 @@ def test_mean_of_batch_percentiles_by_hand():
     assert q.is_signed is False
 
     # per channel (axis 1): the same rule per channel
-    qc = observe(FakeQuantizer(4, signed=True, axis=1, num_channels=3, observer="percentile", percentile=p),
-                 [x1, x2])
+    qc = observe(FakeQuantizer(4, signed=True, axis=1, num_channels=3, observer="percentile", percentile=p), [x1, x2])
     rows = [x.transpose(0, 1).reshape(3, -1) for x in (x1, x2)]
     (l1, h1), (l2, h2) = (torch.quantile(r, qq, dim=1) for r in rows)
     exact(qc.min_val, (l1 + l2) / 2)
@@ -135,10 +136,16 @@ def test_large_batches_are_subsampled_deterministically(monkeypatch):
 
 
 def test_observer_settings_refused_with_the_key():
-    for d, key in [({"act_observer": "mean"}, "act_observer"), ({"act_observer": None}, "act_observer"),
-                   ({"act_percentile": 50}, "act_percentile"), ({"act_percentile": 100.5}, "act_percentile"),
-                   ({"act_percentile": True}, "act_percentile"), ({"act_percentile": "99"}, "act_percentile"),
-                   ({"act_percentile": float("nan")}, "act_percentile"), ({"act_obsrever": "minmax"}, "act_obsrever")]:
+    for d, key in [
+        ({"act_observer": "mean"}, "act_observer"),
+        ({"act_observer": None}, "act_observer"),
+        ({"act_percentile": 50}, "act_percentile"),
+        ({"act_percentile": 100.5}, "act_percentile"),
+        ({"act_percentile": True}, "act_percentile"),
+        ({"act_percentile": "99"}, "act_percentile"),
+        ({"act_percentile": float("nan")}, "act_percentile"),
+        ({"act_obsrever": "minmax"}, "act_obsrever"),
+    ]:
         with pytest.raises(ValueError, match=rf"QuantSpec: {key}"):
             QuantSpec.from_dict(d)
     with pytest.raises(ValueError, match="observer"):
@@ -154,8 +161,11 @@ def test_observer_settings_refused_with_the_key():
 
     net = nn.Sequential(nn.Conv2d(1, 2, 3))
     entry = qat_plan(_prepared(net))["0"]
-    for bad, key in [({"act_observer": "mean"}, "act_observer"), ({"act_percentile": 50.0}, "act_percentile"),
-                     ({"act_percentile": "high"}, "act_percentile")]:
+    for bad, key in [
+        ({"act_observer": "mean"}, "act_observer"),
+        ({"act_percentile": 50.0}, "act_percentile"),
+        ({"act_percentile": "high"}, "act_percentile"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(f"plan['0'].{key}")):
             apply_plan(nn.Sequential(nn.Conv2d(1, 2, 3)), {"0": {**entry, **bad}})
     with pytest.raises(ValueError, match=r"unknown keys \['act_obs'\]"):
@@ -188,8 +198,10 @@ def test_plan_without_the_new_keys_still_applies():
     model = _prepared(_net())
     data = [torch.randn(3, 2, 8, 8) for _ in range(2)]
     calibrate(model, data)
-    old_plan = {n: {k: v for k, v in e.items() if k not in ("act_observer", "act_percentile")}
-                for n, e in qat_plan(model).items()}
+    old_plan = {
+        n: {k: v for k, v in e.items() if k not in ("act_observer", "act_percentile")}
+        for n, e in qat_plan(model).items()
+    }
     fresh = _net()
     apply_plan(fresh, json.loads(json.dumps(old_plan)))
     fresh.load_state_dict(model.state_dict())
@@ -247,9 +259,15 @@ class TinyCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten())
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
         self.fc = nn.Linear(64, 4)
 
     def forward(self, x):
@@ -289,7 +307,7 @@ def test_ptq_4bit_weights(trained, observer):
         w = m.quantized_weight().detach()
         codes = w / m.weight_quant.scale.view(-1, *[1] * (w.dim() - 1))
         torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)  # integer codes ...
-        assert codes.round().abs().max() <= 7                                   # ... on the 4-bit grid
+        assert codes.round().abs().max() <= 7  # ... on the 4-bit grid
     assert accuracy(q, test) > accuracy(model, test) - 3
 
 
@@ -308,8 +326,13 @@ def test_ptq_weight_scale_modes_agree(trained):
 def test_ptq_round_trip_exact(trained):
     model, batches, test = trained
     q = copy.deepcopy(model)
-    out = quantize_post_training(q, {"weight_bits": 4, "act_bits": 4, "act_observer": "percentile",
-                                     "act_percentile": 99.9}, batches, num_batches=3, device="cpu")
+    out = quantize_post_training(
+        q,
+        {"weight_bits": 4, "act_bits": 4, "act_observer": "percentile", "act_percentile": 99.9},
+        batches,
+        num_batches=3,
+        device="cpu",
+    )
     saved = {"plan": json.loads(json.dumps(out["plan"])), "state_dict": copy.deepcopy(q.state_dict())}
     fresh = TinyCNN()
     apply_plan(fresh, saved["plan"])

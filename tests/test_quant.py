@@ -1,5 +1,6 @@
 """pycompress.quant: fake quantizers against the formula, QAT layers on every backend, layer
 selection, calibration, checkpoint round trips, re-preparation and model size."""
+
 import copy
 import io
 import json
@@ -48,9 +49,7 @@ class Net(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(1, 4, 3, padding=1)
         self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(4, 8, 1))
-        self.head = nn.Sequential(
-            OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(8, 10))
-        )
+        self.head = nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(8, 10)))
 
     def forward(self, x):
         return self.head(self.body(torch.relu(self.stem(x))))
@@ -58,9 +57,14 @@ class Net(nn.Module):
 
 def small_seq():
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
 
 
@@ -185,10 +189,26 @@ def test_quantizer_state_dict_restores_exactly():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["max", "frozen", "lsq"])
 def test_qat_layers_match_reference_on_every_backend(backend, mode):
-    conv = QuantConv2d(2, 3, 3, padding=1, weight_bits=4, act_bits=4, weight_scale=mode,
-                       act_scale="lsq" if mode == "lsq" else "frozen", act_signed=True)
-    lin = QuantLinear(5, 4, weight_bits=3, act_bits=5, weight_scale=mode,
-                      act_scale="lsq" if mode == "lsq" else "frozen", act_signed=False)
+    conv = QuantConv2d(
+        2,
+        3,
+        3,
+        padding=1,
+        weight_bits=4,
+        act_bits=4,
+        weight_scale=mode,
+        act_scale="lsq" if mode == "lsq" else "frozen",
+        act_signed=True,
+    )
+    lin = QuantLinear(
+        5,
+        4,
+        weight_bits=3,
+        act_bits=5,
+        weight_scale=mode,
+        act_scale="lsq" if mode == "lsq" else "frozen",
+        act_signed=False,
+    )
     x_conv, x_lin = torch.randn(2, 2, 4, 4), torch.relu(torch.randn(3, 5))
     conv.act_quant.init_from(x_conv * 0.5)  # part of x lies outside: the clamp branches run
     lin.act_quant.init_from(x_lin * 0.5)
@@ -286,7 +306,9 @@ def test_from_float_keeps_conv_geometry_and_parameters():
     assert q.weight is conv.weight and q.bias is None and q.act_quant is None and not q.training
     for a in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
         assert getattr(q, a) == getattr(conv, a)
-    assert list(q.state_dict()) == ["weight"] + [f"weight_quant.{k}" for k in ("scale", "signed", "calibrated", "min_val", "max_val")]
+    assert list(q.state_dict()) == ["weight"] + [
+        f"weight_quant.{k}" for k in ("scale", "signed", "calibrated", "min_val", "max_val")
+    ]
     x = torch.randn(1, 4, 7, 7)
     wq = q.weight_quant(conv.weight)
     exact(q(x), conv._conv_forward(x, wq, None))
@@ -311,7 +333,9 @@ def test_qat_composes_with_torch_prune_masks():
     float_keys = list(model.state_dict())
     prepare_qat(model, {"weight_bits": 4, "act_bits": None, "types": ["conv"]})
     conv = model[0]
-    assert isinstance(conv, QuantConv2d) and {"weight_orig", "weight_mask"} <= set(dict(conv.named_buffers()) | dict(conv.named_parameters()))
+    assert isinstance(conv, QuantConv2d) and {"weight_orig", "weight_mask"} <= set(
+        dict(conv.named_buffers()) | dict(conv.named_parameters())
+    )
     x = torch.randn(2, 2, 5, 5)
     model.eval()
     y = conv(x)
@@ -340,18 +364,27 @@ def test_selection_types_include_exclude():
 
 
 def test_selection_first_last_and_overrides():
-    plan = prepare_qat(Net(), {"weight_bits": 4, "act_bits": 4, "first": "skip",
-                               "last": {"weight_bits": 8, "act_bits": None}})
+    plan = prepare_qat(
+        Net(), {"weight_bits": 4, "act_bits": 4, "first": "skip", "last": {"weight_bits": 8, "act_bits": None}}
+    )
     assert names(plan) == {"body.0": (4, 4), "body.2": (4, 4), "head.fc": (8, None)}
     # first/last are the first/last *selected* layers
     plan = prepare_qat(Net(), {"types": ["conv"], "first": {"act_bits": None}, "last": "skip"})
     assert names(plan) == {"stem": (8, None), "body.0": (8, 8)}
     # overrides: later entries win, only the given keys; first/last are applied after them
-    plan = prepare_qat(Net(), {
-        "weight_bits": 4, "act_bits": 4, "first": {"act_bits": None},
-        "overrides": [{"pattern": "body|stem", "weight_bits": 2}, {"pattern": r"body\.2", "weight_bits": 6},
-                      {"pattern": "stem", "act_bits": 3}],
-    })
+    plan = prepare_qat(
+        Net(),
+        {
+            "weight_bits": 4,
+            "act_bits": 4,
+            "first": {"act_bits": None},
+            "overrides": [
+                {"pattern": "body|stem", "weight_bits": 2},
+                {"pattern": r"body\.2", "weight_bits": 6},
+                {"pattern": "stem", "act_bits": 3},
+            ],
+        },
+    )
     assert names(plan) == {"stem": (2, None), "body.0": (2, 4), "body.2": (6, 4), "head.fc": (4, 4)}
     # a layer left without any bits stays float
     plan = prepare_qat(Net(), {"overrides": [{"pattern": "fc", "weight_bits": None, "act_bits": None}]})
@@ -372,38 +405,64 @@ def test_selection_errors():
     with pytest.raises(ValueError, match="'1'.*MyConv"):
         prepare_qat(nn.Sequential(nn.Conv2d(1, 1, 1), MyConv(1, 1, 1)), {})
     with pytest.raises(ValueError, match="does not have"):
-        apply_plan(Net(), {"nope": {"type": "conv", "weight_bits": 4, "act_bits": 4, "weight_scale": "max",
-                                    "act_scale": "frozen", "act_signed": "auto", "calib_batches": 1}})
+        apply_plan(
+            Net(),
+            {
+                "nope": {
+                    "type": "conv",
+                    "weight_bits": 4,
+                    "act_bits": 4,
+                    "weight_scale": "max",
+                    "act_scale": "frozen",
+                    "act_signed": "auto",
+                    "calib_batches": 1,
+                }
+            },
+        )
 
 
-@pytest.mark.parametrize("d,key", [
-    ({"wieght_bits": 4}, "wieght_bits"),
-    ({"weight_bits": "4"}, "weight_bits"),
-    ({"weight_bits": 17}, "weight_bits"),
-    ({"act_bits": True}, "act_bits"),
-    ({"types": ["conv3d"]}, "types"),
-    ({"types": "conv"}, "types"),
-    ({"include": ["("]}, "include"),
-    ({"include": []}, "include"),
-    ({"exclude": "fc"}, "exclude"),
-    ({"first": "keep"}, "first"),
-    ({"last": {"bits": 4}}, "last.bits"),
-    ({"overrides": [{"weight_bits": 4}]}, "overrides[0]"),
-    ({"overrides": [{"pattern": "a", "act_bits": 0}]}, "overrides[0].act_bits"),
-    ({"weight_scale": "minmax"}, "weight_scale"),
-    ({"act_scale": "max"}, "act_scale"),
-    ({"act_signed": "yes"}, "act_signed"),
-    ({"calib_batches": 0}, "calib_batches"),
-])
+@pytest.mark.parametrize(
+    "d,key",
+    [
+        ({"wieght_bits": 4}, "wieght_bits"),
+        ({"weight_bits": "4"}, "weight_bits"),
+        ({"weight_bits": 17}, "weight_bits"),
+        ({"act_bits": True}, "act_bits"),
+        ({"types": ["conv3d"]}, "types"),
+        ({"types": "conv"}, "types"),
+        ({"include": ["("]}, "include"),
+        ({"include": []}, "include"),
+        ({"exclude": "fc"}, "exclude"),
+        ({"first": "keep"}, "first"),
+        ({"last": {"bits": 4}}, "last.bits"),
+        ({"overrides": [{"weight_bits": 4}]}, "overrides[0]"),
+        ({"overrides": [{"pattern": "a", "act_bits": 0}]}, "overrides[0].act_bits"),
+        ({"weight_scale": "minmax"}, "weight_scale"),
+        ({"act_scale": "max"}, "act_scale"),
+        ({"act_signed": "yes"}, "act_signed"),
+        ({"calib_batches": 0}, "calib_batches"),
+    ],
+)
 def test_quantspec_rejects_bad_settings(d, key):
     with pytest.raises(ValueError, match=rf"QuantSpec: {__import__('re').escape(key)}"):
         QuantSpec.from_dict(d)
 
 
 def test_quantspec_round_trips():
-    d = {"weight_bits": 4, "act_bits": None, "types": ["conv"], "include": ["cnn"], "exclude": ["fc"],
-         "first": "skip", "last": {"act_bits": 8}, "overrides": [{"pattern": "x", "weight_bits": 2}],
-         "weight_scale": "lsq", "act_scale": "lsq", "act_signed": False, "calib_batches": 2}
+    d = {
+        "weight_bits": 4,
+        "act_bits": None,
+        "types": ["conv"],
+        "include": ["cnn"],
+        "exclude": ["fc"],
+        "first": "skip",
+        "last": {"act_bits": 8},
+        "overrides": [{"pattern": "x", "weight_bits": 2}],
+        "weight_scale": "lsq",
+        "act_scale": "lsq",
+        "act_signed": False,
+        "calib_batches": 2,
+    }
     spec = QuantSpec.from_dict(d)
     assert spec.to_dict() == d
     assert QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
@@ -420,8 +479,9 @@ def test_prepare_calibrate_train_checkpoint_restore_strip():
 
     model = build(0)
     float_keys = list(model.state_dict())
-    plan = prepare_qat(model, {"weight_bits": 4, "act_bits": 4, "weight_scale": "lsq", "act_scale": "lsq",
-                               "first": {"act_bits": None}})
+    plan = prepare_qat(
+        model, {"weight_bits": 4, "act_bits": 4, "weight_scale": "lsq", "act_scale": "lsq", "first": {"act_bits": None}}
+    )
     assert is_qat(model) and list(qat_modules(model)) == list(plan)
     assert plan["cnn.0.0"]["act_bits"] is None and model.cnn[0][0].act_quant is None
     data = [(torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,))) for _ in range(3)]
@@ -454,6 +514,7 @@ def test_prepare_calibrate_train_checkpoint_restore_strip():
     strip_qat(fresh)
     assert not is_qat(fresh) and list(fresh.state_dict()) == float_keys
     from pycompress.nn import DepthwiseConv2d
+
     # the student's depthwise layers are pycompress.nn.DepthwiseConv2d; stripping QAT restores that class
     assert type(fresh.cnn[1][0]) is DepthwiseConv2d and fresh.cnn[1][0].groups == 16
 
@@ -518,15 +579,22 @@ def test_calibrate_batches_modes_and_errors():
 
 
 def test_model_size_by_hand():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4, 5))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)
+    )
     fp = model_size(model)
     # conv 72 + 4, BN 4 + 4 + running 4 + 4 (num_batches_tracked not counted), linear 20 + 5
     assert fp["bits"] == fp["fp32_bits"] == (76 + 16 + 25) * 32
     prepare_qat(model, {"weight_bits": 4, "act_bits": 8, "types": ["conv"]})
     size = model_size(model)
     conv_bits = 72 * 4 + 4 * 32 + 32 + 4 * 32  # 4-bit weights, 4 channel scales, 1 act scale, fp32 bias
-    assert size["layers"]["0"] == {"params": 76, "weight_bits": 4, "act_bits": 8, "bits": conv_bits, "fp32_bits": 76 * 32}
+    assert size["layers"]["0"] == {
+        "params": 76,
+        "weight_bits": 4,
+        "act_bits": 8,
+        "bits": conv_bits,
+        "fp32_bits": 76 * 32,
+    }
     assert size["layers"]["1"]["bits"] == 16 * 32 and size["layers"]["5"]["bits"] == 25 * 32
     assert size["bits"] == conv_bits + 16 * 32 + 25 * 32 == 1888
     assert size["bytes"] == 236 and size["fp32_bytes"] == 468 and size["mb"] == 236e-6

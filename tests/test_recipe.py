@@ -1,5 +1,6 @@
 """Recipes: every shipped recipe validates; bad recipes fail naming file, stage and key; a tiny
 recipe runs end to end, survives a SIGKILL mid-stage and resumes to the same result."""
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,7 @@ import os
 import pytest
 import torch
 
-from pycompress.recipe import (RecipeError, RunError, apply_overrides, load_model, load_recipe,
-                               run_recipe, validate)
+from pycompress.recipe import RecipeError, RunError, apply_overrides, load_model, load_recipe, run_recipe, validate
 from tests.helpers import ROOT, run_cli, write_recipe
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
@@ -22,25 +22,55 @@ TINY = {
     "seed": 3,
     "kernel_backend": "auto",
     "device": "cpu",
-    "data": {"dataset": "synthetic", "batch_size": 16, "eval_batch_size": 64,
-             "options": {"num_classes": 4, "image_size": 16, "in_channels": 1, "length": 64}},
+    "data": {
+        "dataset": "synthetic",
+        "batch_size": 16,
+        "eval_batch_size": 64,
+        "options": {"num_classes": 4, "image_size": 16, "in_channels": 1, "length": 64},
+    },
     "model": {"name": "mobilenet_student", "args": {"width_mult": 0.5}},
     "teacher": {"name": "lenet5", "args": {"input_size": 16}},
     "stages": [
-        {"name": "teacher", "kind": "train", "target": "teacher", "epochs": 2, "batch_size": 32,
-         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-         "schedule": {"name": "warmup_cosine", "warmup_epochs": 0.5}},
-        {"name": "kd", "kind": "distill", "epochs": 2,
-         "optimizer": {"name": "adamw", "lr": 2e-3},
-         "distill": {"kind": "hinton", "alpha": 0.5, "temperature": 4}},
-        {"name": "qat8", "kind": "quantize", "epochs": 2, "optimizer": {"name": "adamw", "lr": 5e-4},
-         "distill": {"kind": "hinton", "alpha": 0.5, "temperature": 4},
-         "quantize": {"weight_bits": 8, "act_bits": 8, "calib_batches": 2}},
-        {"name": "qat4", "kind": "quantize", "epochs": 2, "optimizer": {"name": "adamw", "lr": 5e-4},
-         "schedule": {"name": "warmup_cosine"}, "log_format": "jsonl",
-         "distill": {"kind": "hinton", "alpha": 0.5, "temperature": 4},
-         "quantize": {"weight_bits": 4, "act_bits": 8, "calib_batches": 2,
-                      "first": {"weight_bits": 8}, "last": {"weight_bits": 8}}},
+        {
+            "name": "teacher",
+            "kind": "train",
+            "target": "teacher",
+            "epochs": 2,
+            "batch_size": 32,
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+            "schedule": {"name": "warmup_cosine", "warmup_epochs": 0.5},
+        },
+        {
+            "name": "kd",
+            "kind": "distill",
+            "epochs": 2,
+            "optimizer": {"name": "adamw", "lr": 2e-3},
+            "distill": {"kind": "hinton", "alpha": 0.5, "temperature": 4},
+        },
+        {
+            "name": "qat8",
+            "kind": "quantize",
+            "epochs": 2,
+            "optimizer": {"name": "adamw", "lr": 5e-4},
+            "distill": {"kind": "hinton", "alpha": 0.5, "temperature": 4},
+            "quantize": {"weight_bits": 8, "act_bits": 8, "calib_batches": 2},
+        },
+        {
+            "name": "qat4",
+            "kind": "quantize",
+            "epochs": 2,
+            "optimizer": {"name": "adamw", "lr": 5e-4},
+            "schedule": {"name": "warmup_cosine"},
+            "log_format": "jsonl",
+            "distill": {"kind": "hinton", "alpha": 0.5, "temperature": 4},
+            "quantize": {
+                "weight_bits": 4,
+                "act_bits": 8,
+                "calib_batches": 2,
+                "first": {"weight_bits": 8},
+                "last": {"weight_bits": 8},
+            },
+        },
         {"name": "final", "kind": "evaluate"},
     ],
 }
@@ -105,16 +135,24 @@ BAD = [
     (_stage(4, amp=True), ["stages[4] 'final'", "'amp' does not apply"]),
     (_stage(4, batch_size=8), ["stages[4] 'final'", "'batch_size' does not apply"]),
     (_stage(0, batch_size=0), ["stages[0] 'teacher'", "'batch_size' must be >= 1"]),
-    (_stage(0, distill="kldiv:1"), ["stages[0] 'teacher'", "'distill' is not supported on a stage with target 'teacher'"]),
+    (
+        _stage(0, distill="kldiv:1"),
+        ["stages[0] 'teacher'", "'distill' is not supported on a stage with target 'teacher'"],
+    ),
     (_stage(1, name="teacher"), ["stages[1] 'teacher'", "duplicate stage name"]),
     (_stage(1, name="k d"), ["stages[1] 'k d'", "'name' must match"]),
-    (tiny(stages=[s for s in TINY["stages"] if s["name"] != "teacher"]),
-     ["stages[0] 'kd'", "'distill' needs a trained teacher"]),
+    (
+        tiny(stages=[s for s in TINY["stages"] if s["name"] != "teacher"]),
+        ["stages[0] 'kd'", "'distill' needs a trained teacher"],
+    ),
     (tiny(teacher=None), ["target 'teacher' but the recipe has no 'teacher' section"]),
     (tiny(model={"name": "mobilenet", "args": {}}), ["model", "unknown model 'mobilenet'", "did you mean"]),
     (tiny(model={"name": "mobilenet_student", "args": {"width": 1}}), ["model.args", "takes no argument 'width'"]),
     (tiny(model={"name": "mobilenet_student", "args": {"width_mult": -1.0}}), ["model.args", "width_mult"]),
-    (tiny(model={"name": "mobilenet_student", "args": {"num_classes": 3}}), ["model.args", "'num_classes' is set from the dataset"]),
+    (
+        tiny(model={"name": "mobilenet_student", "args": {"num_classes": 3}}),
+        ["model.args", "'num_classes' is set from the dataset"],
+    ),
     (tiny(data={"dataset": "fashion-mnistt"}), ["data", "unknown dataset"]),
     (tiny(data={"dataset": "synthetic", "batch_size": 0}), ["data", "'batch_size' must be >= 1"]),
     (tiny(kernel_backend="fast"), ["'kernel_backend' must be one of"]),
@@ -145,8 +183,10 @@ def test_bad_yaml_file(tmp_path):
 
 
 def test_overrides():
-    raw = apply_overrides(TINY, ["kd.epochs=5", "data.batch_size=8", "seed=9",
-                                 "qat4.optimizer.lr=0.01", "kd.distill={kind: kldiv, weight: 1}"])
+    raw = apply_overrides(
+        TINY,
+        ["kd.epochs=5", "data.batch_size=8", "seed=9", "qat4.optimizer.lr=0.01", "kd.distill={kind: kldiv, weight: 1}"],
+    )
     r = validate(raw, "x.yaml")
     assert r.stage("kd").epochs == 5 and r.data.batch_size == 8 and r.seed == 9
     assert r.stage("qat4").optimizer["lr"] == 0.01 and r.stage("kd").distill["kind"] == "kldiv"
@@ -177,10 +217,17 @@ def uninterrupted(tmp_path_factory):
 
 def test_tiny_recipe_runs_end_to_end(uninterrupted):
     path, out, res = uninterrupted
-    for f in ["recipe.yaml", "run.json", "report.md", "report.json",
-              "stages/00-teacher/best.pt", "stages/00-teacher/checkpoint.pt",
-              "stages/00-teacher/metrics.csv", "stages/00-teacher/curves.png",
-              "stages/03-qat4/metrics.jsonl"]:
+    for f in [
+        "recipe.yaml",
+        "run.json",
+        "report.md",
+        "report.json",
+        "stages/00-teacher/best.pt",
+        "stages/00-teacher/checkpoint.pt",
+        "stages/00-teacher/metrics.csv",
+        "stages/00-teacher/curves.png",
+        "stages/03-qat4/metrics.jsonl",
+    ]:
         assert os.path.exists(os.path.join(out, f)), f
     report = json.load(open(os.path.join(out, "report.json")))
     assert [s["name"] for s in report["stages"]] == ["teacher", "kd", "qat8", "qat4", "final", "export"]
@@ -196,7 +243,7 @@ def test_tiny_recipe_runs_end_to_end(uninterrupted):
     assert len(rows) == 3
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["stages"]["teacher"]["result"]["steps"] == 4  # 2 epochs x (64 / batch_size 32)
-    assert run["stages"]["kd"]["result"]["steps"] == 8       # data.batch_size 16
+    assert run["stages"]["kd"]["result"]["steps"] == 8  # data.batch_size 16
     jl = [json.loads(line) for line in open(os.path.join(out, "stages/03-qat4/metrics.jsonl"))]
     assert [r["epoch"] for r in jl] == [1, 2]
     md = open(os.path.join(out, "report.md")).read()
@@ -204,8 +251,7 @@ def test_tiny_recipe_runs_end_to_end(uninterrupted):
     # the 4-bit checkpoint rebuilds as a QAT model and evaluates from the CLI
     state, ckpt = _final_state(out)
     assert ckpt["arch"]["qat"] and any("weight_quant" in k for k in state)
-    ev = run_cli(["eval", os.path.join(out, "stages/03-qat4/best.pt"), "--json",
-                   os.path.join(out, "eval.json")])
+    ev = run_cli(["eval", os.path.join(out, "stages/03-qat4/best.pt"), "--json", os.path.join(out, "eval.json")])
     assert ev.returncode == 0, ev.stderr
     got = json.load(open(os.path.join(out, "eval.json")))
     assert got["top1"] == pytest.approx(report["stages"][3]["best_top1"])
@@ -264,10 +310,14 @@ def test_kill_before_first_checkpoint_restarts_the_stage(uninterrupted, tmp_path
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
-    raw = tiny(stages=[{"name": "boom", "kind": "train", "epochs": 3,
-                        "optimizer": {"name": "sgd", "lr": 1e30, "momentum": 0.9}}])
+    raw = tiny(
+        stages=[
+            {"name": "boom", "kind": "train", "epochs": 3, "optimizer": {"name": "sgd", "lr": 1e30, "momentum": 0.9}}
+        ]
+    )
     r = validate(raw, "nan.yaml")
     from pycompress.train import TrainingDiverged
+
     with pytest.raises(TrainingDiverged, match=r"stage 'boom': loss is (nan|inf)"):
         run_recipe(r, str(tmp_path / "out"), progress=False, log=lambda s: None)
 
@@ -292,8 +342,8 @@ def test_check_cli(tmp_path):
 def test_progress_bar_does_not_change_the_data_order():
     from pycompress.data import make_loaders
     from pycompress.train.trainer import _progress
-    tr, _, _ = make_loaders("synthetic", batch_size=16, length=64, image_size=8, in_channels=1,
-                            num_classes=4)
+
+    tr, _, _ = make_loaders("synthetic", batch_size=16, length=64, image_size=8, in_channels=1, num_classes=4)
     orders = []
     for enabled in (False, True, None):
         tr.generator.manual_seed(5)

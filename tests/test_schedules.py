@@ -1,5 +1,6 @@
 """Tests for pycompress.train.schedules: per-iteration LRs vs independent formulas, resume via
 state_dict, per-param-group LRs, the build_scheduler factory and input validation."""
+
 import copy
 import io
 import math
@@ -185,14 +186,12 @@ def lrs_of(sched, n):
 
 def test_build_scheduler_converts_epochs():
     ipe = 10
-    a = build_scheduler(make_opt(), {"name": "warmup_cosine", "epochs": 6, "warmup_epochs": 0.5,
-                                     "base_lr": 0.001}, ipe)
+    a = build_scheduler(make_opt(), {"name": "warmup_cosine", "epochs": 6, "warmup_epochs": 0.5, "base_lr": 0.001}, ipe)
     assert isinstance(a, WarmupCosine) and a.total_iters == 60 and a.warmup_iters == 5
     b = WarmupCosine(make_opt(), total_iters=60, warmup_iters=5, base_lr=0.001)
     assert lrs_of(a, 65) == lrs_of(b, 65)
 
-    c = build_scheduler(make_opt(), {"name": "WarmupStep", "milestones": [2, 4], "gamma": 0.1,
-                                     "warmup_epochs": 1}, ipe)
+    c = build_scheduler(make_opt(), {"name": "WarmupStep", "milestones": [2, 4], "gamma": 0.1, "warmup_epochs": 1}, ipe)
     assert isinstance(c, WarmupStep) and c.milestones == [20, 40] and c.warmup_iters == 10
     d = build_scheduler(make_opt(), {"name": "multistep", "milestone_iters": [20, 40]}, ipe)
     assert type(d) is MultiStep and d.milestones == [20, 40] and d.gamma == 0.1
@@ -206,29 +205,32 @@ def test_build_scheduler_converts_epochs():
     assert h.total_iters == 100 and h.warmup_iters == 3
 
 
-@pytest.mark.parametrize("spec,key", [
-    ({"name": "warmup_cosine", "epochs": 5, "warmpu_epochs": 1}, "warmpu_epochs"),
-    ({"name": "warmup_cosine", "epochs": 5, "milestones": [1]}, "milestones"),
-    ({"name": "step", "step_size": 1, "epochs": 3}, "epochs"),
-    ({"name": "nope"}, "name"),
-    ({"epochs": 3}, "name"),
-    ({"name": "warmup_cosine"}, "epochs"),
-    ({"name": "warmup_cosine", "epochs": 5, "total_iters": 50}, "total_iters"),
-    ({"name": "warmup_cosine", "epochs": 5, "warmup_epochs": 5}, "warmup_iters"),
-    ({"name": "warmup_cosine", "epochs": -1}, "epochs"),
-    ({"name": "warmup_cosine", "epochs": "10"}, "epochs"),
-    ({"name": "warmup_cosine", "epochs": 5, "warmup_epochs": -1}, "warmup_epochs"),
-    ({"name": "warmup_cosine", "epochs": 5, "base_lr": -0.1}, "base_lr"),
-    ({"name": "warmup_cosine", "epochs": 5, "base_lr": [0.1]}, "base_lr"),
-    ({"name": "warmup_step", "gamma": 0.1}, "milestones"),
-    ({"name": "warmup_step", "milestones": [3, 2]}, "milestones"),
-    ({"name": "warmup_step", "milestones": 3}, "milestones"),
-    ({"name": "multistep", "milestones": [1], "gamma": 0}, "gamma"),
-    ({"name": "multistep", "milestone_iters": [1.5]}, "milestone_iters"),
-    ({"name": "step"}, "step_size"),
-    ({"name": "step", "step_size": 0}, "step_size"),
-    ({"name": "step", "step_size_iters": True}, "step_size_iters"),
-])
+@pytest.mark.parametrize(
+    "spec,key",
+    [
+        ({"name": "warmup_cosine", "epochs": 5, "warmpu_epochs": 1}, "warmpu_epochs"),
+        ({"name": "warmup_cosine", "epochs": 5, "milestones": [1]}, "milestones"),
+        ({"name": "step", "step_size": 1, "epochs": 3}, "epochs"),
+        ({"name": "nope"}, "name"),
+        ({"epochs": 3}, "name"),
+        ({"name": "warmup_cosine"}, "epochs"),
+        ({"name": "warmup_cosine", "epochs": 5, "total_iters": 50}, "total_iters"),
+        ({"name": "warmup_cosine", "epochs": 5, "warmup_epochs": 5}, "warmup_iters"),
+        ({"name": "warmup_cosine", "epochs": -1}, "epochs"),
+        ({"name": "warmup_cosine", "epochs": "10"}, "epochs"),
+        ({"name": "warmup_cosine", "epochs": 5, "warmup_epochs": -1}, "warmup_epochs"),
+        ({"name": "warmup_cosine", "epochs": 5, "base_lr": -0.1}, "base_lr"),
+        ({"name": "warmup_cosine", "epochs": 5, "base_lr": [0.1]}, "base_lr"),
+        ({"name": "warmup_step", "gamma": 0.1}, "milestones"),
+        ({"name": "warmup_step", "milestones": [3, 2]}, "milestones"),
+        ({"name": "warmup_step", "milestones": 3}, "milestones"),
+        ({"name": "multistep", "milestones": [1], "gamma": 0}, "gamma"),
+        ({"name": "multistep", "milestone_iters": [1.5]}, "milestone_iters"),
+        ({"name": "step"}, "step_size"),
+        ({"name": "step", "step_size": 0}, "step_size"),
+        ({"name": "step", "step_size_iters": True}, "step_size_iters"),
+    ],
+)
 def test_build_scheduler_bad_spec(spec, key):
     with pytest.raises(ValueError, match=key):
         build_scheduler(make_opt(), spec, 10)

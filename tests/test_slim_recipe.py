@@ -1,6 +1,7 @@
 """Network slimming in recipes: sparsity training with bn_l1, a slim stage in rounds (a new optimizer
 per round, the best of each round kept), then QAT and export of the smaller network; the checkpoint
 and the artifact rebuild it; an interrupted round resumes to the same result."""
+
 from __future__ import annotations
 
 import copy
@@ -20,16 +21,35 @@ SLIM = {
     "name": "tiny-slim",
     "seed": 1,
     "device": "cpu",
-    "data": {"dataset": "synthetic", "batch_size": 16, "eval_batch_size": 64,
-             "options": {"num_classes": 4, "image_size": 16, "in_channels": 1, "length": 64}},
+    "data": {
+        "dataset": "synthetic",
+        "batch_size": 16,
+        "eval_batch_size": 64,
+        "options": {"num_classes": 4, "image_size": 16, "in_channels": 1, "length": 64},
+    },
     "model": {"name": "mobilenet_student", "args": {"width_mult": 0.5}},
     "stages": [
-        {"name": "float", "kind": "train", "epochs": 2, "optimizer": {"name": "adamw", "lr": 3e-3},
-         "prune": {"regularizer": "bn_l1", "strength": 1.0e-3}},
-        {"name": "slim", "kind": "slim", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-         "slim": {"criterion": "bn_gamma", "ratio": 0.5, "rounds": 2, "round_to": 4}},
-        {"name": "qat4", "kind": "quantize", "epochs": 1, "optimizer": {"name": "adamw", "lr": 5e-4},
-         "quantize": {"weight_bits": 4, "act_bits": 8, "calib_batches": 1}},
+        {
+            "name": "float",
+            "kind": "train",
+            "epochs": 2,
+            "optimizer": {"name": "adamw", "lr": 3e-3},
+            "prune": {"regularizer": "bn_l1", "strength": 1.0e-3},
+        },
+        {
+            "name": "slim",
+            "kind": "slim",
+            "epochs": 1,
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+            "slim": {"criterion": "bn_gamma", "ratio": 0.5, "rounds": 2, "round_to": 4},
+        },
+        {
+            "name": "qat4",
+            "kind": "quantize",
+            "epochs": 1,
+            "optimizer": {"name": "adamw", "lr": 5e-4},
+            "quantize": {"weight_bits": 4, "act_bits": 8, "calib_batches": 1},
+        },
     ],
 }
 
@@ -95,16 +115,29 @@ def test_interrupted_round_resumes_to_the_same_result(slim_run, tmp_path):
             assert sa.get(key) == sb.get(key), (sa["name"], key)
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda r: r["stages"][1].update(quantize={"weight_bits": 4}), "'slim' and 'quantize' in one stage"),
-    (lambda r: r["stages"].insert(1, {"name": "q", "kind": "quantize", "epochs": 1,
-                                      "optimizer": {"name": "sgd", "lr": 0.1}, "quantize": {"weight_bits": 8}}),
-     "after the student was quantized in stage 'q'"),
-    (lambda r: r["stages"][1]["slim"].update(ratio=1.5), "ratio"),
-    (lambda r: r["stages"][1]["slim"].update(criterio="l1"), "unknown key"),
-    (lambda r: r["stages"][1].pop("slim"), "missing required key 'slim'"),
-    (lambda r: r["stages"][0]["prune"].update(regularizer="bn_l2"), "regularizer"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda r: r["stages"][1].update(quantize={"weight_bits": 4}), "'slim' and 'quantize' in one stage"),
+        (
+            lambda r: r["stages"].insert(
+                1,
+                {
+                    "name": "q",
+                    "kind": "quantize",
+                    "epochs": 1,
+                    "optimizer": {"name": "sgd", "lr": 0.1},
+                    "quantize": {"weight_bits": 8},
+                },
+            ),
+            "after the student was quantized in stage 'q'",
+        ),
+        (lambda r: r["stages"][1]["slim"].update(ratio=1.5), "ratio"),
+        (lambda r: r["stages"][1]["slim"].update(criterio="l1"), "unknown key"),
+        (lambda r: r["stages"][1].pop("slim"), "missing required key 'slim'"),
+        (lambda r: r["stages"][0]["prune"].update(regularizer="bn_l2"), "regularizer"),
+    ],
+)
 def test_bad_slim_recipes(edit, match):
     raw = copy.deepcopy(SLIM)
     edit(raw)

@@ -1,6 +1,7 @@
 """Structured pruning with physical removal: removal is a no-op on function for dead channels on every
 zoo model, the parameter count drops by exactly the announced amount, plans rebuild the network,
 masks carry over, and the selection rules (ratio, scope, threshold, rounding, exclusions) hold."""
+
 from __future__ import annotations
 
 import copy
@@ -48,8 +49,9 @@ def _randomize(model, seed=0):
 
 def _layer_params(m):
     if isinstance(m, nn.Conv2d):
-        return m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] \
-            + (m.out_channels if m.bias is not None else 0)
+        return m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] + (
+            m.out_channels if m.bias is not None else 0
+        )
     if isinstance(m, nn.Linear):
         return m.out_features * m.in_features + (m.out_features if m.bias is not None else 0)
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -161,26 +163,34 @@ def test_ratio_rounding_and_min_channels():
     m = _student_trained_bn()
     res = S.slim(m, {"criterion": "bn_gamma", "ratio": 0.3}, input_shape=(1, 32, 32))
     after = {g["root"]: g["after"] for g in res.groups}
-    assert after["cnn.1.3"] == 24   # 32 * 0.7 = 22.4 -> nearest multiple of 8
+    assert after["cnn.1.3"] == 24  # 32 * 0.7 = 22.4 -> nearest multiple of 8
     assert after["cnn.4.3"] == 176  # 256 * 0.7 = 179.2 -> 176
-    assert after["cnn.0.0"] == 8    # 16 * 0.7 = 11.2 -> the nearest multiple of 8 is 8
+    assert after["cnn.0.0"] == 8  # 16 * 0.7 = 11.2 -> the nearest multiple of 8 is 8
 
 
 def test_ratio_rounding_exact_rules():
     assert S._keep_count(16, 0.3, 8, 1) == 8
     assert S._keep_count(32, 0.3, 8, 1) == 24
     assert S._keep_count(256, 0.3, 8, 1) == 176
-    assert S._keep_count(6, 0.5, 8, 1) == 3     # smaller than round_to: not rounded
-    assert S._keep_count(8, 0.99, 8, 1) == 8    # at least one multiple
-    assert S._keep_count(5, 0.99, 1, 2) == 2    # min_channels
+    assert S._keep_count(6, 0.5, 8, 1) == 3  # smaller than round_to: not rounded
+    assert S._keep_count(8, 0.99, 8, 1) == 8  # at least one multiple
+    assert S._keep_count(5, 0.99, 1, 2) == 2  # min_channels
     assert S._keep_count(10, 0.999, 1, 1) == 1
 
 
 def test_layer_ratios_exclude_and_threshold():
     m = _student_trained_bn()
-    res = S.slim(m, {"criterion": "bn_gamma", "ratio": 0.25, "round_to": 1,
-                     "ratios": [{"pattern": r"^cnn\.4\.3$", "ratio": 0.5}], "exclude": [r"^cnn\.5\.3$"]},
-                 input_shape=(1, 32, 32))
+    res = S.slim(
+        m,
+        {
+            "criterion": "bn_gamma",
+            "ratio": 0.25,
+            "round_to": 1,
+            "ratios": [{"pattern": r"^cnn\.4\.3$", "ratio": 0.5}],
+            "exclude": [r"^cnn\.5\.3$"],
+        },
+        input_shape=(1, 32, 32),
+    )
     after = {g["root"]: (g["before"], g["after"]) for g in res.groups}
     assert after["cnn.4.3"] == (256, 128) and after["cnn.3.3"] == (128, 96)
     assert "cnn.5.3" not in after  # excluded: its group is left alone
@@ -196,8 +206,7 @@ def test_global_scope_ranks_all_channels_together():
     m = _student_trained_bn()
     with torch.no_grad():  # one block's gammas far below every other: global removes mostly there
         m.cnn[5][1].weight.mul_(1e-3)
-    res = S.slim(m, {"criterion": "bn_gamma", "ratio": 0.2, "scope": "global", "round_to": 1},
-                 input_shape=(1, 32, 32))
+    res = S.slim(m, {"criterion": "bn_gamma", "ratio": 0.2, "scope": "global", "round_to": 1}, input_shape=(1, 32, 32))
     after = {g["root"]: (g["before"], g["after"]) for g in res.groups}
     removed = sum(b - a for b, a in after.values())
     total = sum(b for b, _ in after.values())
@@ -237,16 +246,22 @@ def test_refusals():
     m = _student_trained_bn()
     with pytest.raises(S.SlimError, match="every group holds an excluded layer"):
         S.slim(m, {"criterion": "bn_gamma", "ratio": 0.3, "exclude": ["cnn"]}, input_shape=(1, 32, 32))
-    for bad, match in [({"ratio": 1.0}, "in \\(0, 1\\)"), ({"ratio": 0}, "in \\(0, 1\\)"), ({}, "either a ratio"),
-                       ({"ratio": 0.3, "threshold": 0.1}, "either a ratio"), ({"ratio": 0.3, "criterion": "x"}, "criterion"),
-                       ({"ratio": 0.3, "round_to": 0}, "round_to"), ({"ratio": 0.3, "exclude": ["("]}, "regular expression"),
-                       ({"ratio": 0.3, "typo": 1}, "unknown key")]:
+    for bad, match in [
+        ({"ratio": 1.0}, "in \\(0, 1\\)"),
+        ({"ratio": 0}, "in \\(0, 1\\)"),
+        ({}, "either a ratio"),
+        ({"ratio": 0.3, "threshold": 0.1}, "either a ratio"),
+        ({"ratio": 0.3, "criterion": "x"}, "criterion"),
+        ({"ratio": 0.3, "round_to": 0}, "round_to"),
+        ({"ratio": 0.3, "exclude": ["("]}, "regular expression"),
+        ({"ratio": 0.3, "typo": 1}, "unknown key"),
+    ]:
         with pytest.raises(S.SlimError, match=match):
             S.SlimSpec.from_dict({"criterion": "bn_gamma", **bad} if "criterion" not in bad else bad)
 
 
 def test_rounds_compose_to_the_total_ratio():
-    spec = S.SlimSpec(criterion="bn_gamma", ratio=1 - 0.95 ** 5, rounds=5)
+    spec = S.SlimSpec(criterion="bn_gamma", ratio=1 - 0.95**5, rounds=5)
     assert spec.round_ratio() == pytest.approx(0.05)  # hw7: width x 0.95 per round
 
 

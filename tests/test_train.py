@@ -2,6 +2,7 @@
 and spec validation, top-k and evaluate, the Trainer loop (schedule per iteration, logs, curves,
 best.pt, checkpoint contents), in-process exact resume, NaN handling, atomic checkpoints, CPU AMP
 and hooks. Everything runs on tiny models and data on the CPU."""
+
 import copy
 import csv
 import json
@@ -28,8 +29,8 @@ from pycompress.train import (
     validate_optimizer_spec,
 )
 from pycompress.train import checkpoint as ckpt_mod
-from pycompress.train.schedules import WarmupCosine
 from pycompress.train import trainer as trainer_mod
+from pycompress.train.schedules import WarmupCosine
 from pycompress.train.trainer import _debug_kill_step
 
 IN, CLS = 8, 4
@@ -51,8 +52,7 @@ def _one_thread():
 
 def make_model(seed=0, dropout=0.0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(16, CLS))
+    return nn.Sequential(nn.Linear(IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, CLS))
 
 
 def make_data(n, seed):
@@ -67,8 +67,9 @@ def make_data(n, seed):
 def make_loaders(n=32, batch=8, eval_n=16, gen_seed=0):
     x, y = make_data(n, 0)
     xe, ye = make_data(eval_n, 1)
-    train = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True,
-                       generator=torch.Generator().manual_seed(gen_seed))
+    train = DataLoader(
+        TensorDataset(x, y), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(gen_seed)
+    )
     ev = DataLoader(TensorDataset(xe, ye), batch_size=8) if eval_n else None
     return train, ev
 
@@ -76,14 +77,19 @@ def make_loaders(n=32, batch=8, eval_n=16, gen_seed=0):
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
 
 
-def make_trainer(model=None, out_dir=None, *, epochs=2, optimizer=SGD, n=32, batch=8, eval_n=16,
-                 gen_seed=0, **kw):
+def make_trainer(model=None, out_dir=None, *, epochs=2, optimizer=SGD, n=32, batch=8, eval_n=16, gen_seed=0, **kw):
     train, ev = make_loaders(n, batch, eval_n, gen_seed)
     kw.setdefault("progress", False)
     kw.setdefault("log", lambda line: None)
-    return Trainer(model if model is not None else make_model(), train, ev, epochs=epochs,
-                   optimizer=dict(optimizer) if isinstance(optimizer, dict) else optimizer,
-                   out_dir=None if out_dir is None else str(out_dir), **kw)
+    return Trainer(
+        model if model is not None else make_model(),
+        train,
+        ev,
+        epochs=epochs,
+        optimizer=dict(optimizer) if isinstance(optimizer, dict) else optimizer,
+        out_dir=None if out_dir is None else str(out_dir),
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -103,8 +109,7 @@ def tmp_files(d):
 
 def conv_bn_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(2 * 4 * 4, 3))
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
 
 
 def ids(params):
@@ -182,7 +187,7 @@ def test_param_groups_no_bias_decay_splits_by_dimension():
 
 def test_param_groups_other_1d_params_go_to_no_decay():
     m = nn.Sequential(nn.Linear(3, 3))
-    m.scale = nn.Parameter(torch.ones(()))   # 0-d, e.g. a learned quantizer scale
+    m.scale = nn.Parameter(torch.ones(()))  # 0-d, e.g. a learned quantizer scale
     m.vec = nn.Parameter(torch.ones(5))
     groups = param_groups(m, 0.1)
     nodecay = next(g for g in groups if g["weight_decay"] == 0.0)
@@ -220,8 +225,7 @@ def test_param_groups_exclude_frozen_and_need_trainable():
 
 def test_build_optimizer_sgd():
     m = conv_bn_model()
-    opt = build_optimizer(m, {"name": "SGD", "lr": 0.05, "momentum": 0.8, "nesterov": True,
-                              "weight_decay": 5e-4})
+    opt = build_optimizer(m, {"name": "SGD", "lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 5e-4})
     assert type(opt) is torch.optim.SGD
     assert len(opt.param_groups) == 2
     for g in opt.param_groups:
@@ -239,27 +243,27 @@ def test_build_optimizer_sgd():
 
 def test_build_optimizer_adam_and_adamw():
     m = conv_bn_model()
-    opt = build_optimizer(m, {"name": "adam", "lr": 1e-3, "betas": [0.8, 0.95], "eps": 1e-6,
-                              "amsgrad": True})
+    opt = build_optimizer(m, {"name": "adam", "lr": 1e-3, "betas": [0.8, 0.95], "eps": 1e-6, "amsgrad": True})
     assert type(opt) is torch.optim.Adam
     for g in opt.param_groups:
         assert g["lr"] == 1e-3 and tuple(g["betas"]) == (0.8, 0.95) and g["eps"] == 1e-6
-        assert g["amsgrad"] is True and g["weight_decay"] == 0.0   # adam default wd 0
+        assert g["amsgrad"] is True and g["weight_decay"] == 0.0  # adam default wd 0
     opt = build_optimizer(m, {"name": "AdamW", "lr": 2e-3})
     assert type(opt) is torch.optim.AdamW
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 1e-2]
     assert all(tuple(g["betas"]) == (0.9, 0.999) for g in opt.param_groups)
     opt.zero_grad()
     m(torch.randn(2, 1, 6, 6)).sum().backward()
-    opt.step()   # betas are a tuple the optimizer accepts
+    opt.step()  # betas are a tuple the optimizer accepts
 
 
 @pytest.mark.parametrize("no_bias_decay", [True, False])
 def test_weight_decay_with_zero_gradient_spares_biases(no_bias_decay):
     m = conv_bn_model()
     lr, wd, steps = 0.1, 0.5, 4
-    opt = build_optimizer(m, {"name": "sgd", "lr": lr, "momentum": 0.0, "weight_decay": wd,
-                              "no_bias_decay": no_bias_decay})
+    opt = build_optimizer(
+        m, {"name": "sgd", "lr": lr, "momentum": 0.0, "weight_decay": wd, "no_bias_decay": no_bias_decay}
+    )
     before = {k: v.detach().clone() for k, v in m.named_parameters()}
     x = torch.randn(4, 1, 6, 6)
     for _ in range(steps):
@@ -281,8 +285,7 @@ def test_weight_decay_with_zero_gradient_spares_biases(no_bias_decay):
 # ------------------------------------------------------------------ 2. validate_optimizer_spec
 def test_validate_optimizer_spec_fills_defaults():
     s = validate_optimizer_spec({"name": "SGD", "lr": 1})
-    assert s == {"name": "sgd", "lr": 1.0, "momentum": 0.9, "weight_decay": 1e-4,
-                 "no_bias_decay": True}
+    assert s == {"name": "sgd", "lr": 1.0, "momentum": 0.9, "weight_decay": 1e-4, "no_bias_decay": True}
     assert isinstance(s["lr"], float)
     s = validate_optimizer_spec({"name": "adam", "lr": 0.01, "betas": (0.5, 0.6)})
     assert s["betas"] == [0.5, 0.6] and s["weight_decay"] == 0.0
@@ -290,33 +293,36 @@ def test_validate_optimizer_spec_fills_defaults():
     assert validate_optimizer_spec({"name": "sgd", "lr": 0.1, "nesterov": True})["nesterov"]
 
 
-@pytest.mark.parametrize("spec, match", [
-    ({"name": "sgd", "lr": 0.1, "lrr": 1}, r"unknown key 'lrr'"),
-    ({"name": "adam", "lr": 0.1, "momentum": 0.9}, r"unknown key 'momentum' for adam"),
-    ({"name": "sgd", "lr": 0.1, "betas": [0.9, 0.99]}, r"unknown key 'betas' for sgd"),
-    ({"name": "sgd"}, r"missing required key 'lr'"),
-    ({"name": "adamw", "weight_decay": 0.1}, r"missing required key 'lr'"),
-    ({"name": "sgd", "lr": 0}, r"'lr' must be > 0"),
-    ({"name": "sgd", "lr": -0.1}, r"'lr' must be > 0"),
-    ({"name": "sgd", "lr": float("nan")}, r"'lr' must be a finite number"),
-    ({"name": "sgd", "lr": "0.1"}, r"'lr' must be a finite number"),
-    ({"name": "sgd", "lr": True}, r"'lr' must be a finite number"),
-    ({"name": "rmsprop", "lr": 0.1}, r"'name' must be one of"),
-    ({"lr": 0.1}, r"'name' must be one of"),
-    ({"name": 3, "lr": 0.1}, r"'name' must be one of"),
-    ({"name": "sgd", "lr": 0.1, "nesterov": True, "momentum": 0}, r"'nesterov' needs momentum > 0"),
-    ({"name": "sgd", "lr": 0.1, "nesterov": True, "dampening": 0.1}, r"'nesterov' needs"),
-    ({"name": "sgd", "lr": 0.1, "nesterov": 1}, r"'nesterov' must be true or false"),
-    ({"name": "sgd", "lr": 0.1, "momentum": -0.5}, r"'momentum' must be >= 0"),
-    ({"name": "sgd", "lr": 0.1, "weight_decay": -1e-4}, r"'weight_decay' must be >= 0"),
-    ({"name": "adam", "lr": 0.1, "betas": [0.9, 1.0]}, r"'betas' must be two numbers in \[0, 1\)"),
-    ({"name": "adam", "lr": 0.1, "betas": [-0.1, 0.9]}, r"'betas' must be two numbers"),
-    ({"name": "adam", "lr": 0.1, "betas": [0.9]}, r"'betas' must be two numbers"),
-    ({"name": "adam", "lr": 0.1, "betas": "ab"}, r"'betas' must be two numbers"),
-    ({"name": "adamw", "lr": 0.1, "betas": [True, 0.9]}, r"'betas' must be two numbers"),
-    ({"name": "adam", "lr": 0.1, "eps": 0}, r"'eps' must be > 0"),
-    ({"name": "adam", "lr": 0.1, "amsgrad": "yes"}, r"'amsgrad' must be true or false"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"name": "sgd", "lr": 0.1, "lrr": 1}, r"unknown key 'lrr'"),
+        ({"name": "adam", "lr": 0.1, "momentum": 0.9}, r"unknown key 'momentum' for adam"),
+        ({"name": "sgd", "lr": 0.1, "betas": [0.9, 0.99]}, r"unknown key 'betas' for sgd"),
+        ({"name": "sgd"}, r"missing required key 'lr'"),
+        ({"name": "adamw", "weight_decay": 0.1}, r"missing required key 'lr'"),
+        ({"name": "sgd", "lr": 0}, r"'lr' must be > 0"),
+        ({"name": "sgd", "lr": -0.1}, r"'lr' must be > 0"),
+        ({"name": "sgd", "lr": float("nan")}, r"'lr' must be a finite number"),
+        ({"name": "sgd", "lr": "0.1"}, r"'lr' must be a finite number"),
+        ({"name": "sgd", "lr": True}, r"'lr' must be a finite number"),
+        ({"name": "rmsprop", "lr": 0.1}, r"'name' must be one of"),
+        ({"lr": 0.1}, r"'name' must be one of"),
+        ({"name": 3, "lr": 0.1}, r"'name' must be one of"),
+        ({"name": "sgd", "lr": 0.1, "nesterov": True, "momentum": 0}, r"'nesterov' needs momentum > 0"),
+        ({"name": "sgd", "lr": 0.1, "nesterov": True, "dampening": 0.1}, r"'nesterov' needs"),
+        ({"name": "sgd", "lr": 0.1, "nesterov": 1}, r"'nesterov' must be true or false"),
+        ({"name": "sgd", "lr": 0.1, "momentum": -0.5}, r"'momentum' must be >= 0"),
+        ({"name": "sgd", "lr": 0.1, "weight_decay": -1e-4}, r"'weight_decay' must be >= 0"),
+        ({"name": "adam", "lr": 0.1, "betas": [0.9, 1.0]}, r"'betas' must be two numbers in \[0, 1\)"),
+        ({"name": "adam", "lr": 0.1, "betas": [-0.1, 0.9]}, r"'betas' must be two numbers"),
+        ({"name": "adam", "lr": 0.1, "betas": [0.9]}, r"'betas' must be two numbers"),
+        ({"name": "adam", "lr": 0.1, "betas": "ab"}, r"'betas' must be two numbers"),
+        ({"name": "adamw", "lr": 0.1, "betas": [True, 0.9]}, r"'betas' must be two numbers"),
+        ({"name": "adam", "lr": 0.1, "eps": 0}, r"'eps' must be > 0"),
+        ({"name": "adam", "lr": 0.1, "amsgrad": "yes"}, r"'amsgrad' must be true or false"),
+    ],
+)
 def test_validate_optimizer_spec_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         validate_optimizer_spec(spec)
@@ -329,9 +335,13 @@ def test_validate_optimizer_spec_rejects_non_mapping():
 
 # ------------------------------------------------------------------ 3. topk_correct, evaluate
 def test_topk_correct_hand_computed():
-    logits = torch.tensor([[0.1, 0.5, 0.3, 0.2],    # order 1, 2, 3, 0
-                           [0.9, 0.1, 0.0, 0.05],   # order 0, 1, 3, 2
-                           [0.2, 0.3, 0.4, 0.1]])   # order 2, 1, 0, 3
+    logits = torch.tensor(
+        [
+            [0.1, 0.5, 0.3, 0.2],  # order 1, 2, 3, 0
+            [0.9, 0.1, 0.0, 0.05],  # order 0, 1, 3, 2
+            [0.2, 0.3, 0.4, 0.1],
+        ]
+    )  # order 2, 1, 0, 3
     targets = torch.tensor([2, 0, 3])
     # sample 0 hit from k=2, sample 1 from k=1, sample 2 from k=4; k > 4 classes is capped
     assert topk_correct(logits, targets, (1, 2, 3, 4, 5, 10)) == [1, 2, 2, 3, 3, 3]
@@ -348,14 +358,13 @@ def test_topk_correct_needs_2d_logits():
 
 def _eval_setup():
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.5),
-                          nn.Linear(12, 7))
+    model = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.5), nn.Linear(12, 7))
     model.train()
-    for _ in range(3):   # give BN some running statistics
+    for _ in range(3):  # give BN some running statistics
         model(torch.randn(16, 5) + 1.0)
     x = torch.randn(10, 5)
     y = torch.randint(0, 7, (10,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=4)   # batches of 4, 4, 2
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)  # batches of 4, 4, 2
     return model, x, y, loader
 
 
@@ -363,7 +372,7 @@ def test_evaluate_matches_manual_computation_and_restores_mode():
     model, x, y, loader = _eval_setup()
     model.train()
     res = evaluate(model, loader)
-    assert model.training   # restored
+    assert model.training  # restored
     model.eval()
     with torch.no_grad():
         logits = model(x)
@@ -416,12 +425,19 @@ def test_trainer_argument_validation():
 def test_one_epoch_reduces_the_loss_registry_model_and_synthetic_data():
     from pycompress.data import make_loaders as data_loaders
     from pycompress.models import build
-    train, test, _ = data_loaders("synthetic", batch_size=8, length=32, image_size=8,
-                                  in_channels=1, num_classes=4)
+
+    train, test, _ = data_loaders("synthetic", batch_size=8, length=32, image_size=8, in_channels=1, num_classes=4)
     model = build("lenet300", in_channels=1, num_classes=4, input_size=8)
     before = evaluate(model, train)["loss"]
-    t = Trainer(model, train, test, epochs=1, progress=False, log=lambda s: None,
-                optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9})
+    t = Trainer(
+        model,
+        train,
+        test,
+        epochs=1,
+        progress=False,
+        log=lambda s: None,
+        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    )
     summary = t.fit()
     after = evaluate(model, train)["loss"]
     assert after < before
@@ -470,13 +486,12 @@ class LRRecorder(Hook):
 
     def before_step(self, trainer):
         self.lrs.append([g["lr"] for g in trainer.optimizer.param_groups])
-        self._saved = [(p, p.detach().clone(), p.grad.detach().clone())
-                       for p in trainer.model.parameters()]
+        self._saved = [(p, p.detach().clone(), p.grad.detach().clone()) for p in trainer.model.parameters()]
 
     def after_step(self, trainer):
         row = []
         for p, before, g in self._saved:
-            if g.norm() > 1e-3:   # (the bias of a Linear feeding a BatchNorm has ~0 grad)
+            if g.norm() > 1e-3:  # (the bias of a Linear feeding a BatchNorm has ~0 grad)
                 row.append(float(((before - p.detach()) * g).sum() / (g * g).sum()))
         self.effective.append(row)
 
@@ -484,11 +499,16 @@ class LRRecorder(Hook):
 def test_lr_follows_warmup_cosine_per_iteration():
     rec = LRRecorder()
     lr, base, S, E = 0.1, 0.01, 3, 3
-    t = make_trainer(epochs=E, n=64, max_steps_per_epoch=S, hooks=[rec],
-                     optimizer={"name": "sgd", "lr": lr, "momentum": 0.0, "weight_decay": 0.0},
-                     schedule={"name": "warmup_cosine", "warmup_epochs": 1, "base_lr": base})
+    t = make_trainer(
+        epochs=E,
+        n=64,
+        max_steps_per_epoch=S,
+        hooks=[rec],
+        optimizer={"name": "sgd", "lr": lr, "momentum": 0.0, "weight_decay": 0.0},
+        schedule={"name": "warmup_cosine", "warmup_epochs": 1, "base_lr": base},
+    )
     assert isinstance(t.scheduler, WarmupCosine)
-    assert t.scheduler.total_iters == E * S   # epochs defaults to the trainer's, capped steps
+    assert t.scheduler.total_iters == E * S  # epochs defaults to the trainer's, capped steps
     t.fit()
     W, T = S, E * S
 
@@ -499,7 +519,7 @@ def test_lr_follows_warmup_cosine_per_iteration():
 
     assert len(rec.lrs) == T
     for i, lrs in enumerate(rec.lrs):
-        assert len(lrs) == 2   # decay and no-decay groups follow the same schedule
+        assert len(lrs) == 2  # decay and no-decay groups follow the same schedule
         for v in lrs:
             assert v == pytest.approx(ref(i), rel=1e-12, abs=1e-15), i
     # the optimizer step of iteration i really used ref(i) (scheduler stepped after the optimizer)
@@ -508,15 +528,20 @@ def test_lr_follows_warmup_cosine_per_iteration():
         assert len(row) >= 3
         assert row == pytest.approx([ref(i)] * len(row), rel=1e-3), i
     for g in t.optimizer.param_groups:
-        assert g["lr"] == pytest.approx(ref(T), abs=1e-15)   # the final iteration: 0
+        assert g["lr"] == pytest.approx(ref(T), abs=1e-15)  # the final iteration: 0
     # the logged LR of an epoch is the LR of its first iteration
     assert [r["lr"] for r in t.history] == pytest.approx([ref(e * S) for e in range(E)])
 
 
 def test_lr_follows_step_schedule_and_final_lr():
     rec = LRRecorder()
-    t = make_trainer(epochs=3, n=16, hooks=[rec], optimizer={"name": "adam", "lr": 0.08},
-                     schedule={"name": "step", "step_size": 1, "gamma": 0.5})
+    t = make_trainer(
+        epochs=3,
+        n=16,
+        hooks=[rec],
+        optimizer={"name": "adam", "lr": 0.08},
+        schedule={"name": "step", "step_size": 1, "gamma": 0.5},
+    )
     t.fit()
     assert [lrs[0] for lrs in rec.lrs] == pytest.approx([0.08] * 2 + [0.04] * 2 + [0.02] * 2)
     assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
@@ -558,7 +583,7 @@ def test_history_logs_and_curves(tmp_path, fmt):
             rows = [json.loads(line) for line in f if line.strip()]
         assert len(rows) == 2
         assert [set(r) for r in rows] == [ROW_KEYS | EVAL_KEYS] * 2
-        assert no_time(rows) == no_time(t.history)   # floats round-trip through JSON
+        assert no_time(rows) == no_time(t.history)  # floats round-trip through JSON
     with open(tmp_path / "curves.png", "rb") as f:
         assert f.read(8) == PNG_MAGIC
     assert os.path.getsize(tmp_path / "curves.png") > 1000
@@ -582,7 +607,7 @@ def test_best_checkpoint_tracks_best_eval_top1(tmp_path, no_plots):
     t = make_trainer(None, tmp_path, epochs=3, hooks=[Sabotage(start=1)])
     s = t.fit()
     top1 = [r["eval_top1"] for r in t.history]
-    assert top1[0] > 25.0 and top1[1] == top1[2] == 25.0   # later epochs are worse
+    assert top1[0] > 25.0 and top1[1] == top1[2] == 25.0  # later epochs are worse
     assert t.best_epoch == s["best_epoch"] == 1
     assert t.best_metric == s["best_top1"] == top1[0]
     assert s["final_top1"] == 25.0
@@ -613,7 +638,7 @@ def test_best_checkpoint_without_eval_loader_is_last_epoch(tmp_path, no_plots):
     t = make_trainer(None, tmp_path, epochs=2, n=64, eval_n=0, hooks=[Sabotage(start=1)])
     s = t.fit()
     tr = [r["train_top1"] for r in t.history]
-    assert tr[0] > tr[1] == 25.0   # the last epoch is worse on train top-1
+    assert tr[0] > tr[1] == 25.0  # the last epoch is worse on train top-1
     best = load_checkpoint(str(tmp_path / "best.pt"))
     assert best["epoch"] == 2 and t.best_epoch == s["best_epoch"] == 2
     assert math.isnan(best["best_metric"]) and math.isnan(t.best_metric)
@@ -622,14 +647,37 @@ def test_best_checkpoint_without_eval_loader_is_last_epoch(tmp_path, no_plots):
 
 def test_checkpoint_contents(tmp_path):
     h = Counter()
-    t = make_trainer(None, tmp_path, epochs=2, hooks=[h, Hook()], name="stageA",
-                     schedule={"name": "warmup_cosine", "warmup_epochs": 1},
-                     checkpoint_extra=lambda: {"arch": {"name": "tiny"}})
+    t = make_trainer(
+        None,
+        tmp_path,
+        epochs=2,
+        hooks=[h, Hook()],
+        name="stageA",
+        schedule={"name": "warmup_cosine", "warmup_epochs": 1},
+        checkpoint_extra=lambda: {"arch": {"name": "tiny"}},
+    )
     t.fit()
     c = load_checkpoint(str(tmp_path / "checkpoint.pt"))
-    for key in ("model", "optimizer", "scheduler", "rng", "history", "best_metric", "epoch",
-                "complete", "epochs", "global_step", "scaler", "best_epoch", "stage", "seed",
-                "hooks", "elapsed", "format", "version"):
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "history",
+        "best_metric",
+        "epoch",
+        "complete",
+        "epochs",
+        "global_step",
+        "scaler",
+        "best_epoch",
+        "stage",
+        "seed",
+        "hooks",
+        "elapsed",
+        "format",
+        "version",
+    ):
         assert key in c, key
     assert c["format"] == ckpt_mod.FORMAT and c["version"] == ckpt_mod.VERSION
     assert c["stage"] == "stageA" and c["epoch"] == 2 and c["epochs"] == 2
@@ -644,20 +692,25 @@ def test_checkpoint_contents(tmp_path):
     assert set(c["model"]) == set(sd) and all(torch.equal(c["model"][k], sd[k]) for k in sd)
     assert len(c["optimizer"]["param_groups"]) == 2 and len(c["optimizer"]["state"]) > 0
     assert c["elapsed"] > 0
-    assert sorted(os.listdir(tmp_path)) == ["best.pt", "checkpoint.pt", "curves.png",
-                                            "metrics.csv"]
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "checkpoint.pt", "curves.png", "metrics.csv"]
 
 
 def test_no_out_dir_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     t = make_trainer(epochs=1)
-    t.fit(resume=True)   # no out_dir: nothing to resume from, nothing written
+    t.fit(resume=True)  # no out_dir: nothing to resume from, nothing written
     assert t.epoch == 1 and os.listdir(tmp_path) == []
 
 
 # ------------------------------------------------------------------ 5. resume in-process
-RESUME = dict(epochs=3, n=32, gen_seed=0, seed=5, name="res",
-              schedule={"name": "warmup_cosine", "warmup_epochs": 1, "base_lr": 0.01})
+RESUME = dict(
+    epochs=3,
+    n=32,
+    gen_seed=0,
+    seed=5,
+    name="res",
+    schedule={"name": "warmup_cosine", "warmup_epochs": 1, "base_lr": 0.01},
+)
 
 
 @pytest.fixture(scope="module")
@@ -678,8 +731,7 @@ def _resumed(tmp_path_factory):
     ref.fit()
 
     first_counter = Counter()
-    first = make_trainer(make_model(0, dropout=0.3), out, hooks=[first_counter, Bomb(at=1)],
-                         **RESUME)
+    first = make_trainer(make_model(0, dropout=0.3), out, hooks=[first_counter, Bomb(at=1)], **RESUME)
     with pytest.raises(Interrupt):
         first.fit()
     after_first = load_checkpoint(str(out / "checkpoint.pt"))
@@ -688,13 +740,20 @@ def _resumed(tmp_path_factory):
     counter = Counter()
     lines = []
     kw = dict(RESUME, gen_seed=1234)
-    second = make_trainer(make_model(99, dropout=0.3), out, hooks=[counter, Bomb()],
-                          log=lines.append, **kw)
-    torch.rand(17)   # disturb the global RNG too
+    second = make_trainer(make_model(99, dropout=0.3), out, hooks=[counter, Bomb()], log=lines.append, **kw)
+    torch.rand(17)  # disturb the global RNG too
     second.fit(resume=True)
-    return dict(ref=ref, ref_counter=ref_counter, first_counter=first_counter,
-                after_first=after_first, second=second, counter=counter, lines=lines,
-                out=out, ref_dir=ref_dir)
+    return dict(
+        ref=ref,
+        ref_counter=ref_counter,
+        first_counter=first_counter,
+        after_first=after_first,
+        second=second,
+        counter=counter,
+        lines=lines,
+        out=out,
+        ref_dir=ref_dir,
+    )
 
 
 def test_interrupted_run_left_epoch_1_checkpoint(resumed):
@@ -736,8 +795,8 @@ def test_resume_adds_up_elapsed_time(resumed):
 
 
 def test_hook_state_round_trips_through_checkpoint(resumed):
-    assert resumed["first_counter"].n == 4           # epoch 1 only (4 steps)
-    assert resumed["counter"].loaded == {"n": 4}     # loaded from the epoch-1 checkpoint
+    assert resumed["first_counter"].n == 4  # epoch 1 only (4 steps)
+    assert resumed["counter"].loaded == {"n": 4}  # loaded from the epoch-1 checkpoint
     assert resumed["counter"].n == resumed["ref_counter"].n == 12
     assert resumed["counter"].fit_starts == 1
 
@@ -790,13 +849,13 @@ def test_debug_kill_at_parsing(monkeypatch):
     assert _debug_kill_step("s") is None
     monkeypatch.setenv("PYCOMPRESS_DEBUG_KILL_AT", "s:7")
     assert _debug_kill_step("s") == 7 and _debug_kill_step("t") is None
-    monkeypatch.setenv("PYCOMPRESS_DEBUG_KILL_AT", "a:b:12")   # stage names may hold a colon
+    monkeypatch.setenv("PYCOMPRESS_DEBUG_KILL_AT", "a:b:12")  # stage names may hold a colon
     assert _debug_kill_step("a:b") == 12
     for bad in ("s", "s:x", "s:-1", ""):
         monkeypatch.setenv("PYCOMPRESS_DEBUG_KILL_AT", bad)
         assert _debug_kill_step("s") is None
     monkeypatch.setenv("PYCOMPRESS_DEBUG_KILL_AT", "other:1")
-    t = make_trainer(epochs=1)   # a kill spec for another stage does nothing
+    t = make_trainer(epochs=1)  # a kill spec for another stage does nothing
     assert t._kill_at is None
     t.fit()
     assert t.global_step == 4
@@ -842,10 +901,12 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path, no_plots):
 
 
 def test_inf_loss_mid_epoch_before_any_checkpoint(tmp_path, no_plots):
-    t = make_trainer(None, tmp_path, epochs=2, hooks=[NaNFrom(epoch=0, step=2, value=float("inf"))],
-                     name="early")
-    with pytest.raises(TrainingDiverged, match=r"stage 'early': loss is inf at epoch 1, iteration 3 "
-                                               r".*no checkpoint of this stage was written yet"):
+    t = make_trainer(None, tmp_path, epochs=2, hooks=[NaNFrom(epoch=0, step=2, value=float("inf"))], name="early")
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"stage 'early': loss is inf at epoch 1, iteration 3 "
+        r".*no checkpoint of this stage was written yet",
+    ):
         t.fit()
     assert not os.path.exists(tmp_path / "checkpoint.pt")
     assert t.global_step == 2
@@ -858,7 +919,7 @@ def test_save_checkpoint_round_trip_leaves_no_temp_files(tmp_path):
     c = load_checkpoint(str(p))
     assert torch.equal(c["a"], torch.arange(3)) and c["b"] == (1, "x")
     assert c["format"] == ckpt_mod.FORMAT
-    save_checkpoint(str(p), {"a": torch.arange(4)})   # overwrite
+    save_checkpoint(str(p), {"a": torch.arange(4)})  # overwrite
     assert torch.equal(load_checkpoint(str(p))["a"], torch.arange(4))
     assert os.listdir(tmp_path / "sub") == ["c.pt"]
 
@@ -935,10 +996,10 @@ def test_atomic_write_honours_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         save_checkpoint(str(tmp_path / "c.pt"), {"v": 1})
-        save_checkpoint(str(tmp_path / "c.pt"), {"v": 2})   # replacing keeps the umask mode
+        save_checkpoint(str(tmp_path / "c.pt"), {"v": 2})  # replacing keeps the umask mode
         with open(tmp_path / "plain.txt", "w") as f:
             f.write("x")
-        assert os.umask(umask) == umask   # the process umask is left as it was
+        assert os.umask(umask) == umask  # the process umask is left as it was
     finally:
         os.umask(old)
     want = 0o666 & ~umask
@@ -950,7 +1011,7 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(str(tmp_path / "missing.pt"))
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(str(tmp_path))   # a directory
+        load_checkpoint(str(tmp_path))  # a directory
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(256))
     with pytest.raises(CheckpointError, match="cannot be read"):
@@ -1007,7 +1068,7 @@ class FreezeByGrad(Hook):
         self.calls += 1
         for p in trainer.model.parameters():
             assert p.grad is not None
-        assert self.param.grad.abs().sum() > 0   # a real gradient was computed
+        assert self.param.grad.abs().sum() > 0  # a real gradient was computed
         self.param.grad.zero_()
 
 
@@ -1018,12 +1079,13 @@ def test_before_step_sees_gradients():
     other = model[4].weight.detach().clone()
     h = FreezeByGrad(frozen)
     c = Counter()
-    t = make_trainer(model, epochs=2, hooks=[h, c],
-                     optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0})
+    t = make_trainer(
+        model, epochs=2, hooks=[h, c], optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
+    )
     t.fit()
     assert torch.equal(frozen.detach(), before)
     assert not torch.equal(model[4].weight.detach(), other)
-    assert h.calls == c.n == t.global_step == 8   # before_step and after_step once per step
+    assert h.calls == c.n == t.global_step == 8  # before_step and after_step once per step
     assert c.fit_starts == 1
 
 
@@ -1052,13 +1114,13 @@ def test_hook_order_extra_loss_and_epoch_end():
     t = make_trainer(epochs=1, n=16, hooks=[Rec()])
     t.fit()
     assert events == ["start"] + ["loss", "before", "after"] * 2 + ["end"]
-    assert t.history[0]["custom"] == 1.0   # rows can be extended by hooks
+    assert t.history[0]["custom"] == 1.0  # rows can be extended by hooks
 
 
 def test_extra_loss_changes_training():
     class L2(Hook):
         def extra_loss(self, trainer):
-            return 10.0 * sum((p ** 2).sum() for p in trainer.model.parameters())
+            return 10.0 * sum((p**2).sum() for p in trainer.model.parameters())
 
     plain = make_trainer(make_model(0), epochs=1)
     plain.fit()
@@ -1073,8 +1135,9 @@ def test_extra_loss_changes_training():
 def test_grad_clip_bounds_the_update():
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
-    t = make_trainer(model, epochs=1, n=8, grad_clip=1e-3,
-                     optimizer={"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0})
+    t = make_trainer(
+        model, epochs=1, n=8, grad_clip=1e-3, optimizer={"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0}
+    )
     t.fit()
     assert t.global_step == 1
     delta = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
@@ -1092,16 +1155,26 @@ def test_ready_optimizer_instance_is_used():
 
 def test_resume_refuses_a_different_seed_or_batch_count(tmp_path):
     from pycompress.data import make_loaders
-    tr, te, _ = make_loaders("synthetic", batch_size=8, length=32, image_size=8, in_channels=1,
-                             num_classes=4)
+
+    tr, te, _ = make_loaders("synthetic", batch_size=8, length=32, image_size=8, in_channels=1, num_classes=4)
+
     def trainer(seed, loader):
         m = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
-        return Trainer(m, loader, None, epochs=2, optimizer={"name": "sgd", "lr": 0.1}, seed=seed,
-                       out_dir=str(tmp_path), progress=False, log=lambda s: None)
+        return Trainer(
+            m,
+            loader,
+            None,
+            epochs=2,
+            optimizer={"name": "sgd", "lr": 0.1},
+            seed=seed,
+            out_dir=str(tmp_path),
+            progress=False,
+            log=lambda s: None,
+        )
+
     trainer(0, tr).fit()
     with pytest.raises(ValueError, match="seed 0, this run has 1"):
         trainer(1, tr).try_resume()
-    tr16, _, _ = make_loaders("synthetic", batch_size=16, length=32, image_size=8, in_channels=1,
-                              num_classes=4)
+    tr16, _, _ = make_loaders("synthetic", batch_size=16, length=32, image_size=8, in_channels=1, num_classes=4)
     with pytest.raises(ValueError, match="steps_per_epoch 4, this run has 2"):
         trainer(0, tr16).try_resume()

@@ -38,6 +38,7 @@ nothing at run time (no int4 conv exists), only file size. And measure on an oth
 machine: another busy process competes with OpenMP's spinning threads on a 2-core VM and small
 kernels then take up to 100x longer (on an idle machine the default wait policy is the fastest).
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,11 +73,28 @@ def fp32_model(artifact_module: nn.Module) -> nn.Module:
         if isinstance(mod, QuantizedConv2d):
             bias = mod.bias is not None
             if mod.padding_mode == "zeros" and depthwise_supported(mod) is None:
-                new = DepthwiseConv2d(mod.in_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                                      bias=bias, device=mod.weight.device)
+                new = DepthwiseConv2d(
+                    mod.in_channels,
+                    mod.kernel_size,
+                    mod.stride,
+                    mod.padding,
+                    mod.dilation,
+                    bias=bias,
+                    device=mod.weight.device,
+                )
             else:
-                new = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                                mod.dilation, mod.groups, bias, mod.padding_mode, device=mod.weight.device)
+                new = nn.Conv2d(
+                    mod.in_channels,
+                    mod.out_channels,
+                    mod.kernel_size,
+                    mod.stride,
+                    mod.padding,
+                    mod.dilation,
+                    mod.groups,
+                    bias,
+                    mod.padding_mode,
+                    device=mod.weight.device,
+                )
         elif isinstance(mod, QuantizedLinear):
             bias = mod.bias is not None
             new = nn.Linear(mod.in_features, mod.out_features, bias, device=mod.weight.device)
@@ -132,15 +150,41 @@ def _time(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], N
     return statistics.median(times), min(times)
 
 
-def _row(variant: str, device: str, batch: int, ms: Optional[float] = None, ms_min: Optional[float] = None,
-         note: str = "", agree: Optional[float] = None) -> Dict[str, Any]:
-    return {"variant": variant, "device": device, "batch": batch, "ms": ms, "ms_min": ms_min,
-            "images_per_s": (batch / ms * 1e3) if ms else None, "speedup": None, "agree": agree, "note": note}
+def _row(
+    variant: str,
+    device: str,
+    batch: int,
+    ms: Optional[float] = None,
+    ms_min: Optional[float] = None,
+    note: str = "",
+    agree: Optional[float] = None,
+) -> Dict[str, Any]:
+    return {
+        "variant": variant,
+        "device": device,
+        "batch": batch,
+        "ms": ms,
+        "ms_min": ms_min,
+        "images_per_s": (batch / ms * 1e3) if ms else None,
+        "speedup": None,
+        "agree": agree,
+        "note": note,
+    }
 
 
-def run(path: str, *, batch_sizes: Sequence[int] = (1, 64), threads: Optional[int] = None, warmup: int = 5,
-        repeats: int = 20, device: str = "cpu", input_shape: Optional[Sequence[int]] = None, seed: int = 0,
-        onnx: bool = True, meta: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+def run(
+    path: str,
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    threads: Optional[int] = None,
+    warmup: int = 5,
+    repeats: int = 20,
+    device: str = "cpu",
+    input_shape: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    onnx: bool = True,
+    meta: Optional[Dict[str, Any]] = None,
+) -> List[Dict[str, Any]]:
     """Benchmark the artifact at ``path``; returns one row per (variant, device, batch):
     ``{"variant", "device", "batch", "ms", "ms_min", "images_per_s", "speedup", "agree", "note"}``
     (``ms`` None and a ``note`` for a skipped variant). See the module docstring for how timing is
@@ -166,10 +210,18 @@ def run(path: str, *, batch_sizes: Sequence[int] = (1, 64), threads: Optional[in
         torch.set_num_threads(int(threads))
     n_threads = torch.get_num_threads()
     info: Dict[str, Any] = {
-        "artifact": os.path.abspath(path), "model": (manifest.get("arch") or {}).get("model"),
-        "input_shape": list(shape), "batch_sizes": batch_sizes, "threads": n_threads, "warmup": warmup,
-        "repeats": repeats, "seed": seed, "torch": torch.__version__, "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "artifact": os.path.abspath(path),
+        "model": (manifest.get("arch") or {}).get("model"),
+        "input_shape": list(shape),
+        "batch_sizes": batch_sizes,
+        "threads": n_threads,
+        "warmup": warmup,
+        "repeats": repeats,
+        "seed": seed,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     gen = torch.Generator().manual_seed(seed)
@@ -204,8 +256,19 @@ def run(path: str, *, batch_sizes: Sequence[int] = (1, 64), threads: Optional[in
     return rows
 
 
-def _ort_rows(art: nn.Module, fp32: nn.Module, shape, batch_sizes, inputs, outs, n_threads: int, warmup: int,
-              repeats: int, enabled: bool, info: Dict[str, Any]) -> List[Dict[str, Any]]:
+def _ort_rows(
+    art: nn.Module,
+    fp32: nn.Module,
+    shape,
+    batch_sizes,
+    inputs,
+    outs,
+    n_threads: int,
+    warmup: int,
+    repeats: int,
+    enabled: bool,
+    info: Dict[str, Any],
+) -> List[Dict[str, Any]]:
     names = (("ort fp32", "torch fp32"), ("ort int8", "torch artifact"))
     if not enabled:
         return [_row(v, "cpu", b, note="skipped (onnx=False)") for v, _ in names for b in batch_sizes]
@@ -225,13 +288,21 @@ def _ort_rows(art: nn.Module, fp32: nn.Module, shape, batch_sizes, inputs, outs,
                 fused = ponnx.count_fused(path, threads=n_threads)
                 sess = ponnx.ort_session(path, threads=n_threads)
             except Exception as exc:  # noqa: BLE001 - an export failure skips the row, with its reason
-                rows += [_row(variant, "cpu", b, note=f"skipped: ONNX export failed: {type(exc).__name__}: "
-                                                      f"{str(exc)[:300]}") for b in batch_sizes]
+                rows += [
+                    _row(variant, "cpu", b, note=f"skipped: ONNX export failed: {type(exc).__name__}: {str(exc)[:300]}")
+                    for b in batch_sizes
+                ]
                 continue
-            info[variant.replace(" ", "_")] = {"onnx_bytes": facts["file_bytes"], "opset": facts["opset"],
-                                               "fused_ops": {k: v for k, v in fused.items() if v}}
-            note = (f"{fused['QLinearConv']} QLinearConv, {fused['Conv']} fp32 Conv" if variant == "ort int8"
-                    else f"{fused['Conv']} Conv")
+            info[variant.replace(" ", "_")] = {
+                "onnx_bytes": facts["file_bytes"],
+                "opset": facts["opset"],
+                "fused_ops": {k: v for k, v in fused.items() if v},
+            }
+            note = (
+                f"{fused['QLinearConv']} QLinearConv, {fused['Conv']} fp32 Conv"
+                if variant == "ort int8"
+                else f"{fused['Conv']} Conv"
+            )
             iname = sess.get_inputs()[0].name
             ref_model = ponnx.integer_bias_reference(art) if variant == "ort int8" else None
             for b in batch_sizes:
@@ -254,20 +325,27 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     head = ["variant", "device", "batch", "ms", "images/s", "speed-up", "agree", "note"]
     body = []
     for r in rows:
-        body.append([
-            r["variant"], r["device"], str(r["batch"]),
-            "-" if r["ms"] is None else f"{r['ms']:.3f}",
-            "-" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}",
-            "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
-            "-" if r.get("agree") is None else f"{100 * r['agree']:.1f}%",
-            r.get("note") or "",
-        ])
+        body.append(
+            [
+                r["variant"],
+                r["device"],
+                str(r["batch"]),
+                "-" if r["ms"] is None else f"{r['ms']:.3f}",
+                "-" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}",
+                "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                "-" if r.get("agree") is None else f"{100 * r['agree']:.1f}%",
+                r.get("note") or "",
+            ]
+        )
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     right = {2, 3, 4, 5, 6}
 
     def line(cells):
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
 
     sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
     return "\n".join([line(head), sep] + [line(b) for b in body])

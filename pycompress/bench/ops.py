@@ -25,6 +25,7 @@ run once from identical state and their outputs are compared.
 On the CPU, glibc's heap is kept warm (see _warm_heap; --cold-heap turns it off) so that the
 numbers compare kernels rather than page faults on freshly mapped outputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -172,7 +173,9 @@ def _fq_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
 
     def torch_lsq(inp):
         if inp["scale"].numel() > 1:
-            out = torch._fake_quantize_learnable_per_channel_affine(inp["x"], inp["scale"], inp["zp"], 0, qmin, qmax, 1.0)
+            out = torch._fake_quantize_learnable_per_channel_affine(
+                inp["x"], inp["scale"], inp["zp"], 0, qmin, qmax, 1.0
+            )
         else:
             out = torch._fake_quantize_learnable_per_tensor_affine(inp["x"], inp["scale"], inp["zp"], qmin, qmax, 1.0)
         return torch.autograd.grad(out, (inp["x"], inp["scale"], inp["zp"]), inp["g"])
@@ -185,28 +188,68 @@ def _fq_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
     return [
         Case("fake_quantize", "fwd per-tensor", pt, dtype, 2 * es, inputs(pt, False), fwd, torch_fwd_ok),
         Case("fake_quantize", f"fwd per-channel {ch}", pc, dtype, 2 * es, inputs(pc, True), fwd, torch_fwd_ok),
-        Case("fake_quantize", "fwd+bwd per-tensor", pt_fb, dtype, 4 * es, inputs(pt_fb, False, grad=True), fwd_bwd,
-             torch_fwd_bwd if fp32_only else None),
-        Case("fake_quantize", f"fwd+bwd per-channel {ch}", pc_fb, dtype, 4 * es, inputs(pc_fb, True, grad=True), fwd_bwd,
-             torch_fwd_bwd if fp32_only else None),
-        Case("fake_quantize", "fwd+bwd learnable per-tensor", pt_fb, dtype, 4 * es, inputs(pt_fb, False, True, True), lsq,
-             torch_lsq if fp32_only else None),
-        Case("fake_quantize", f"fwd+bwd learnable per-channel {ch}", pc_fb, dtype, 4 * es,
-             inputs(pc_fb, True, True, True), lsq, torch_lsq if fp32_only else None),
+        Case(
+            "fake_quantize",
+            "fwd+bwd per-tensor",
+            pt_fb,
+            dtype,
+            4 * es,
+            inputs(pt_fb, False, grad=True),
+            fwd_bwd,
+            torch_fwd_bwd if fp32_only else None,
+        ),
+        Case(
+            "fake_quantize",
+            f"fwd+bwd per-channel {ch}",
+            pc_fb,
+            dtype,
+            4 * es,
+            inputs(pc_fb, True, grad=True),
+            fwd_bwd,
+            torch_fwd_bwd if fp32_only else None,
+        ),
+        Case(
+            "fake_quantize",
+            "fwd+bwd learnable per-tensor",
+            pt_fb,
+            dtype,
+            4 * es,
+            inputs(pt_fb, False, True, True),
+            lsq,
+            torch_lsq if fp32_only else None,
+        ),
+        Case(
+            "fake_quantize",
+            f"fwd+bwd learnable per-channel {ch}",
+            pc_fb,
+            dtype,
+            4 * es,
+            inputs(pc_fb, True, True, True),
+            lsq,
+            torch_lsq if fp32_only else None,
+        ),
     ]
 
 
 # Conv / linear weight shapes of realistic layers for the fused SGD step: many small tensors
 # (launch and per-tensor overhead) as well as a few large ones.
 _RESNET18 = (
-    [(64, 3, 7, 7)] + [(64, 64, 3, 3)] * 4
+    [(64, 3, 7, 7)]
+    + [(64, 64, 3, 3)] * 4
     + [(128, 64, 3, 3), (128, 128, 3, 3), (128, 64, 1, 1), (128, 128, 3, 3), (128, 128, 3, 3)]
     + [(256, 128, 3, 3), (256, 256, 3, 3), (256, 128, 1, 1), (256, 256, 3, 3), (256, 256, 3, 3)]
     + [(512, 256, 3, 3), (512, 512, 3, 3), (512, 256, 1, 1), (512, 512, 3, 3), (512, 512, 3, 3)]
     + [(1000, 512)]
 )
-_RESNET20 = [(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 6 + [(32, 16, 3, 3)] + [(32, 32, 3, 3)] * 5 + [(64, 32, 3, 3)] + [
-    (64, 64, 3, 3)] * 5 + [(10, 64)]
+_RESNET20 = (
+    [(16, 3, 3, 3)]
+    + [(16, 16, 3, 3)] * 6
+    + [(32, 16, 3, 3)]
+    + [(32, 32, 3, 3)] * 5
+    + [(64, 32, 3, 3)]
+    + [(64, 64, 3, 3)] * 5
+    + [(10, 64)]
+)
 
 SGD_LR, SGD_MOMENTUM, SGD_WD = 1e-3, 0.9, 5e-4  # small lr: the timed steps keep the values in range
 
@@ -256,8 +299,16 @@ def _sm_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
             opt.step()  # creates the buffers: the timed steps are steady-state ones
             # the copy yardstick: one tensor of all the elements (for a list, not its first tensor)
             flat = ps[0] if len(ps) == 1 else torch.randn(sum(p.numel() for p in ps), device=device).to(dtype)
-            return {"flat": flat, "params": ps, "grads": gs, "bufs": bs, "packed": pks, "fmasks": fms,
-                    "torch_params": tp, "opt": opt}
+            return {
+                "flat": flat,
+                "params": ps,
+                "grads": gs,
+                "bufs": bs,
+                "packed": pks,
+                "fmasks": fms,
+                "torch_params": tp,
+                "opt": opt,
+            }
 
         return make
 
@@ -287,8 +338,16 @@ def _sm_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
         return make
 
     def sgd(inp, backend):
-        masked_sgd_step(inp["params"], inp["grads"], inp["bufs"], inp["packed"], lr=SGD_LR, momentum=SGD_MOMENTUM,
-                        weight_decay=SGD_WD, backend=backend)
+        masked_sgd_step(
+            inp["params"],
+            inp["grads"],
+            inp["bufs"],
+            inp["packed"],
+            lr=SGD_LR,
+            momentum=SGD_MOMENTUM,
+            weight_decay=SGD_WD,
+            backend=backend,
+        )
         return tuple(inp["params"]) + tuple(inp["bufs"])
 
     def torch_sgd(inp):
@@ -300,21 +359,77 @@ def _sm_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
     sgd_tol = ("masked_sgd_step",)
     flat = (n,)
     cases = [
-        Case("apply_mask", "apply_mask", flat, dtype, 2 * es + 1 / 8, apply_inputs(flat), apply, torch_apply_out,
-             copy_key="w", families=exact),
-        Case("apply_mask", "apply_mask inplace", flat, dtype, 2 * es + 1 / 8, apply_inputs(flat), apply_inplace,
-             torch_apply, copy_key="w", fresh=apply_fresh, families=exact),
-        Case("masked_sgd_step", "masked_sgd_step momentum 0.9 + wd", flat, dtype, 5 * es + 1 / 8, sgd_inputs([flat]),
-             sgd, torch_sgd, copy_key="flat", fresh=sgd_fresh, families=sgd_tol),
+        Case(
+            "apply_mask",
+            "apply_mask",
+            flat,
+            dtype,
+            2 * es + 1 / 8,
+            apply_inputs(flat),
+            apply,
+            torch_apply_out,
+            copy_key="w",
+            families=exact,
+        ),
+        Case(
+            "apply_mask",
+            "apply_mask inplace",
+            flat,
+            dtype,
+            2 * es + 1 / 8,
+            apply_inputs(flat),
+            apply_inplace,
+            torch_apply,
+            copy_key="w",
+            fresh=apply_fresh,
+            families=exact,
+        ),
+        Case(
+            "masked_sgd_step",
+            "masked_sgd_step momentum 0.9 + wd",
+            flat,
+            dtype,
+            5 * es + 1 / 8,
+            sgd_inputs([flat]),
+            sgd,
+            torch_sgd,
+            copy_key="flat",
+            fresh=sgd_fresh,
+            families=sgd_tol,
+        ),
     ]
     if dtype == torch.float32:  # dtype-free: listed once, with the fp32 cases
-        cases.append(Case("pack_mask", "pack_mask", flat, torch.bool, 1 + 1 / 8, pack_make(flat), pack,
-                          lambda inp: pack_mask_ref(inp["mask"]), copy_key="mask", families=exact))
+        cases.append(
+            Case(
+                "pack_mask",
+                "pack_mask",
+                flat,
+                torch.bool,
+                1 + 1 / 8,
+                pack_make(flat),
+                pack,
+                lambda inp: pack_mask_ref(inp["mask"]),
+                copy_key="mask",
+                families=exact,
+            )
+        )
     for name, shapes in (("ResNet-18", _RESNET18), ("CIFAR ResNet-20", _RESNET20)):
         total = sum(math.prod(s) for s in shapes)
-        cases.append(Case("masked_sgd_step", f"masked_sgd_step {name} weights ({len(shapes)} tensors)", (total,), dtype,
-                          5 * es + 1 / 8, sgd_inputs(shapes), sgd, torch_sgd, copy_key="flat", fresh=sgd_fresh,
-                          families=sgd_tol))
+        cases.append(
+            Case(
+                "masked_sgd_step",
+                f"masked_sgd_step {name} weights ({len(shapes)} tensors)",
+                (total,),
+                dtype,
+                5 * es + 1 / 8,
+                sgd_inputs(shapes),
+                sgd,
+                torch_sgd,
+                copy_key="flat",
+                fresh=sgd_fresh,
+                families=sgd_tol,
+            )
+        )
     return cases
 
 
@@ -351,8 +466,15 @@ def _dw_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
                 mean, var = torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5
                 gamma, beta, eps = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device) * 0.1, 1e-5
                 scale = gamma / torch.sqrt(var + eps)
-                inp.update(mean=mean.to(dtype), var=var.to(dtype), gamma=gamma.to(dtype), beta=beta.to(dtype), eps=eps,
-                           scale=scale, shift=beta - mean * scale)
+                inp.update(
+                    mean=mean.to(dtype),
+                    var=var.to(dtype),
+                    gamma=gamma.to(dtype),
+                    beta=beta.to(dtype),
+                    eps=eps,
+                    scale=scale,
+                    shift=beta - mean * scale,
+                )
             return inp
 
         return make
@@ -374,8 +496,9 @@ def _dw_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
         return torch.autograd.grad(y, (inp["xg"], inp["wg"]), inp["g"])
 
     def fused(inp, backend):
-        return depthwise_conv2d_bn_act(inp["x"], inp["w"], inp["scale"], inp["shift"], 1, 1, 1, "relu6",
-                                       backend=backend)
+        return depthwise_conv2d_bn_act(
+            inp["x"], inp["w"], inp["scale"], inp["shift"], 1, 1, 1, "relu6", backend=backend
+        )
 
     def eager_chain(x, w, mean, var, gamma, beta, eps):
         z = F.conv2d(x, w, None, 1, 1, 1, x.shape[1])
@@ -407,23 +530,77 @@ def _dw_cases(device: torch.device, n: int, dtype: torch.dtype) -> list[Case]:
     chain = "3x3 + BN(eval) + ReLU6 fused fwd vs"
     cases = [
         Case(op, "3x3 fwd NCHW", big, dtype, 2 * es, inputs(big), fwd, torch_fwd, families=_DW_TOL),
-        Case(op, "3x3 fwd channels_last", big, dtype, 2 * es, inputs(big, channels_last=True), fwd, torch_fwd,
-             families=_DW_TOL),
-        Case(op, "3x3 fwd+bwd NCHW", big, dtype, 4 * es, inputs(big, grad=True), fwd_bwd, torch_fwd_bwd,
-             families=_DW_TOL),
-        Case(op, "3x3 fwd+bwd channels_last", big, dtype, 4 * es, inputs(big, channels_last=True, grad=True), fwd_bwd,
-             torch_fwd_bwd, families=_DW_TOL),
-        Case(op, f"{chain} eager chain", big, dtype, 2 * es, inputs(big, bn=True), fused, torch_fused, families=_DW_TOL),
+        Case(
+            op,
+            "3x3 fwd channels_last",
+            big,
+            dtype,
+            2 * es,
+            inputs(big, channels_last=True),
+            fwd,
+            torch_fwd,
+            families=_DW_TOL,
+        ),
+        Case(
+            op, "3x3 fwd+bwd NCHW", big, dtype, 4 * es, inputs(big, grad=True), fwd_bwd, torch_fwd_bwd, families=_DW_TOL
+        ),
+        Case(
+            op,
+            "3x3 fwd+bwd channels_last",
+            big,
+            dtype,
+            4 * es,
+            inputs(big, channels_last=True, grad=True),
+            fwd_bwd,
+            torch_fwd_bwd,
+            families=_DW_TOL,
+        ),
+        Case(
+            op, f"{chain} eager chain", big, dtype, 2 * es, inputs(big, bn=True), fused, torch_fused, families=_DW_TOL
+        ),
     ]
     if gpu:
-        cases.append(Case(op, f"{chain} torch.compile chain", big, dtype, 2 * es, inputs(big, bn=True), fused,
-                          torch_fused_compiled, families=_DW_TOL))
+        cases.append(
+            Case(
+                op,
+                f"{chain} torch.compile chain",
+                big,
+                dtype,
+                2 * es,
+                inputs(big, bn=True),
+                fused,
+                torch_fused_compiled,
+                families=_DW_TOL,
+            )
+        )
     cases.append(Case(op, "5x5 fwd NCHW", big, dtype, 2 * es, inputs(big, k=5), fwd, torch_fwd, families=_DW_TOL))
-    cases.append(Case(op, "5x5 fwd channels_last", big, dtype, 2 * es, inputs(big, k=5, channels_last=True), fwd,
-                      torch_fwd, families=_DW_TOL))
+    cases.append(
+        Case(
+            op,
+            "5x5 fwd channels_last",
+            big,
+            dtype,
+            2 * es,
+            inputs(big, k=5, channels_last=True),
+            fwd,
+            torch_fwd,
+            families=_DW_TOL,
+        )
+    )
     for shape in student:
-        cases.append(Case(op, f"3x3 fwd+bwd NCHW MobileNet-student layer {shape[2]}x{shape[3]}", shape, dtype,
-                          4 * es, inputs(shape, grad=True), fwd_bwd, torch_fwd_bwd, families=_DW_TOL))
+        cases.append(
+            Case(
+                op,
+                f"3x3 fwd+bwd NCHW MobileNet-student layer {shape[2]}x{shape[3]}",
+                shape,
+                dtype,
+                4 * es,
+                inputs(shape, grad=True),
+                fwd_bwd,
+                torch_fwd_bwd,
+                families=_DW_TOL,
+            )
+        )
     return cases
 
 
@@ -435,7 +612,7 @@ def _as_tuple(v):
 
 
 def _check(got, want, families: tuple) -> str:
-    """"ok", or "FAILED: ..." naming the first output that differs from the reference beyond its
+    """ "ok", or "FAILED: ..." naming the first output that differs from the reference beyond its
     tolerance family (pycompress.testing)."""
     got, want = _as_tuple(got), _as_tuple(want)
     if len(got) != len(want):
@@ -471,7 +648,9 @@ def run(
         raise ValueError(f"unknown op {op!r}; benchmarked ops: {', '.join(OPS)}")
     meta = _machine(dev)
     meta["allocator"] = _warm_heap() if warm_heap and dev.type == "cpu" else "default"
-    printer(f"# pycompress bench ops on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}), {n} elements")
+    printer(
+        f"# pycompress bench ops on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}), {n} elements"
+    )
     if dev.type == "cpu":
         printer(f"# CPU allocator: {meta['allocator']}")
     rows: list[Row] = []
@@ -527,14 +706,49 @@ def _bench_case(case: Case, names: list[str], dev: torch.device, printer) -> lis
                 continue
             ms = time_ms(lambda: case.run(inputs, b), dev)
             gbps = nbytes / ms / 1e6
-            out.append(Row(case.op, case.name, b, "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
-                           ms, gbps, gbps / copy_gbps, (torch_ms / ms) if torch_ms else None, status))
+            out.append(
+                Row(
+                    case.op,
+                    case.name,
+                    b,
+                    "x".join(map(str, case.shape)),
+                    str(case.dtype).replace("torch.", ""),
+                    ms,
+                    gbps,
+                    gbps / copy_gbps,
+                    (torch_ms / ms) if torch_ms else None,
+                    status,
+                )
+            )
     del reference, start
-    out.append(Row(case.op, case.name, "torch", "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
-                   torch_ms or float("nan"), nbytes / torch_ms / 1e6 if torch_ms else float("nan"),
-                   (nbytes / torch_ms / 1e6) / copy_gbps if torch_ms else float("nan"), 1.0 if torch_ms else None, "-"))
-    out.append(Row(case.op, case.name, "copy", "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
-                   copy_ms, copy_gbps, 1.0, None, "-"))
+    out.append(
+        Row(
+            case.op,
+            case.name,
+            "torch",
+            "x".join(map(str, case.shape)),
+            str(case.dtype).replace("torch.", ""),
+            torch_ms or float("nan"),
+            nbytes / torch_ms / 1e6 if torch_ms else float("nan"),
+            (nbytes / torch_ms / 1e6) / copy_gbps if torch_ms else float("nan"),
+            1.0 if torch_ms else None,
+            "-",
+        )
+    )
+    out.append(
+        Row(
+            case.op,
+            case.name,
+            "copy",
+            "x".join(map(str, case.shape)),
+            str(case.dtype).replace("torch.", ""),
+            copy_ms,
+            copy_gbps,
+            1.0,
+            None,
+            "-",
+        )
+    )
     printer(format_rows(out))
     return out
 
@@ -549,7 +763,8 @@ def format_rows(rows: list[Row]) -> str:
     for r in rows:
         sp = f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "-"
         lines.append(
-            f"| {r.backend} | {r.shape} | {r.dtype} | {r.median_ms:.3f} | {r.gbps:.1f} | {100 * r.frac_copy:.1f}% | {sp} | {r.check} |"
+            f"| {r.backend} | {r.shape} | {r.dtype} | {r.median_ms:.3f} | {r.gbps:.1f} | "
+            f"{100 * r.frac_copy:.1f}% | {sp} | {r.check} |"
         )
     return "\n".join(lines)
 
@@ -569,8 +784,11 @@ def _warm_heap() -> str:
         ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
     except (OSError, AttributeError):
         ok = False
-    return ("glibc heap kept warm (mallopt M_MMAP_THRESHOLD = 1 GiB, M_TRIM_THRESHOLD = 2 GiB)" if ok
-            else "default (not glibc: heap not pinned)")
+    return (
+        "glibc heap kept warm (mallopt M_MMAP_THRESHOLD = 1 GiB, M_TRIM_THRESHOLD = 2 GiB)"
+        if ok
+        else "default (not glibc: heap not pinned)"
+    )
 
 
 def _machine(dev: torch.device) -> dict:
@@ -580,7 +798,11 @@ def _machine(dev: torch.device) -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = "not installed"
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     return {
         "device": name,
         "torch": torch.__version__,

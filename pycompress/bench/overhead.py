@@ -12,6 +12,7 @@ Numbers are microseconds per call (per forward + backward pair), the median and 
 over ``repeats`` repeats of ``calls`` calls each, with Python's garbage collector off while a
 repeat runs (as ``timeit``). Value checks are left at their default (on), as a user gets them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,8 +92,9 @@ def _fq_lsq_torch():
     s = (torch.rand(4) * 0.1 + 0.05).requires_grad_()
     z = torch.zeros(4).requires_grad_()
     g = torch.randn(4, 8)
-    return lambda: torch.autograd.grad(torch._fake_quantize_learnable_per_channel_affine(x, s, z, 0, -8, 7, 1.0),
-                                       (x, s, z), g)
+    return lambda: torch.autograd.grad(
+        torch._fake_quantize_learnable_per_channel_affine(x, s, z, 0, -8, 7, 1.0), (x, s, z), g
+    )
 
 
 def _mask(n: int = 64) -> torch.Tensor:
@@ -185,8 +187,9 @@ def _dw_bn(backend: str):
     x, w, _, g = _dw_inputs(False)
     s = (torch.rand(4) + 0.5).requires_grad_()
     t = torch.randn(4).requires_grad_()
-    return lambda: torch.autograd.grad(depthwise_conv2d_bn_act(x, w, s, t, 1, 1, 1, "relu6", backend=backend),
-                                       (x, w, s, t), g)
+    return lambda: torch.autograd.grad(
+        depthwise_conv2d_bn_act(x, w, s, t, 1, 1, 1, "relu6", backend=backend), (x, w, s, t), g
+    )
 
 
 def _dw_bn_torch():
@@ -194,7 +197,8 @@ def _dw_bn_torch():
     s = (torch.rand(4) + 0.5).requires_grad_()
     t = torch.randn(4).requires_grad_()
     return lambda: torch.autograd.grad(
-        F.relu6(F.conv2d(x, w, None, 1, 1, 1, 4) * s.view(1, 4, 1, 1) + t.view(1, 4, 1, 1)), (x, w, s, t), g)
+        F.relu6(F.conv2d(x, w, None, 1, 1, 1, 4) * s.view(1, 4, 1, 1) + t.view(1, 4, 1, 1)), (x, w, s, t), g
+    )
 
 
 CASES: list[Case] = [
@@ -245,8 +249,13 @@ def _time_us(fn: Callable[[], object], repeats: int) -> tuple[float, float, int]
     return statistics.median(per_call), min(per_call), calls
 
 
-def run(ops: Optional[Iterable[str]] = None, backends: Optional[Sequence[str]] = None, repeats: int = 7,
-        torch_rows: bool = True, printer: Optional[Callable[[str], None]] = None) -> list[Row]:
+def run(
+    ops: Optional[Iterable[str]] = None,
+    backends: Optional[Sequence[str]] = None,
+    repeats: int = 7,
+    torch_rows: bool = True,
+    printer: Optional[Callable[[str], None]] = None,
+) -> list[Row]:
     """Time every case (or those of `ops`, public op names) on `backends` (default cpu and
     reference, those available here) and, with `torch_rows`, the stock torch equivalent."""
     from .. import backends as registry
@@ -281,8 +290,10 @@ def run(ops: Optional[Iterable[str]] = None, backends: Optional[Sequence[str]] =
 
 def machine() -> str:
     """One line naming the machine, for the table's caption."""
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def format_table(rows: Sequence[Row]) -> str:

@@ -13,6 +13,7 @@ Usage::
 
 See :mod:`pycompress.distill.losses` for the loss kinds and their exact formulas.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -87,8 +88,9 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self.teacher(x)
 
-    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-             targets: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The distillation loss; the teacher logits are detached defensively."""
         return self.criterion(student_logits, teacher_logits.detach(), targets)
 

@@ -33,6 +33,7 @@ to 0 (no label term; ``targets`` then not needed). ``temperature`` defaults to 1
 For ``hinton`` the loss is ``weight * ((1 - alpha) * CE + alpha * T^2 * KL(p_t || p_s))``.
 ``weight`` defaults to 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,9 @@ def kl_div_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: f
     return _kl_logp(F.log_softmax(p_logits / temperature, -1), F.log_softmax(q_logits / temperature, -1))
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                       temperature: float = 1.0) -> torch.Tensor:
+def soft_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """batch-mean ``-sum softmax(t/T) * log_softmax(s/T)``."""
     logp_s = F.log_softmax(student_logits / temperature, -1)
     p_t = F.softmax(teacher_logits / temperature, -1)
@@ -118,8 +120,7 @@ def _canonical_kind(kind: Any) -> str:
     k = ALIASES.get(k, k)
     if k not in KINDS:
         raise ValueError(
-            f"distill loss: unknown 'kind' {kind!r}; expected one of {list(KINDS)} "
-            f"(aliases {sorted(ALIASES)})"
+            f"distill loss: unknown 'kind' {kind!r}; expected one of {list(KINDS)} (aliases {sorted(ALIASES)})"
         )
     return k
 
@@ -136,9 +137,15 @@ class DistillLoss(nn.Module):
         t2_scale: non-``hinton`` kinds only: multiply the divergence by T^2 (default False).
     """
 
-    def __init__(self, kind: str, temperature: float | None = None, weight: float = 1.0,
-                 alpha: float | None = None, label_weight: float | None = None,
-                 t2_scale: bool | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        temperature: float | None = None,
+        weight: float = 1.0,
+        alpha: float | None = None,
+        label_weight: float | None = None,
+        t2_scale: bool | None = None,
+    ) -> None:
         super().__init__()
         self.kind = _canonical_kind(kind)
         if temperature is None:
@@ -161,8 +168,9 @@ class DistillLoss(nn.Module):
             self.t2_scale = True
         else:
             if alpha is not None:
-                raise ValueError(f"distill loss: 'alpha' is only used by kind 'hinton', not {self.kind!r}"
-                                 " (use 'label_weight')")
+                raise ValueError(
+                    f"distill loss: 'alpha' is only used by kind 'hinton', not {self.kind!r} (use 'label_weight')"
+                )
             self.alpha = None
             self.label_weight = _number("label_weight", 0.0 if label_weight is None else label_weight)
             if self.label_weight < 0:
@@ -191,8 +199,9 @@ class DistillLoss(nn.Module):
         logp_t = F.log_softmax(t / T, -1)
         return _kl_logp(logp_s, logp_t) + _kl_logp(logp_t, logp_s)
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if student_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
             raise ValueError(
                 "distill loss: expected student and teacher logits of the same shape (N, C), got "
@@ -207,12 +216,14 @@ class DistillLoss(nn.Module):
             kd_coef = self.alpha
         else:
             kd_coef = 1.0
-        scale = self.temperature ** 2 if self.t2_scale else 1.0
+        scale = self.temperature**2 if self.t2_scale else 1.0
         loss = (kd_coef * scale) * self.divergence(s, t)
         if self.label_weight > 0:
             if targets is None:
-                raise ValueError(f"distill loss {self.kind!r}: targets are required when the label "
-                                 f"term weight is {self.label_weight} > 0")
+                raise ValueError(
+                    f"distill loss {self.kind!r}: targets are required when the label "
+                    f"term weight is {self.label_weight} > 0"
+                )
             loss = loss + self.label_weight * F.cross_entropy(s, targets)
         return self.weight * loss
 

@@ -10,17 +10,42 @@ a header, a zlib-compressed JSON manifest, the encoded tensors and a SHA-256 of 
 checked on load. ``pycompress.export.artifact`` says how each tensor is encoded;
 ``pycompress.export.onnx`` writes a QDQ ONNX graph for ONNX Runtime.
 """
+
 from .artifact import (
-    ENCODINGS, Artifact, ExportError, arch_of, decode, encode, layer_table, load, read, save,
+    ENCODINGS,
+    Artifact,
+    ExportError,
+    arch_of,
+    decode,
+    encode,
+    layer_table,
+    load,
+    read,
+    save,
 )
 from .fold import bn_affine, bn_fold_pairs
 from .format import FORMAT_VERSION, ArtifactError
 from .modules import QUANTIZED_LAYERS, QuantizedConv2d, QuantizedLinear
 
 __all__ = [
-    "save", "load", "read", "encode", "decode", "arch_of", "layer_table", "Artifact", "ArtifactError",
-    "ExportError", "ENCODINGS", "FORMAT_VERSION", "bn_fold_pairs", "bn_affine", "QuantizedConv2d",
-    "QuantizedLinear", "QUANTIZED_LAYERS", "is_artifact",
+    "save",
+    "load",
+    "read",
+    "encode",
+    "decode",
+    "arch_of",
+    "layer_table",
+    "Artifact",
+    "ArtifactError",
+    "ExportError",
+    "ENCODINGS",
+    "FORMAT_VERSION",
+    "bn_fold_pairs",
+    "bn_affine",
+    "QuantizedConv2d",
+    "QuantizedLinear",
+    "QUANTIZED_LAYERS",
+    "is_artifact",
 ]
 
 

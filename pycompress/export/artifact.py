@@ -29,6 +29,7 @@ Size accounting: each record's ``nbits`` counts its information bits the way
 each record up to whole bytes (a mask to whole 32-bit words), and the file adds the 56-byte header
 and trailer plus the compressed manifest: ``file_bytes = 56 + manifest_bytes + payload_bytes``.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,13 +45,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .fold import bn_affine, bn_fold_pairs
 from .format import (
-    FORMAT_VERSION, ArtifactError, code_bytes, mask_bytes, pack_bool, pack_codes, read_container,
-    unpack_bool, unpack_codes, write_container,
+    FORMAT_VERSION,
+    ArtifactError,
+    code_bytes,
+    mask_bytes,
+    pack_bool,
+    pack_codes,
+    read_container,
+    unpack_bool,
+    unpack_codes,
+    write_container,
 )
 from .modules import QUANTIZED_LAYERS, QuantizedConv2d, QuantizedLinear
 
-__all__ = ["ENCODINGS", "Artifact", "encode", "decode", "save", "load", "read", "arch_of", "layer_table",
-           "ExportError"]
+__all__ = ["ENCODINGS", "Artifact", "encode", "decode", "save", "load", "read", "arch_of", "layer_table", "ExportError"]
 
 ARTIFACT_FORMAT = "pycompress-artifact"
 ENCODINGS = ("pcz", "fp16", "uint8")
@@ -81,7 +89,8 @@ def arch_of(model: nn.Module) -> Dict[str, Any]:
         raise ExportError(
             f"cannot record how to rebuild this {type(model).__name__}: it was not built by "
             f"pycompress.models.build; pass arch={{'model': <registry name>, 'args': {{...}}, "
-            f"'in_channels': C, 'num_classes': K}}")
+            f"'in_channels': C, 'num_classes': K}}"
+        )
     out = {k: arch[k] for k in ("model", "args", "in_channels", "num_classes")}
     if arch.get("slim"):
         out["slim"] = arch["slim"]
@@ -164,8 +173,16 @@ class _Writer:
     def put_raw(self, name: str, t: torch.Tensor) -> None:
         arr = _np(t)
         dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder not in ("|", "<") else arr.dtype
-        self._add({"name": name, "shape": list(t.shape), "enc": "raw", "dtype": dt.str,
-                   "nbits": 8 * arr.dtype.itemsize * arr.size}, arr.astype(dt).tobytes())
+        self._add(
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "enc": "raw",
+                "dtype": dt.str,
+                "nbits": 8 * arr.dtype.itemsize * arr.size,
+            },
+            arr.astype(dt).tobytes(),
+        )
 
     def payload(self) -> bytes:
         return b"".join(self.chunks)
@@ -182,16 +199,21 @@ def _weight_codes(layer, name: str) -> Tuple[torch.Tensor, torch.Tensor, int, in
 
     wq = layer.weight_quant
     if wq.axis != 0:
-        raise ExportError(f"layer {name!r}: weight quantizer on axis {wq.axis}; artifacts store per-output-channel "
-                          f"(axis 0) codes")
+        raise ExportError(
+            f"layer {name!r}: weight quantizer on axis {wq.axis}; artifacts store per-output-channel (axis 0) codes"
+        )
     codes, scale, bits, qmin = layer.weight_codes()
     w = layer.weight.detach().float()
     c = w.shape[0]
     with torch.no_grad():
-        ref = fake_quantize(w, scale, torch.zeros(c, dtype=torch.int32, device=w.device), qmin, qmin + (1 << bits) - 1, 0)
+        ref = fake_quantize(
+            w, scale, torch.zeros(c, dtype=torch.int32, device=w.device), qmin, qmin + (1 << bits) - 1, 0
+        )
     if not torch.equal(codes.float() * scale.view((c,) + (1,) * (w.dim() - 1)), ref):
-        raise ExportError(f"layer {name!r}: the integer codes do not reproduce the layer's fake-quantized weight "
-                          f"(internal error; please report)")
+        raise ExportError(
+            f"layer {name!r}: the integer codes do not reproduce the layer's fake-quantized weight "
+            f"(internal error; please report)"
+        )
     return codes, scale, bits, qmin
 
 
@@ -200,8 +222,10 @@ def _act_state(layer) -> Tuple[Optional[int], Optional[bool], Optional[torch.Ten
     if aq is None:
         return None, None, None
     if not aq.is_calibrated:
-        raise ExportError(f"activation quantizer {aq.name or ''!r} is not calibrated; calibrate the model "
-                          f"(pycompress.quant.calibrate) before exporting")
+        raise ExportError(
+            f"activation quantizer {aq.name or ''!r} is not calibrated; calibrate the model "
+            f"(pycompress.quant.calibrate) before exporting"
+        )
     s = aq.scale.detach().float().reshape(-1)[:1]
     if aq.mode == "lsq":
         s = s.clamp_min(aq.eps)
@@ -209,9 +233,16 @@ def _act_state(layer) -> Tuple[Optional[int], Optional[bool], Optional[torch.Ten
 
 
 # ------------------------------------------------------------------------------------ encode
-def encode(model: nn.Module, *, arch: Optional[Dict[str, Any]] = None, encoding: str = "pcz",
-           fold_bn: bool = True, data: Optional[Dict[str, Any]] = None, source: Optional[Dict[str, Any]] = None,
-           eval_result: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], bytes]:
+def encode(
+    model: nn.Module,
+    *,
+    arch: Optional[Dict[str, Any]] = None,
+    encoding: str = "pcz",
+    fold_bn: bool = True,
+    data: Optional[Dict[str, Any]] = None,
+    source: Optional[Dict[str, Any]] = None,
+    eval_result: Optional[Dict[str, Any]] = None,
+) -> Tuple[Dict[str, Any], bytes]:
     """``(manifest, payload)`` of ``model`` (not modified). See the module docstring."""
     from ..quant import QAT_LAYERS, model_size
     from ..quant.quantizer import FakeQuantizer
@@ -242,8 +273,11 @@ def encode(model: nn.Module, *, arch: Optional[Dict[str, Any]] = None, encoding:
         if bn_name is not None:
             k, mean, beta = bn_affine(mods[bn_name])
         if isinstance(m, QAT_LAYERS):
-            entry: Dict[str, Any] = {"kind": "quantized", "type": _layer_type(m),
-                                     "weight_bits": m.weight_quant.bits if m.weight_quant is not None else None}
+            entry: Dict[str, Any] = {
+                "kind": "quantized",
+                "type": _layer_type(m),
+                "weight_bits": m.weight_quant.bits if m.weight_quant is not None else None,
+            }
             a_bits, a_signed, a_scale = _act_state(m)
             entry.update(act_bits=a_bits, act_signed=a_signed)
             bias = m.bias.detach().float() if m.bias is not None else None
@@ -340,7 +374,9 @@ def _decode_float(data: bytes, n: int, rec: Dict[str, Any], path: str) -> torch.
     else:
         raise _fail(path, f"tensor {rec['name']!r}: unknown float encoding {enc!r}")
     if arr is None:
-        raise _fail(path, f"corrupt manifest: tensor {rec['name']!r} has {len(data)} bytes of {enc} values, expected {want}")
+        raise _fail(
+            path, f"corrupt manifest: tensor {rec['name']!r} has {len(data)} bytes of {enc} values, expected {want}"
+        )
     return torch.from_numpy(arr.astype(np.float32, copy=True))
 
 
@@ -350,8 +386,11 @@ def _decode_values(data: bytes, n: int, rec: Dict[str, Any], path: str) -> torch
         if not 1 <= bits <= 16:
             raise _fail(path, f"corrupt manifest: tensor {rec['name']!r} has {bits}-bit codes")
         if len(data) != code_bytes(n, bits):
-            raise _fail(path, f"corrupt manifest: tensor {rec['name']!r} has {len(data)} bytes of {bits}-bit codes, "
-                              f"expected {code_bytes(n, bits)}")
+            raise _fail(
+                path,
+                f"corrupt manifest: tensor {rec['name']!r} has {len(data)} bytes of {bits}-bit codes, "
+                f"expected {code_bytes(n, bits)}",
+            )
         return torch.from_numpy(unpack_codes(data, n, bits, qmin).copy())
     if rec["enc"] == "raw":
         try:
@@ -359,7 +398,9 @@ def _decode_values(data: bytes, n: int, rec: Dict[str, Any], path: str) -> torch
         except TypeError:
             raise _fail(path, f"corrupt manifest: tensor {rec['name']!r} has dtype {rec.get('dtype')!r}") from None
         if len(data) != dt.itemsize * n:
-            raise _fail(path, f"corrupt manifest: tensor {rec['name']!r} has {len(data)} bytes, expected {dt.itemsize * n}")
+            raise _fail(
+                path, f"corrupt manifest: tensor {rec['name']!r} has {len(data)} bytes, expected {dt.itemsize * n}"
+            )
         return torch.from_numpy(np.frombuffer(data, dtype=dt, count=n).astype(dt.newbyteorder("="), copy=True))
     return _decode_float(data, n, rec, path)
 
@@ -371,7 +412,7 @@ def _decode_tensor(rec: Dict[str, Any], payload: bytes, path: str) -> torch.Tens
         raise _fail(path, f"corrupt manifest: bad tensor record {str(rec)[:200]}") from None
     if off < 0 or ln < 0 or off + ln > len(payload):
         raise _fail(path, f"corrupt manifest: tensor {name!r} lies outside the payload")
-    data = payload[off:off + ln]
+    data = payload[off : off + ln]
     n = math.prod(shape)
     if rec.get("sparse"):
         mb = mask_bytes(n)
@@ -380,7 +421,10 @@ def _decode_tensor(rec: Dict[str, Any], payload: bytes, path: str) -> torch.Tens
         keep = torch.from_numpy(unpack_bool(data[:mb], n))
         nnz = int(keep.sum())
         if nnz != int(rec.get("nnz", -1)):
-            raise _fail(path, f"corrupt manifest: tensor {name!r}: the mask has {nnz} nonzeros, the record says {rec.get('nnz')}")
+            raise _fail(
+                path,
+                f"corrupt manifest: tensor {name!r}: the mask has {nnz} nonzeros, the record says {rec.get('nnz')}",
+            )
         vals = _decode_values(data[mb:], nnz, rec, path)
         out = torch.zeros(n, dtype=vals.dtype)
         out[keep] = vals
@@ -405,11 +449,18 @@ def decode(manifest: Dict[str, Any], payload: bytes, path: str = "<memory>") -> 
     arch = manifest.get("arch") or {}
     name = arch.get("model")
     if name not in models.names():
-        raise _fail(path, f"the artifact's model {name!r} is not known to this pycompress installation "
-                          f"(known models: {', '.join(models.names())})")
+        raise _fail(
+            path,
+            f"the artifact's model {name!r} is not known to this pycompress installation "
+            f"(known models: {', '.join(models.names())})",
+        )
     try:
-        model = models.build(name, in_channels=int(arch["in_channels"]), num_classes=int(arch["num_classes"]),
-                             **dict(arch.get("args") or {}))
+        model = models.build(
+            name,
+            in_channels=int(arch["in_channels"]),
+            num_classes=int(arch["num_classes"]),
+            **dict(arch.get("args") or {}),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise _fail(path, f"cannot rebuild model {name!r} with the recorded arguments: {exc}") from None
     if arch.get("slim"):  # a slimmed network: its layers' channel counts
@@ -425,8 +476,11 @@ def decode(manifest: Dict[str, Any], payload: bytes, path: str = "<memory>") -> 
         m = mods.get(lname)
         kind = entry.get("kind")
         if m is None:
-            raise _fail(path, f"the layer plan names {lname!r}, which model {name!r} does not have "
-                              f"(built by another pycompress version?)")
+            raise _fail(
+                path,
+                f"the layer plan names {lname!r}, which model {name!r} does not have "
+                f"(built by another pycompress version?)",
+            )
         if kind == "folded_bn":
             if not isinstance(m, _BatchNorm):
                 raise _fail(path, f"layer plan: {lname!r} is a {type(m).__name__}, not a BatchNorm")
@@ -437,8 +491,13 @@ def decode(manifest: Dict[str, Any], payload: bytes, path: str = "<memory>") -> 
             raise _fail(path, f"layer plan: {lname!r} is a {type(m).__name__}, the artifact says {entry.get('type')!r}")
         if kind == "quantized":
             cls = QuantizedConv2d if want is nn.Conv2d else QuantizedLinear
-            new = cls.like(m, bias=bool(entry.get("bias")), weight_bits=entry.get("weight_bits"),
-                           act_bits=entry.get("act_bits"), act_signed=entry.get("act_signed"))
+            new = cls.like(
+                m,
+                bias=bool(entry.get("bias")),
+                weight_bits=entry.get("weight_bits"),
+                act_bits=entry.get("act_bits"),
+                act_signed=entry.get("act_signed"),
+            )
             _replace(model, m, new)
         elif kind == "folded":
             if m.bias is None:
@@ -450,14 +509,24 @@ def decode(manifest: Dict[str, Any], payload: bytes, path: str = "<memory>") -> 
         state[rec.get("name")] = _decode_tensor(rec, payload, path)
     expected = model.state_dict()
     unexpected = [k for k in state if k not in expected]
-    missing = [k for k, v in expected.items() if k not in state and (v.is_floating_point() or not k.endswith("num_batches_tracked"))]
+    missing = [
+        k
+        for k, v in expected.items()
+        if k not in state and (v.is_floating_point() or not k.endswith("num_batches_tracked"))
+    ]
     if unexpected or missing:
-        raise _fail(path, f"the stored tensors do not fit model {name!r}: "
-                          + (f"unexpected {unexpected[:5]}" if unexpected else "")
-                          + ("; " if unexpected and missing else "") + (f"missing {missing[:5]}" if missing else ""))
+        raise _fail(
+            path,
+            f"the stored tensors do not fit model {name!r}: "
+            + (f"unexpected {unexpected[:5]}" if unexpected else "")
+            + ("; " if unexpected and missing else "")
+            + (f"missing {missing[:5]}" if missing else ""),
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise _fail(path, f"tensor {k!r} has shape {tuple(v.shape)}, model {name!r} expects {tuple(expected[k].shape)}")
+            raise _fail(
+                path, f"tensor {k!r} has shape {tuple(v.shape)}, model {name!r} expects {tuple(expected[k].shape)}"
+            )
         state[k] = v.to(expected[k].dtype)
     model.load_state_dict(state, strict=False)
     model.eval()
@@ -467,9 +536,18 @@ def decode(manifest: Dict[str, Any], payload: bytes, path: str = "<memory>") -> 
 
 
 # ------------------------------------------------------------------------------------ files
-def save(model: nn.Module, path: str, *, arch: Optional[Dict[str, Any]] = None, encoding: str = "pcz",
-         fold_bn: bool = True, data: Optional[Dict[str, Any]] = None, source: Optional[Dict[str, Any]] = None,
-         eval_result: Optional[Dict[str, Any]] = None, force: bool = False) -> Artifact:
+def save(
+    model: nn.Module,
+    path: str,
+    *,
+    arch: Optional[Dict[str, Any]] = None,
+    encoding: str = "pcz",
+    fold_bn: bool = True,
+    data: Optional[Dict[str, Any]] = None,
+    source: Optional[Dict[str, Any]] = None,
+    eval_result: Optional[Dict[str, Any]] = None,
+    force: bool = False,
+) -> Artifact:
     """Export ``model`` to ``path`` (atomically; an existing file only with ``force``). Returns the
     written :class:`Artifact`. ``arch`` defaults to what ``pycompress.models.build`` recorded;
     ``data`` is the dataset description ``pycompress eval`` uses; ``eval_result`` is stored as the
@@ -477,8 +555,9 @@ def save(model: nn.Module, path: str, *, arch: Optional[Dict[str, Any]] = None, 
     path = os.fspath(path)
     if os.path.exists(path) and not force:
         raise FileExistsError(f"{path} already exists; pass force=True (--force) to overwrite it")
-    manifest, payload = encode(model, arch=arch, encoding=encoding, fold_bn=fold_bn, data=data, source=source,
-                               eval_result=eval_result)
+    manifest, payload = encode(
+        model, arch=arch, encoding=encoding, fold_bn=fold_bn, data=data, source=source, eval_result=eval_result
+    )
     write_container(path, manifest, payload, force=force)
     return read(path)
 
@@ -517,10 +596,18 @@ def layer_table(manifest: Dict[str, Any]) -> List[Dict[str, Any]]:
         else:
             bits = {"f32": 32, "f16": 16, "u8mm": 8}.get(rec["enc"], 0)
         nnz = int(rec["nnz"]) if rec.get("sparse") else None
-        rows.append({"name": rec["name"], "shape": list(rec["shape"]), "encoding": rec["enc"]
-                     + (" sparse" if rec.get("sparse") else ""), "bits": bits, "numel": n,
-                     "sparsity": None if nnz is None else 1.0 - nnz / max(n, 1), "bytes": int(rec["len"]),
-                     "nbits": int(rec.get("nbits", 0))})
+        rows.append(
+            {
+                "name": rec["name"],
+                "shape": list(rec["shape"]),
+                "encoding": rec["enc"] + (" sparse" if rec.get("sparse") else ""),
+                "bits": bits,
+                "numel": n,
+                "sparsity": None if nnz is None else 1.0 - nnz / max(n, 1),
+                "bytes": int(rec["len"]),
+                "nbits": int(rec.get("nbits", 0)),
+            }
+        )
     return rows
 
 

@@ -12,6 +12,7 @@ is a fact of the graph, not a guess from module order: pre-activation blocks (BN
 DenseNet, PreResNet), a conv whose output also feeds a residual add, or a module called twice
 are left unfolded. A model that fx cannot trace folds nothing (the reason is returned).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -51,7 +52,10 @@ def bn_fold_pairs(model: nn.Module) -> Tuple[Dict[str, str], Optional[str]]:
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: fold nothing
-        return {}, f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); BatchNorm kept unfolded"
+        return (
+            {},
+            f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); BatchNorm kept unfolded",
+        )
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs: Dict[str, str] = {}
     for node in graph.nodes:

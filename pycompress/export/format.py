@@ -28,6 +28,7 @@ Bit-level codecs (the payload's building blocks):
   16-bit codes are stored as the plain integer types instead: int8 / little-endian int16 when
   qmin < 0 (signed grids), uint8 / uint16 otherwise.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,9 +41,20 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 __all__ = [
-    "SIGNATURE", "FORMAT_VERSION", "HEADER_BYTES", "TRAILER_BYTES", "ArtifactError",
-    "write_container", "read_container", "container_bytes", "pack_codes", "unpack_codes",
-    "pack_bool", "unpack_bool", "mask_bytes", "code_bytes",
+    "SIGNATURE",
+    "FORMAT_VERSION",
+    "HEADER_BYTES",
+    "TRAILER_BYTES",
+    "ArtifactError",
+    "write_container",
+    "read_container",
+    "container_bytes",
+    "pack_codes",
+    "unpack_codes",
+    "pack_bool",
+    "unpack_bool",
+    "mask_bytes",
+    "code_bytes",
 ]
 
 SIGNATURE = b"\x89PCZ\r\n\x1a\n"
@@ -117,18 +129,24 @@ def read_container(path: str) -> Tuple[Dict[str, Any], bytes, Dict[str, Any]]:
     if len(data) < want:
         raise ArtifactError(f"{path}: truncated: the header announces {want:,} bytes, the file has {len(data):,}")
     if len(data) > want:
-        raise ArtifactError(f"{path}: corrupt: {len(data) - want:,} unexpected bytes after the announced "
-                            f"{want:,} (was something appended?)")
+        raise ArtifactError(
+            f"{path}: corrupt: {len(data) - want:,} unexpected bytes after the announced "
+            f"{want:,} (was something appended?)"
+        )
     body, digest = data[:-TRAILER_BYTES], data[-TRAILER_BYTES:]
     if hashlib.sha256(body).digest() != digest:
-        raise ArtifactError(f"{path}: checksum mismatch: the SHA-256 stored in the file does not match its "
-                            f"contents, so the file was altered or damaged after it was written")
+        raise ArtifactError(
+            f"{path}: checksum mismatch: the SHA-256 stored in the file does not match its "
+            f"contents, so the file was altered or damaged after it was written"
+        )
     if version > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: written in artifact format version {version}, newer than this "
-                            f"pycompress reads (up to {FORMAT_VERSION}); upgrade pycompress to load it")
+        raise ArtifactError(
+            f"{path}: written in artifact format version {version}, newer than this "
+            f"pycompress reads (up to {FORMAT_VERSION}); upgrade pycompress to load it"
+        )
     if version < 1:
         raise ArtifactError(f"{path}: bad artifact format version {version}")
-    raw = data[HEADER_BYTES:HEADER_BYTES + m]
+    raw = data[HEADER_BYTES : HEADER_BYTES + m]
     try:
         text = zlib.decompress(raw) if flags & _FLAG_ZLIB else raw
         manifest = json.loads(text.decode("utf-8"))
@@ -136,10 +154,15 @@ def read_container(path: str) -> Tuple[Dict[str, Any], bytes, Dict[str, Any]]:
         raise ArtifactError(f"{path}: the manifest cannot be parsed: {exc}") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: the manifest is not a JSON object")
-    payload = data[HEADER_BYTES + m:HEADER_BYTES + m + p]
-    facts = {"file_bytes": len(data), "manifest_bytes": m, "payload_bytes": p,
-             "overhead_bytes": HEADER_BYTES + m + TRAILER_BYTES, "format_version": version,
-             "sha256": digest.hex()}
+    payload = data[HEADER_BYTES + m : HEADER_BYTES + m + p]
+    facts = {
+        "file_bytes": len(data),
+        "manifest_bytes": m,
+        "payload_bytes": p,
+        "overhead_bytes": HEADER_BYTES + m + TRAILER_BYTES,
+        "format_version": version,
+        "sha256": digest.hex(),
+    }
     return manifest, payload, facts
 
 

@@ -17,6 +17,7 @@
   (``pycompress.nn.conv2d``). ``pycompress.export.onnx`` swaps these layers for export-only
   versions that the ONNX exporters turn into QuantizeLinear / DequantizeLinear nodes.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -95,18 +96,55 @@ class QuantizedConv2d(_Quantized, nn.Conv2d):
     """A conv layer of a loaded artifact (see the module docstring). Built from a plain conv's
     geometry with :meth:`like`; its state comes from the artifact."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, padding_mode="zeros", *, weight_bits: Optional[int], act_bits: Optional[int],
-                 act_signed: Optional[bool], device=None):
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                           padding_mode, device=device)
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        padding_mode="zeros",
+        *,
+        weight_bits: Optional[int],
+        act_bits: Optional[int],
+        act_signed: Optional[bool],
+        device=None,
+    ):
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+        )
         self._init_quant(weight_bits, act_bits, act_signed)
 
     @classmethod
     def like(cls, conv: nn.Conv2d, *, bias: bool, weight_bits, act_bits, act_signed) -> "QuantizedConv2d":
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                   conv.groups, bias, conv.padding_mode, weight_bits=weight_bits, act_bits=act_bits,
-                   act_signed=act_signed, device="meta" if conv.weight.is_meta else None)
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            bias,
+            conv.padding_mode,
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            act_signed=act_signed,
+            device="meta" if conv.weight.is_meta else None,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quant_input(x)
@@ -123,15 +161,31 @@ class QuantizedConv2d(_Quantized, nn.Conv2d):
 class QuantizedLinear(_Quantized, nn.Linear):
     """A linear layer of a loaded artifact (see the module docstring)."""
 
-    def __init__(self, in_features, out_features, bias=True, *, weight_bits: Optional[int],
-                 act_bits: Optional[int], act_signed: Optional[bool], device=None):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        *,
+        weight_bits: Optional[int],
+        act_bits: Optional[int],
+        act_signed: Optional[bool],
+        device=None,
+    ):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device)
         self._init_quant(weight_bits, act_bits, act_signed)
 
     @classmethod
     def like(cls, lin: nn.Linear, *, bias: bool, weight_bits, act_bits, act_signed) -> "QuantizedLinear":
-        return cls(lin.in_features, lin.out_features, bias, weight_bits=weight_bits, act_bits=act_bits,
-                   act_signed=act_signed, device="meta" if lin.weight.is_meta else None)
+        return cls(
+            lin.in_features,
+            lin.out_features,
+            bias,
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            act_signed=act_signed,
+            device="meta" if lin.weight.is_meta else None,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quant_input(x), self.weight, self.bias)

@@ -46,6 +46,7 @@ and initializers removed, and the model checked (``onnx.checker``, full check).
 module imports without them; its functions raise ImportError naming the extra
 (``pip install 'pycompress[onnx]'``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,14 +67,32 @@ import torch.nn.functional as F
 
 from .modules import QUANTIZED_LAYERS, QuantizedConv2d, QuantizedLinear
 
-__all__ = ["export_onnx", "ort_session", "ort_run", "ort_predict", "count_fused", "prepare_for_onnx",
-           "integer_bias_reference", "FUSED_OPS"]
+__all__ = [
+    "export_onnx",
+    "ort_session",
+    "ort_run",
+    "ort_predict",
+    "count_fused",
+    "prepare_for_onnx",
+    "integer_bias_reference",
+    "FUSED_OPS",
+]
 
 EXTRA = "pip install 'pycompress[onnx]'"
 _PIP_NAMES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript"}
 # op types count_fused always reports (0 when absent)
-FUSED_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "Conv", "Gemm", "MatMul",
-             "QuantizeLinear", "DequantizeLinear")
+FUSED_OPS = (
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+    "MatMulInteger",
+    "ConvInteger",
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "QuantizeLinear",
+    "DequantizeLinear",
+)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -86,8 +105,10 @@ def _require(name: str):
     try:
         return _import(name)
     except ImportError as exc:
-        raise ImportError(f"pycompress.export.onnx needs the {name!r} package, which is not installed: "
-                          f"{EXTRA} (or pip install {_PIP_NAMES.get(name, name)})") from exc
+        raise ImportError(
+            f"pycompress.export.onnx needs the {name!r} package, which is not installed: "
+            f"{EXTRA} (or pip install {_PIP_NAMES.get(name, name)})"
+        ) from exc
 
 
 # ------------------------------------------------------------------------------------ model preparation
@@ -107,8 +128,10 @@ class _ExportQuantMixin:
         if self.act_bits is not None:
             qmin, qmax = self.act_range()
             if qmax - qmin > 255:
-                raise ValueError(f"ONNX export: layer {name!r} quantizes its input to {self.act_bits} bits; "
-                                 f"QuantizeLinear below opset 21 has at most 8 bits")
+                raise ValueError(
+                    f"ONNX export: layer {name!r} quantizes its input to {self.act_bits} bits; "
+                    f"QuantizeLinear below opset 21 has at most 8 bits"
+                )
             s = float(self.act_scale.reshape(-1)[0])
             if not (s > 0 and np.isfinite(s)):
                 raise ValueError(f"ONNX export: layer {name!r} has activation scale {s}")
@@ -122,9 +145,11 @@ class _ExportQuantMixin:
             codes = self.weight_codes
             neg = (scale < 0).view((-1,) + (1,) * (codes.dim() - 1))
             if bool((neg & (codes == -128)).any()):
-                raise ValueError(f"ONNX export: layer {name!r}: an 8-bit channel with a negative folded scale holds "
-                                 f"code -128, whose negation does not fit int8; save the artifact with fold_bn=False "
-                                 f"(--no-fold-bn)")
+                raise ValueError(
+                    f"ONNX export: layer {name!r}: an 8-bit channel with a negative folded scale holds "
+                    f"code -128, whose negation does not fit int8; save the artifact with fold_bn=False "
+                    f"(--no-fold-bn)"
+                )
             a = scale.abs()
             self.register_buffer("_onnx_wscale", torch.where(a > 0, a, torch.ones_like(a)))
             self.register_buffer("_onnx_wzp", torch.zeros(a.shape, dtype=torch.int32))
@@ -237,8 +262,13 @@ def prepare_for_onnx(model: nn.Module) -> Tuple[nn.Module, Dict[str, Any]]:
 def _int_bias(layer: nn.Module) -> Optional[torch.Tensor]:
     """The bias of a quantized conv as ORT's integer kernels use it: rounded to int32 units of
     ``x_scale * |w_scale|`` (None when ORT keeps it float: no input or weight quantization)."""
-    if (not isinstance(layer, QuantizedConv2d) or layer.bias is None or layer.act_bits is None
-            or layer.weight_bits is None or layer.weight_bits > 8):
+    if (
+        not isinstance(layer, QuantizedConv2d)
+        or layer.bias is None
+        or layer.act_bits is None
+        or layer.weight_bits is None
+        or layer.weight_bits > 8
+    ):
         return None
     ws = layer.weight_scale.detach().double().abs()
     ws = torch.where(ws > 0, ws, torch.ones_like(ws))
@@ -413,7 +443,7 @@ def _rewrite_weights(G: _Graph) -> Tuple[int, int]:
         axis = _attr(n, "axis", 1)
         axis = axis + w.ndim if axis < 0 else axis
         codes = _quantize_linear_np(w, s, z, axis)
-        base = n.input[0][:-len("weight")] if n.input[0].endswith(".weight") else f"{n.input[0]}_"
+        base = n.input[0][: -len("weight")] if n.input[0].endswith(".weight") else f"{n.input[0]}_"
         name = G.add_init(f"{base}weight_codes", codes)
         for u in users:
             u.input[0] = name
@@ -506,8 +536,9 @@ def _quantize_biases(G: _Graph) -> int:
     for n in G.g.node:
         if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in inits:
             continue
-        if n.op_type == "Gemm" and (_attr(n, "transA", 0) or any(a.name in ("alpha", "beta") and a.f != 1.0
-                                                                 for a in n.attribute)):
+        if n.op_type == "Gemm" and (
+            _attr(n, "transA", 0) or any(a.name in ("alpha", "beta") and a.f != 1.0 for a in n.attribute)
+        ):
             continue
         xdq, wdq = prod.get(n.input[0]), prod.get(n.input[1])
         if xdq is None or wdq is None or xdq.op_type != "DequantizeLinear" or wdq.op_type != "DequantizeLinear":
@@ -528,8 +559,11 @@ def _quantize_biases(G: _Graph) -> int:
         sname = G.add_init(f"{n.input[2]}_scale", bs)
         zname = G.add_init(f"{n.input[2]}_zero_point", np.zeros(b.shape, dtype=np.int32))
         out = G.unique(f"{n.input[2]}_dequantized")
-        G.g.node.append(G.onnx.helper.make_node("DequantizeLinear", [qname, sname, zname], [out],
-                                                name=G.unique(f"{n.name}_bias_dq"), axis=0))
+        G.g.node.append(
+            G.onnx.helper.make_node(
+                "DequantizeLinear", [qname, sname, zname], [out], name=G.unique(f"{n.name}_bias_dq"), axis=0
+            )
+        )
         n.input[2] = out
         done += 1
     return done
@@ -539,7 +573,7 @@ def _remove_dead(G: _Graph) -> None:
     needed = {o.name for o in G.g.output}
     for n in G.g.node:  # names used inside subgraphs count as needed
         for a in n.attribute:
-            for sub in ([a.g] if a.type == a.GRAPH else list(a.graphs)):
+            for sub in [a.g] if a.type == a.GRAPH else list(a.graphs):
                 for sn in sub.node:
                     needed.update(sn.input)
     keep = []
@@ -592,8 +626,10 @@ def _input_example(input_shape: Sequence[int], batch_dynamic: bool) -> torch.Ten
 @contextlib.contextmanager
 def _quiet():
     """Silence the exporters: deprecation / tracer warnings, dynamo's progress lines and logs."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch.fx.experimental.symbolic_shapes",
-                                              "torch._dynamo", "onnxscript")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("torch.onnx", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo", "onnxscript")
+    ]
     levels = [lg.level for lg in loggers]
     out = io.StringIO()
     try:
@@ -627,15 +663,27 @@ def _torch_export(m: nn.Module, x: torch.Tensor, path: str, opset: int, dynamo: 
             msg = str(exc)
             hint = ""
             if "pycompress" in msg:
-                hint = (" (a pycompress custom op reached the exporter: this layer type has no ONNX conversion "
-                        "in pycompress.export.onnx.prepare_for_onnx)")
-            raise RuntimeError(f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'} exporter, opset {opset}) "
-                               f"failed: {type(exc).__name__}: {msg[:2000]}{hint}") from exc
+                hint = (
+                    " (a pycompress custom op reached the exporter: this layer type has no ONNX conversion "
+                    "in pycompress.export.onnx.prepare_for_onnx)"
+                )
+            raise RuntimeError(
+                f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'} exporter, opset {opset}) "
+                f"failed: {type(exc).__name__}: {msg[:2000]}{hint}"
+            ) from exc
 
 
-def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Sequence[int], *,
-                opset: Optional[int] = 17, dynamo: bool = False, batch_dynamic: bool = True, force: bool = False,
-                bias_int32: bool = False) -> Dict[str, Any]:
+def export_onnx(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    input_shape: Sequence[int],
+    *,
+    opset: Optional[int] = 17,
+    dynamo: bool = False,
+    batch_dynamic: bool = True,
+    force: bool = False,
+    bias_int32: bool = False,
+) -> Dict[str, Any]:
     """Write ``model`` (a loaded artifact, a QAT model, or a float model of the zoo) to ``path`` as
     ONNX with quantized weights as int8 initializers + DequantizeLinear (module docstring).
 
@@ -673,8 +721,10 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Se
         m(x)  # fail here, with a torch error, rather than deep inside the exporter
     if dynamo:
         if not hasattr(getattr(torch.onnx, "ops", None), "symbolic"):
-            raise RuntimeError(f"dynamo=True needs torch.onnx.ops.symbolic (torch >= 2.8; this is "
-                               f"{torch.__version__}); use the TorchScript exporter (dynamo=False)")
+            raise RuntimeError(
+                f"dynamo=True needs torch.onnx.ops.symbolic (torch >= 2.8; this is "
+                f"{torch.__version__}); use the TorchScript exporter (dynamo=False)"
+            )
         for mod in m.modules():
             if isinstance(mod, _ExportQuantMixin):
                 mod._onnx_symbolic = True
@@ -696,8 +746,10 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Se
         "pycompress.weights": "int8 codes -> DequantizeLinear(axis=0)" if n_w else "fp32",
     }
     if int4_as_int8:
-        meta["pycompress.int4_as_int8"] = ("true: weights of fewer than 8 bits are stored as int8 initializers in "
-                                           "the int8 range (their codes fit; ONNX has no integer conv below 8 bits)")
+        meta["pycompress.int4_as_int8"] = (
+            "true: weights of fewer than 8 bits are stored as int8 initializers in "
+            "the int8 range (their codes fit; ONNX has no integer conv below 8 bits)"
+        )
     for n in model_proto.graph.node:  # the dynamo exporter's per-node stack traces (local paths)
         del n.metadata_props[:]
         n.doc_string = ""
@@ -717,8 +769,10 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Se
         "file_bytes": len(data),
         "opset": int(opset_written),
         "exporter": "dynamo" if dynamo else "torchscript",
-        "qdq_nodes": {"QuantizeLinear": ops.get("QuantizeLinear", 0),
-                      "DequantizeLinear": ops.get("DequantizeLinear", 0)},
+        "qdq_nodes": {
+            "QuantizeLinear": ops.get("QuantizeLinear", 0),
+            "DequantizeLinear": ops.get("DequantizeLinear", 0),
+        },
         "weight_int8_initializers": n_w,
         "weight_dequantize_nodes": n_wdq,
         "activation_qdq": n_act,
@@ -738,18 +792,25 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], input_shape: Se
 
 
 # ------------------------------------------------------------------------------------ ONNX Runtime
-def ort_session(path: Union[str, os.PathLike], optimize: Union[bool, str] = True, threads: Optional[int] = None,
-                optimized_model_filepath: Optional[str] = None, disabled_optimizers: Sequence[str] = ()):
+def ort_session(
+    path: Union[str, os.PathLike],
+    optimize: Union[bool, str] = True,
+    threads: Optional[int] = None,
+    optimized_model_filepath: Optional[str] = None,
+    disabled_optimizers: Sequence[str] = (),
+):
     """An ``onnxruntime.InferenceSession`` on the CPU provider. ``optimize``: True (ORT's default,
     ``ORT_ENABLE_ALL``), False (``ORT_DISABLE_ALL``), or one of "disable", "basic", "extended",
     "all". ``threads``: intra-op threads (None: ORT's default). ``disabled_optimizers``: ORT graph
     transformers to skip, e.g. ``["WeightBiasQuantization"]`` keeps conv biases fp32 (exact
     against torch, but then no conv fuses into QLinearConv)."""
     ort = _require("onnxruntime")
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
     key = {True: "all", False: "disable"}.get(optimize, optimize) if isinstance(optimize, bool) else optimize
     if key not in levels:
         raise ValueError(f"optimize must be True, False or one of {list(levels)}, got {optimize!r}")
@@ -771,8 +832,14 @@ def ort_run(session, x: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(arr)})[0]
 
 
-def ort_predict(path_or_session, loader: Iterable, *, optimize: Union[bool, str] = True,
-                threads: Optional[int] = None, logits: bool = False) -> Dict[str, Any]:
+def ort_predict(
+    path_or_session,
+    loader: Iterable,
+    *,
+    optimize: Union[bool, str] = True,
+    threads: Optional[int] = None,
+    logits: bool = False,
+) -> Dict[str, Any]:
     """Run an ONNX model on a loader of ``(x, y)`` batches (or bare ``x`` batches). Returns
     ``{"top1", "top5", "samples", "predictions": LongTensor}`` (accuracies in percent, None without
     labels) plus ``"logits"`` (fp32 tensor) when ``logits=True``."""
@@ -811,8 +878,13 @@ def ort_predict(path_or_session, loader: Iterable, *, optimize: Union[bool, str]
     return res
 
 
-def count_fused(path: Union[str, os.PathLike], optimize: Union[bool, str] = True, *,
-                threads: Optional[int] = None, save_to: Optional[str] = None) -> Dict[str, int]:
+def count_fused(
+    path: Union[str, os.PathLike],
+    optimize: Union[bool, str] = True,
+    *,
+    threads: Optional[int] = None,
+    save_to: Optional[str] = None,
+) -> Dict[str, int]:
     """Op-type counts of the graph ONNX Runtime actually runs (the CPU provider's optimized graph,
     saved through ``SessionOptions.optimized_model_filepath``): e.g. ``QLinearConv`` (convs fused to
     integer kernels), ``QLinearMatMul`` / ``QGemm``, ``Conv`` (still fp32), ``DequantizeLinear``.

@@ -6,6 +6,7 @@ into the manifest, the file is written atomically, and the written file is loade
 to give the same outputs as what was evaluated, so the reported accuracy is the file's. Each
 result row compares the artifact's predictions with the source model's, image by image.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,10 +45,19 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a == b).float().mean()) if a.numel() else 1.0
 
 
-def export_formats(model: nn.Module, paths: Dict[str, str], *, arch: Dict[str, Any],
-                   data: Optional[Dict[str, Any]] = None, source: Optional[Dict[str, Any]] = None,
-                   loader: Optional[Iterable] = None, device: Any = "cpu", fold_bn: bool = True,
-                   force: bool = False, log: Callable[[str], None] = print) -> Dict[str, Any]:
+def export_formats(
+    model: nn.Module,
+    paths: Dict[str, str],
+    *,
+    arch: Dict[str, Any],
+    data: Optional[Dict[str, Any]] = None,
+    source: Optional[Dict[str, Any]] = None,
+    loader: Optional[Iterable] = None,
+    device: Any = "cpu",
+    fold_bn: bool = True,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
     """Write ``model`` in each format of ``paths`` and evaluate each file on ``loader`` (if given).
 
     Returns {"source": eval of the model or None, "counted_bytes", "counted_bytes_unfolded",
@@ -67,8 +77,10 @@ def export_formats(model: nn.Module, paths: Dict[str, str], *, arch: Dict[str, A
     size = model_size(model, fold_bn=fold_bn)
     out: Dict[str, Any] = {
         "source": None if src is None else {k: v for k, v in src.items() if k != "predictions"},
-        "counted_bytes": int(size["bytes"]), "counted_bytes_unfolded": int(model_size(model)["bytes"]),
-        "fp32_bytes": int(size["fp32_bytes"]), "artifacts": [],
+        "counted_bytes": int(size["bytes"]),
+        "counted_bytes_unfolded": int(model_size(model)["bytes"]),
+        "fp32_bytes": int(size["fp32_bytes"]),
+        "artifacts": [],
     }
     decoded_pcz: Optional[nn.Module] = None
     for fmt, path in paths.items():
@@ -79,21 +91,35 @@ def export_formats(model: nn.Module, paths: Dict[str, str], *, arch: Dict[str, A
         row: Dict[str, Any] = {"format": fmt, "path": path}
         if loader is not None:
             ev = _eval(art, loader, device)
-            manifest["eval"] = {"split": "test", "dataset": (data or {}).get("dataset"),
-                                **{k: ev[k] for k in ("top1", "top5", "loss", "samples")}}
+            manifest["eval"] = {
+                "split": "test",
+                "dataset": (data or {}).get("dataset"),
+                **{k: ev[k] for k in ("top1", "top5", "loss", "samples")},
+            }
             row.update({k: ev[k] for k in ("top1", "top5", "loss", "samples")})
             row["agreement"] = _agreement(ev["predictions"], src["predictions"])
         write_container(path, manifest, payload, force=True)
         loaded = load(path, device=device)
         _check_same(loaded, art, loader, path, device)
         facts = loaded.artifact.facts
-        row.update(file_bytes=facts["file_bytes"], payload_bytes=facts["payload_bytes"],
-                   manifest_bytes=facts["manifest_bytes"], overhead_bytes=facts["overhead_bytes"],
-                   counted_bits=manifest["size"]["bits"], sha256=facts["sha256"])
+        row.update(
+            file_bytes=facts["file_bytes"],
+            payload_bytes=facts["payload_bytes"],
+            manifest_bytes=facts["manifest_bytes"],
+            overhead_bytes=facts["overhead_bytes"],
+            counted_bits=manifest["size"]["bits"],
+            sha256=facts["sha256"],
+        )
         out["artifacts"].append(row)
-        log(f"{fmt}: {path}: {row['file_bytes']:,} bytes"
-            + (f", top-1 {row['top1']:.2f}%, same prediction as the source on {100 * row['agreement']:.2f}% "
-               f"of {row['samples']} images" if loader is not None else ""))
+        log(
+            f"{fmt}: {path}: {row['file_bytes']:,} bytes"
+            + (
+                f", top-1 {row['top1']:.2f}%, same prediction as the source on {100 * row['agreement']:.2f}% "
+                f"of {row['samples']} images"
+                if loader is not None
+                else ""
+            )
+        )
         if fmt == "pcz":
             decoded_pcz = loaded
     if "onnx" in paths:
@@ -113,9 +139,15 @@ def export_formats(model: nn.Module, paths: Dict[str, str], *, arch: Dict[str, A
             row.update({k: ev[k] for k in ("top1", "top5", "samples")})
             row["agreement"] = _agreement(ev["predictions"], src["predictions"])
         out["artifacts"].append(row)
-        log(f"onnx: {path}: {row['file_bytes']:,} bytes"
-            + (f", ONNX Runtime top-1 {row['top1']:.2f}%, same prediction as the source on "
-               f"{100 * row['agreement']:.2f}%" if loader is not None else ""))
+        log(
+            f"onnx: {path}: {row['file_bytes']:,} bytes"
+            + (
+                f", ONNX Runtime top-1 {row['top1']:.2f}%, same prediction as the source on "
+                f"{100 * row['agreement']:.2f}%"
+                if loader is not None
+                else ""
+            )
+        )
     return out
 
 
@@ -132,4 +164,3 @@ def _check_same(loaded: nn.Module, art: nn.Module, loader, path: str, device) ->
         a, b = loaded(x[:8].to(device)), art(x[:8].to(device))
     if not torch.equal(a, b):
         raise RuntimeError(f"{path}: the written artifact does not reproduce the evaluated model (internal error)")
-

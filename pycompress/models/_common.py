@@ -1,4 +1,5 @@
 """Shared helpers for the model zoo: argument checks and the initialisations of the seed codebases."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -10,8 +11,9 @@ def check_int(model: str, arg: str, value, *, minimum: int = 1) -> int:
     return value
 
 
-def check_float(model: str, arg: str, value, *, low: float, high: float,
-                low_inclusive: bool = True, high_inclusive: bool = True) -> float:
+def check_float(
+    model: str, arg: str, value, *, low: float, high: float, low_inclusive: bool = True, high_inclusive: bool = True
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"model {model!r}: {arg} must be a number, got {value!r}")
     ok_low = value >= low if low_inclusive else value > low

@@ -5,6 +5,7 @@ bottleneck), stride 2 at stages 2 and 3. ResNet shortcuts are conv1x1 + BN (opti
 PreResNet shortcuts are a bare conv1x1. The final 8x8 average pool of the original is an
 adaptive average pool here: identical on 32x32 inputs, and other sizes (28x28) also work.
 """
+
 from __future__ import annotations
 
 import torch
@@ -195,15 +196,13 @@ class PreResNet(nn.Module):
 
 
 @register("cifar_resnet")
-def cifar_resnet(*, in_channels: int, num_classes: int, depth: int = 20,
-                 block: str = "basic") -> nn.Module:
+def cifar_resnet(*, in_channels: int, num_classes: int, depth: int = 20, block: str = "basic") -> nn.Module:
     """CIFAR ResNet. Input: any H, W >= 5 (two stride-2 stages; designed for 32x32, 28x28 works)."""
     return CifarResNet(depth, num_classes, block, in_channels)
 
 
 @register("preresnet")
-def preresnet(*, in_channels: int, num_classes: int, depth: int = 20,
-              block: str = "basic") -> nn.Module:
+def preresnet(*, in_channels: int, num_classes: int, depth: int = 20, block: str = "basic") -> nn.Module:
     """Pre-activation CIFAR ResNet. Input: as cifar_resnet."""
     return PreResNet(depth, num_classes, block, in_channels)
 

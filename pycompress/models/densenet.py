@@ -8,6 +8,7 @@ satisfy (depth - 4) % 6 == 0; without it each layer is BN-ReLU-conv3x3(growth) a
 ``compressionRate=2`` (the MicroNet setting) is ``compression=0.5``.
 The final 8x8 average pool is adaptive here (identical on 32x32 inputs).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,9 @@ class _Transition(nn.Module):
 
 
 class DenseNet(nn.Module):
-    def __init__(self, depth=100, num_classes=10, growth_rate=12, compression=0.5,
-                 bottleneck=True, dropout=0.0, in_channels=3):
+    def __init__(
+        self, depth=100, num_classes=10, growth_rate=12, compression=0.5, bottleneck=True, dropout=0.0, in_channels=3
+    ):
         super().__init__()
         n = (depth - 4) // 6 if bottleneck else (depth - 4) // 3
         block = _Bottleneck if bottleneck else _Basic
@@ -110,9 +112,16 @@ class DenseNet(nn.Module):
 
 
 @register("densenet_bc")
-def densenet_bc(*, in_channels: int, num_classes: int, depth: int = 100, growth_rate: int = 12,
-                compression: float = 0.5, bottleneck: bool = True,
-                dropout: float = 0.0) -> nn.Module:
+def densenet_bc(
+    *,
+    in_channels: int,
+    num_classes: int,
+    depth: int = 100,
+    growth_rate: int = 12,
+    compression: float = 0.5,
+    bottleneck: bool = True,
+    dropout: float = 0.0,
+) -> nn.Module:
     """DenseNet-BC (MicroNet student: depth 100, growth 12; teacher: depth 172, growth 30).
     Input: any H, W >= 4 (two 2x average pools; designed for 32x32, 28x28 works)."""
     name = "densenet_bc"
@@ -135,8 +144,6 @@ def densenet_bc(*, in_channels: int, num_classes: int, depth: int = 100, growth_
         )
     if not bottleneck and (depth < 7 or (depth - 4) % 3 != 0):
         raise ValueError(
-            f"model {name!r}: with bottleneck=False depth must satisfy (depth - 4) % 3 == 0 "
-            f"(e.g. 40, 100), got {depth}"
+            f"model {name!r}: with bottleneck=False depth must satisfy (depth - 4) % 3 == 0 (e.g. 40, 100), got {depth}"
         )
-    return DenseNet(depth, num_classes, growth_rate, compression, bottleneck, dropout,
-                    in_channels)
+    return DenseNet(depth, num_classes, growth_rate, compression, bottleneck, dropout, in_channels)

@@ -1,4 +1,5 @@
 """LeNet-300-100 and Caffe-style LeNet-5, as used by DeepHoyer (PyTorch default init)."""
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ The depthwise convs are ``pycompress.nn.DepthwiseConv2d`` (the same parameters a
 as nn.Conv2d, computed by pycompress's depthwise kernel on the selected backend) unless
 ``fused_depthwise=False``.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -38,10 +39,17 @@ def student_widths(base: int = 16, width_mult: float = 1.0) -> List[int]:
 
 
 class MobileNetStudent(nn.Module):
-    def __init__(self, in_channels: int = 3, num_classes: int = 11, base: int = 16,
-                 width_mult: float = 1.0, fused_depthwise: bool = True):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 11,
+        base: int = 16,
+        width_mult: float = 1.0,
+        fused_depthwise: bool = True,
+    ):
         super().__init__()
         from ..nn import DepthwiseConv2d
+
         bw = student_widths(base, width_mult)
         self.widths = bw
         blocks = [
@@ -75,8 +83,9 @@ class MobileNetStudent(nn.Module):
 
 
 @register("mobilenet_student")
-def mobilenet_student(*, in_channels: int, num_classes: int, width_mult: float = 1.0,
-                      base: int = 16, fused_depthwise: bool = True) -> nn.Module:
+def mobilenet_student(
+    *, in_channels: int, num_classes: int, width_mult: float = 1.0, base: int = 16, fused_depthwise: bool = True
+) -> nn.Module:
     """Food-11 homework student. Input: any H, W >= 16 (four 2x max-pools: 28 -> 14 -> 7 -> 3 -> 1;
     256 -> 16). width_mult > 0 scales blocks 3..6 (slimming uses < 1); each scaled width must stay >= 1.
     fused_depthwise: the depthwise convs run on pycompress.ops.depthwise_conv2d (default) or on
@@ -84,12 +93,10 @@ def mobilenet_student(*, in_channels: int, num_classes: int, width_mult: float =
     if not isinstance(fused_depthwise, bool):
         raise TypeError(f"model 'mobilenet_student': fused_depthwise must be true or false, got {fused_depthwise!r}")
     check_int("mobilenet_student", "base", base)
-    check_float("mobilenet_student", "width_mult", width_mult, low=0.0, high=float("inf"),
-                low_inclusive=False)
+    check_float("mobilenet_student", "width_mult", width_mult, low=0.0, high=float("inf"), low_inclusive=False)
     widths = student_widths(base, width_mult)
     if min(widths) < 1:
         raise ValueError(
-            f"model 'mobilenet_student': width_mult={width_mult} leaves a block with 0 channels "
-            f"(widths {widths})"
+            f"model 'mobilenet_student': width_mult={width_mult} leaves a block with 0 channels (widths {widths})"
         )
     return MobileNetStudent(in_channels, num_classes, base, width_mult, fused_depthwise)

@@ -5,6 +5,7 @@ plus its own architecture arguments. ``build`` checks the arguments against the 
 signature before calling it, so a typo is an error naming the model and the argument rather than
 a silent default.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -87,9 +88,7 @@ def _lookup(name: str) -> _Entry:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown model {name!r}; known models: {', '.join(names())}"
-        ) from None
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}") from None
 
 
 def accepted_kwargs(name: str) -> Dict[str, Any]:
@@ -97,11 +96,7 @@ def accepted_kwargs(name: str) -> Dict[str, Any]:
     defaults."""
     entry = _lookup(name)
     params = inspect.signature(entry.factory).parameters
-    return {
-        a: params[a].default
-        for a in _accepted(entry)
-        if a not in _COMMON
-    }
+    return {a: params[a].default for a in _accepted(entry) if a not in _COMMON}
 
 
 def _check_positive_int(model: str, arg: str, value: Any) -> None:
@@ -132,11 +127,13 @@ def build(name: str, *, in_channels: int = 3, num_classes: int = 10, **kwargs: A
             f"model {name!r} got unexpected argument(s) {unknown}; "
             f"it accepts: {', '.join(extra) if extra else '(none besides in_channels, num_classes)'}"
         )
-    model = entry.factory(
-        in_channels=in_channels, num_classes=num_classes, **entry.fixed, **kwargs
-    )
+    model = entry.factory(in_channels=in_channels, num_classes=num_classes, **entry.fixed, **kwargs)
     # How to build it again (pycompress.export records it in artifacts); a plain attribute, so
     # deepcopy keeps it and state_dict ignores it.
-    model._pycompress_build = {"model": name, "args": dict(kwargs), "in_channels": in_channels,
-                               "num_classes": num_classes}
+    model._pycompress_build = {
+        "model": name,
+        "args": dict(kwargs),
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+    }
     return model

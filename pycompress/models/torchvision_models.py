@@ -1,4 +1,5 @@
 """torchvision models (the food-11 teacher). Weights are never downloaded."""
+
 from __future__ import annotations
 
 import torch.nn as nn

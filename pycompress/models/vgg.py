@@ -5,6 +5,7 @@ Two deliberate, documented extensions that change nothing on 32x32 inputs: the m
 ``ceil_mode=True`` (identical on even sizes; lets 28x28 reach 1x1 via 28-14-7-4-2-1) and an
 adaptive average pool precedes the classifier (so inputs larger than 32 also work).
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,7 @@ CFGS = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-         512, 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 
 
@@ -65,8 +65,7 @@ class VGG(nn.Module):
 
 
 @register("vgg")
-def vgg(*, in_channels: int, num_classes: int, depth: int = 16,
-        batch_norm: bool = True) -> nn.Module:
+def vgg(*, in_channels: int, num_classes: int, depth: int = 16, batch_norm: bool = True) -> nn.Module:
     """CIFAR VGG-{11,13,16,19}. Input: any H, W >= 17 (five ceil-mode 2x pools); 32x32 is the
     original, 28x28 works."""
     check_choice("vgg", "depth", depth, sorted(CFGS))

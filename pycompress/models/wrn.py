@@ -5,6 +5,7 @@ pre-activation blocks BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 with a 1x1 conv 
 width changes. WRN-28-10 (36.5M parameters) is the MicroNet challenge reference.
 The final 8x8 average pool is adaptive here (identical on 32x32 inputs).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,7 @@ class WideBasic(nn.Module):
         self.equal_in_out = in_planes == out_planes
         self.conv_shortcut = None
         if not self.equal_in_out:
-            self.conv_shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0,
-                                           bias=False)
+            self.conv_shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
 
     def forward(self, x):
         # As in the original: when the width changes, the shortcut conv sees the pre-activated
@@ -66,8 +66,10 @@ class WideResNet(nn.Module):
 
     @staticmethod
     def _make_stage(in_planes, out_planes, n, stride, dropout):
-        layers = [WideBasic(in_planes if i == 0 else out_planes, out_planes,
-                            stride if i == 0 else 1, dropout) for i in range(n)]
+        layers = [
+            WideBasic(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, dropout)
+            for i in range(n)
+        ]
         return nn.Sequential(*layers)
 
     def forward(self, x):
@@ -79,15 +81,14 @@ class WideResNet(nn.Module):
 
 
 @register("wrn")
-def wrn(*, in_channels: int, num_classes: int, depth: int = 28, widen_factor: int = 10,
-        dropout: float = 0.0) -> nn.Module:
+def wrn(
+    *, in_channels: int, num_classes: int, depth: int = 28, widen_factor: int = 10, dropout: float = 0.0
+) -> nn.Module:
     """Wide ResNet WRN-depth-widen_factor. Input: any H, W >= 5 (two stride-2 stages; designed for
     32x32, 28x28 works)."""
     check_int("wrn", "depth", depth)
     check_int("wrn", "widen_factor", widen_factor)
     check_float("wrn", "dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
     if depth < 10 or (depth - 4) % 6 != 0:
-        raise ValueError(
-            f"model 'wrn': depth must be 6n+4 (n >= 1: 10, 16, 22, 28, 40, ...), got {depth}"
-        )
+        raise ValueError(f"model 'wrn': depth must be 6n+4 (n >= 1: 10, 16, 22, 28, 40, ...), got {depth}")
     return WideResNet(depth, num_classes, widen_factor, dropout, in_channels)

@@ -8,6 +8,7 @@ Both public functions validate every argument before any kernel runs, choose a b
 forward and backward without the custom-op dispatch (the registry's eager path).
 The arithmetic is specified in ``pycompress.ops.depthwise_ref``.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -61,26 +62,39 @@ def _bwd_input_fake(grad_out, weight, H, W, sh, sw, ph, pw, dh, dw):
 
 def _bwd_weight_fake(grad_out, x, kh, kw, sh, sw, ph, pw, dh, dw, with_bias):
     C = x.shape[1]
-    return (x.new_empty((C, 1, kh, kw), dtype=torch.float32),
-            x.new_empty((C,) if with_bias else (0,), dtype=torch.float32))
+    return (
+        x.new_empty((C, 1, kh, kw), dtype=torch.float32),
+        x.new_empty((C,) if with_bias else (0,), dtype=torch.float32),
+    )
 
 
 # The kernel-level functions every backend implements (contracts: depthwise_ref).
 KERNELS = KernelSet(
-    "depthwise", triton_module="depthwise",
+    "depthwise",
+    triton_module="depthwise",
     fwd=Kernel(_ref.depthwise_fwd_ref, cpp="_depthwise_fwd", triton="depthwise_fwd", fake=_fwd_fake),
-    bwd_input=Kernel(_ref.depthwise_bwd_input_ref, cpp="_depthwise_bwd_input", triton="depthwise_bwd_input",
-                     fake=_bwd_input_fake),
-    bwd_weight=Kernel(_ref.depthwise_bwd_weight_ref, cpp="_depthwise_bwd_weight", triton="depthwise_bwd_weight",
-                      fake=_bwd_weight_fake),
+    bwd_input=Kernel(
+        _ref.depthwise_bwd_input_ref, cpp="_depthwise_bwd_input", triton="depthwise_bwd_input", fake=_bwd_input_fake
+    ),
+    bwd_weight=Kernel(
+        _ref.depthwise_bwd_weight_ref, cpp="_depthwise_bwd_weight", triton="depthwise_bwd_weight", fake=_bwd_weight_fake
+    ),
 )
 
-OP = declare("depthwise_conv2d", reference=_ref.depthwise_conv2d_ref, kernels=KERNELS,
-             supports=[on_device("x"), dtype_in("x")])
+OP = declare(
+    "depthwise_conv2d", reference=_ref.depthwise_conv2d_ref, kernels=KERNELS, supports=[on_device("x"), dtype_in("x")]
+)
 
 
-def _forward_impl(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                  params: Sequence[int], act: int, backend: str) -> torch.Tensor:
+def _forward_impl(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    params: Sequence[int],
+    act: int,
+    backend: str,
+) -> torch.Tensor:
     """act(conv(x, weight) * scale + shift); scale / shift fp32 [C] or empty (1 / 0)."""
     sh, sw, ph, pw, dh, dw = params
     if x.numel() == 0:
@@ -98,9 +112,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, scale, shift)
 
 
-def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                   shift: torch.Tensor, params: Sequence[int], act: int, backend: str,
-                   needs: Sequence[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    params: Sequence[int],
+    act: int,
+    backend: str,
+    needs: Sequence[bool],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_scale, grad_shift); an entry not asked for in ``needs`` (or for an
     empty scale / shift) is an empty tensor."""
     sh, sw, ph, pw, dh, dw = params
@@ -140,8 +162,11 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sc
         gc = grad
     g_x, g_w = x.new_empty(0), x.new_empty(0)  # distinct objects: outputs may not alias each other
     if need_x:
-        g_x = torch.zeros_like(x) if x.numel() == 0 else bwd_in(gc, weight.contiguous(), x.shape[2], x.shape[3],
-                                                                  sh, sw, ph, pw, dh, dw)
+        g_x = (
+            torch.zeros_like(x)
+            if x.numel() == 0
+            else bwd_in(gc, weight.contiguous(), x.shape[2], x.shape[3], sh, sw, ph, pw, dh, dw)
+        )
         # x's format, as the fake promises: the kernels take the format from grad, which is both
         # NCHW- and channels_last-contiguous when the output is 1x1 (and x may be a permuted view)
         g_x = g_x.contiguous(memory_format=_format(x))
@@ -151,8 +176,9 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sc
             gw32 = torch.zeros(weight.shape, dtype=ct, device=x.device)
             gb32 = torch.zeros(C, dtype=ct, device=x.device)
         else:
-            gw32, gb32 = bwd_w(gc, _layout(x), weight.shape[2], weight.shape[3], sh, sw, ph, pw, dh, dw,
-                               bias_via_kernel)
+            gw32, gb32 = bwd_w(
+                gc, _layout(x), weight.shape[2], weight.shape[3], sh, sw, ph, pw, dh, dw, bias_via_kernel
+            )
         if need_w:
             g_w = gw32.to(weight.dtype)
         if bias_via_kernel:
@@ -193,15 +219,22 @@ def _backward(ctx, grad):
     x, weight, scale, shift = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
     gx, gw, gs, gb = call(ctx, _BACKWARD, grad, x, weight, scale, shift, ctx.params, ctx.act, ctx.backend, needs)
-    return (gx if needs[0] else None, gw if needs[1] else None,
-            gs if needs[2] and scale.numel() else None, gb if needs[3] and shift.numel() else None,
-            None, None, None)
+    return (
+        gx if needs[0] else None,
+        gw if needs[1] else None,
+        gs if needs[2] and scale.numel() else None,
+        gb if needs[3] and shift.numel() else None,
+        None,
+        None,
+        None,
+    )
 
 
 # pycompress::depthwise_conv2d: act(conv(x, weight) * scale + shift); scale / shift fp32 [C] or
 # empty (1 / 0). Its fake, its autograd and the eager path (DEPTHWISE(...)).
-DEPTHWISE = OP.define("depthwise_conv2d", _forward_impl, fake=_forward_fake, setup_context=_setup_context,
-                      backward=_backward)
+DEPTHWISE = OP.define(
+    "depthwise_conv2d", _forward_impl, fake=_forward_fake, setup_context=_setup_context, backward=_backward
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +248,10 @@ def _pair(name: str, v, fn: str, low: int, allowed: Optional[Tuple[int, ...]] = 
         vals = tuple(v)
     else:
         vals = [v, v] if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
-        if not isinstance(vals, (list, tuple)) or len(vals) != 2 or not all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in vals
+        if (
+            not isinstance(vals, (list, tuple))
+            or len(vals) != 2
+            or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in vals)
         ):
             raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
         vals = [int(t) for t in vals]
@@ -258,8 +293,9 @@ def _check(fn: str, x, weight, stride, padding, dilation) -> List[int]:
     dh, dw = _pair("dilation", dilation, fn, 1)
     if max(ph, pw, dh, dw) > _GEOMETRY_LIMIT:
         # the kernels index a padded plane in 32 bits; no real layer comes near this
-        raise ValueError(f"{fn}: padding and dilation must be at most 2**24, got padding {(ph, pw)}, "
-                         f"dilation {(dh, dw)}")
+        raise ValueError(
+            f"{fn}: padding and dilation must be at most 2**24, got padding {(ph, pw)}, dilation {(dh, dw)}"
+        )
     H, W = x.shape[2], x.shape[3]
     if H < 1 or W < 1:
         raise ValueError(f"{fn}: x must have a spatial size of at least 1x1, got {H}x{W}")
@@ -290,9 +326,16 @@ def _channel_vector(name: str, v, x: torch.Tensor, fn: str) -> torch.Tensor:
 # public ops
 
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, *,
-                     backend: Optional[str] = None) -> torch.Tensor:
+def depthwise_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """Depthwise 2-D convolution: ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)``.
 
     Args:
@@ -312,9 +355,18 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return DEPTHWISE(x, weight, x.new_empty(0, dtype=pdt), shift, params, 0, OP.select(backend, x=x))
 
 
-def depthwise_conv2d_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                            stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
-                            act: str = "relu6", *, backend: Optional[str] = None) -> torch.Tensor:
+def depthwise_conv2d_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    act: str = "relu6",
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """``act(depthwise_conv2d(x, weight) * scale[c] + shift[c])`` in one pass over the output.
 
     ``scale`` / ``shift`` ([C], any float dtype, computed in fp32) are a folded BatchNorm

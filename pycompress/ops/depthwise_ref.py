@@ -26,8 +26,8 @@ Backward of the convolution (z), fp32 accumulation:
     grad_b[c]          = sum_{n, i, j} grad_z[n, c, i, j]                  (both fp32)
 The affine + activation backward is plain torch in the op layer (see depthwise.py).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,9 @@ def _memory_format(x: torch.Tensor):
     return torch.contiguous_format
 
 
-def depthwise_fwd_ref(x, weight, scale, shift, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
-                      act: int) -> torch.Tensor:
+def depthwise_fwd_ref(
+    x, weight, scale, shift, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int, act: int
+) -> torch.Tensor:
     ct = _compute_dtype(x)
     C = x.shape[1]
     z = F.conv2d(x.to(ct), weight.to(ct), None, (sh, sw), (ph, pw), (dh, dw), C)
@@ -79,16 +80,18 @@ def depthwise_fwd_ref(x, weight, scale, shift, sh: int, sw: int, ph: int, pw: in
     return _act(z, act).to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
-def depthwise_bwd_input_ref(grad_out, weight, H: int, W: int, sh: int, sw: int, ph: int, pw: int, dh: int,
-                            dw: int) -> torch.Tensor:
+def depthwise_bwd_input_ref(
+    grad_out, weight, H: int, W: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int
+) -> torch.Tensor:
     ct = _compute_dtype(grad_out)
     N, C = grad_out.shape[:2]
     gx = torch.nn.grad.conv2d_input((N, C, H, W), weight.to(ct), grad_out.to(ct), (sh, sw), (ph, pw), (dh, dw), C)
     return gx.to(grad_out.dtype).contiguous(memory_format=_memory_format(grad_out))
 
 
-def depthwise_bwd_weight_ref(grad_out, x, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
-                             with_bias: bool):
+def depthwise_bwd_weight_ref(
+    grad_out, x, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int, with_bias: bool
+):
     ct = _compute_dtype(x)
     C = x.shape[1]
     gw = torch.nn.grad.conv2d_weight(x.to(ct), (C, 1, kh, kw), grad_out.to(ct), (sh, sw), (ph, pw), (dh, dw), C)
@@ -105,8 +108,9 @@ def depthwise_conv2d_ref(x, weight, bias=None, stride=1, padding=0, dilation=1) 
     return F.conv2d(x.to(ct), weight.to(ct), b, stride, padding, dilation, x.shape[1]).to(x.dtype)
 
 
-def depthwise_conv2d_bn_act_ref(x, weight, scale, shift, stride=1, padding=0, dilation=1,
-                                act: str = "relu6") -> torch.Tensor:
+def depthwise_conv2d_bn_act_ref(
+    x, weight, scale, shift, stride=1, padding=0, dilation=1, act: str = "relu6"
+) -> torch.Tensor:
     """The specification of pycompress.ops.depthwise_conv2d_bn_act (differentiable):
     ``act(depthwise_conv2d(x, weight) * scale[c] + shift[c])``, in fp32, cast back once."""
     ct = _compute_dtype(x)

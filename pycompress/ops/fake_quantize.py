@@ -6,6 +6,7 @@ The public function validates every argument before any kernel runs, chooses a b
 path). ``torch.compile(fullgraph=True)`` sees one node and ``torch.library.opcheck`` passes. The
 arithmetic and the non-finite behaviour are specified in ``pycompress.ops.fake_quantize_ref``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,7 +97,9 @@ def _as_param(value, name: str, x: torch.Tensor, per_channel: bool, length: int)
     """scale / zero_point as a tensor on x's device: Python numbers become 0-d fp32 tensors."""
     if isinstance(value, torch.Tensor):
         if value.device != x.device:
-            raise ValueError(f"fake_quantize: {name} is on {value.device} but x is on {x.device}; put them on one device")
+            raise ValueError(
+                f"fake_quantize: {name} is on {value.device} but x is on {x.device}; put them on one device"
+            )
         if per_channel:
             if value.dim() != 1 or value.numel() != length:
                 raise ValueError(
@@ -240,26 +243,43 @@ def _bwd_fake(grad, mask):
 
 def _bwd_learnable_fake(grad, x, inv_scale, scale, zero_point, qmin, qmax, inner, grad_factor):
     c = inv_scale.shape[0]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((c,), dtype=torch.float32),
+        x.new_empty((c,), dtype=torch.float32),
+    )
 
 
 # The kernel-level functions every backend implements (contracts: fake_quantize_ref).
 KERNELS = KernelSet(
-    "fake_quantize", triton_module="fake_quantize",
+    "fake_quantize",
+    triton_module="fake_quantize",
     fwd=Kernel(_ref.fake_quantize_fwd_ref, cpp="_fake_quantize_fwd", triton="fake_quantize_fwd", fake=_fwd_fake),
     bwd=Kernel(_ref.fake_quantize_bwd_ref, cpp="_fake_quantize_bwd", triton="fake_quantize_bwd", fake=_bwd_fake),
-    bwd_learnable=Kernel(_ref.fake_quantize_bwd_learnable_ref, cpp="_fake_quantize_bwd_learnable",
-                         triton="fake_quantize_bwd_learnable", fake=_bwd_learnable_fake),
+    bwd_learnable=Kernel(
+        _ref.fake_quantize_bwd_learnable_ref,
+        cpp="_fake_quantize_bwd_learnable",
+        triton="fake_quantize_bwd_learnable",
+        fake=_bwd_learnable_fake,
+    ),
 )
 
-OP = declare("fake_quantize", reference=_ref.fake_quantize_ref, kernels=KERNELS,
-             supports=[on_device("x"), dtype_in("x")])
+OP = declare(
+    "fake_quantize", reference=_ref.fake_quantize_ref, kernels=KERNELS, supports=[on_device("x"), dtype_in("x")]
+)
 
 
-def _forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-             axis: Optional[int], grad_factor: float, backend: str, with_mask: bool
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: Optional[int],
+    grad_factor: float,
+    backend: str,
+    with_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, packed keep-mask of x in kernel layout, empty unless with_mask)."""
     layout = _Layout(x, axis)
     inv, s, zp = _kernel_params(scale, zero_point, qmin, qmax, x.dtype)
@@ -280,14 +300,23 @@ def _backward_ste_fake(grad, mask, backend):
     return grad.new_empty(grad.shape)
 
 
-def _backward_learnable(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                        qmin: int, qmax: int, axis: Optional[int], grad_factor: float, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_learnable(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: Optional[int],
+    grad_factor: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_scale, grad_zero_point); the last two shaped and typed like scale / zero_point."""
     layout = _Layout(x, axis)
     inv, s, zp = _kernel_params(scale, zero_point, qmin, qmax, x.dtype)
-    gx, gs, gz = KERNELS.table(backend).bwd_learnable(layout.to_kernel(grad), layout.to_kernel(x), inv, s, zp, qmin,
-                                                      qmax, layout.inner, grad_factor)
+    gx, gs, gz = KERNELS.table(backend).bwd_learnable(
+        layout.to_kernel(grad), layout.to_kernel(x), inv, s, zp, qmin, qmax, layout.inner, grad_factor
+    )
     return (
         layout.from_kernel(gx),
         gs.reshape(scale.shape).to(scale.dtype),
@@ -301,8 +330,7 @@ def _backward_learnable_fake(grad, x, scale, zero_point, qmin, qmax, axis, grad_
 
 
 _BACKWARD_STE = OP.define("fake_quantize_backward", _backward_ste, fake=_backward_ste_fake)
-_BACKWARD_LEARNABLE = OP.define("fake_quantize_backward_learnable", _backward_learnable,
-                                fake=_backward_learnable_fake)
+_BACKWARD_LEARNABLE = OP.define("fake_quantize_backward_learnable", _backward_learnable, fake=_backward_learnable_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -321,13 +349,19 @@ def _backward(ctx, grad_out, _grad_mask):
     qmin, qmax, axis, grad_factor, backend = ctx.args
     if ctx.learnable:
         x, scale, zero_point = ctx.saved_tensors
-        gx, gs, gz = call(ctx, _BACKWARD_LEARNABLE, grad_out, x, scale, zero_point, qmin, qmax, axis, grad_factor,
-                          backend)
+        gx, gs, gz = call(
+            ctx, _BACKWARD_LEARNABLE, grad_out, x, scale, zero_point, qmin, qmax, axis, grad_factor, backend
+        )
         return (
             gx if ctx.needs_input_grad[0] else None,
             gs if ctx.needs_input_grad[1] else None,
             gz if ctx.needs_input_grad[2] else None,
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
     (mask,) = ctx.saved_tensors
     if ctx.numel > 0 and mask.numel() == 0:
@@ -344,8 +378,9 @@ def _backward(ctx, grad_out, _grad_mask):
 
 
 # pycompress::fake_quantize: fake, autograd, and the eager path (FAKE_QUANTIZE(...)).
-FAKE_QUANTIZE = OP.define("fake_quantize", _forward, fake=_forward_fake, setup_context=_setup_context,
-                          backward=_backward)
+FAKE_QUANTIZE = OP.define(
+    "fake_quantize", _forward, fake=_forward_fake, setup_context=_setup_context, backward=_backward
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,11 +28,12 @@ diverged activation is never silently turned into a finite number.
 Packed mask: the layout of ``pycompress.ops.mask_layout_ref`` (1 bit per element, whole 32-bit
 words); a bit is 1 where the element was not clamped.
 """
+
 from __future__ import annotations
 
 import torch
 
-from .mask_layout_ref import pack_bits_ref, packed_mask_bytes, unpack_bits_ref
+from .mask_layout_ref import pack_bits_ref, unpack_bits_ref
 
 __all__ = [
     "fake_quantize_ref",
@@ -71,8 +72,9 @@ def fake_quantize_bwd_ref(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return torch.where(keep, grad, torch.zeros_like(grad))
 
 
-def fake_quantize_bwd_learnable_ref(grad, x, inv_scale, scale, zero_point, qmin: int, qmax: int, inner: int,
-                                    grad_factor: float):
+def fake_quantize_bwd_learnable_ref(
+    grad, x, inv_scale, scale, zero_point, qmin: int, qmax: int, inner: int, grad_factor: float
+):
     """LSQ backward: (grad_x, grad_scale [C] fp32, grad_zero_point [C] fp32).
 
     Per element (fp32), as torch._fake_quantize_learnable_*_backward:

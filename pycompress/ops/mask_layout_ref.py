@@ -9,6 +9,7 @@ word with one ballot and a kernel reads a word per 32 elements (little-endian: b
 element 32 w + j). The C++ / CUDA kernels (csrc/) and the Triton kernels (kernels/_common.py) use
 this layout; these functions are its specification.
 """
+
 from __future__ import annotations
 
 import torch

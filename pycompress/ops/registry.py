@@ -29,6 +29,7 @@ and ``backward``. Inside ``backward`` call the helper ops with :func:`call` so e
 its own side (the registered backward op under the registered op). Both paths run the same
 functions, so they give the same bits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,17 @@ from torch.overrides import has_torch_function
 from .. import _ext, backends
 
 __all__ = [
-    "FLOAT_DTYPES", "Kernel", "KernelSet", "Declaration", "Entry", "declare", "declarations", "on_device",
-    "dtype_in", "call", "eager_ok",
+    "FLOAT_DTYPES",
+    "Kernel",
+    "KernelSet",
+    "Declaration",
+    "Entry",
+    "declare",
+    "declarations",
+    "on_device",
+    "dtype_in",
+    "call",
+    "eager_ok",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,8 +80,10 @@ def _cpp_missing(names: Tuple[str, ...]) -> Reason:
         return _ext.missing_reason()
     missing = [n for n in names if not hasattr(torch.ops.pycompress, n)]
     if missing:
-        return (f"the compiled extension pycompress._C lacks {', '.join(missing)} (an old build: rebuild it with "
-                "`pip install --no-build-isolation -e .`)")
+        return (
+            f"the compiled extension pycompress._C lacks {', '.join(missing)} (an old build: rebuild it with "
+            "`pip install --no-build-isolation -e .`)"
+        )
     return None
 
 
@@ -184,8 +196,13 @@ def eager_ok(tensors: Iterable) -> bool:
     (FakeTensorMode, make_fx, opcheck's checks, ...) and for tensor subclasses: there the registered
     op must run. (torch.compiler.is_compiling, torch.jit.is_tracing and
     torch.overrides.has_torch_function are public; functorch and dispatch modes have no public test.)"""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack() > 0 or has_torch_function(tensors)):
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or has_torch_function(tensors)
+    ):
         return False
     for t in tensors:  # a loop, not any(generator): this runs on every op call
         if type(t) is not _TENSOR and type(t) is not _PARAMETER:
@@ -196,9 +213,18 @@ def eager_ok(tensors: Iterable) -> bool:
 class Entry:
     """A registered op ``pycompress::<name>`` and its eager path. Call it like the op."""
 
-    def __init__(self, name: str, impl: Callable, *, fake: Callable, mutates_args: Sequence[str] = (),
-                 setup_context: Optional[Callable] = None, backward: Optional[Callable] = None,
-                 differentiable_backward: bool = False, eager_name: Optional[str] = None):
+    def __init__(
+        self,
+        name: str,
+        impl: Callable,
+        *,
+        fake: Callable,
+        mutates_args: Sequence[str] = (),
+        setup_context: Optional[Callable] = None,
+        backward: Optional[Callable] = None,
+        differentiable_backward: bool = False,
+        eager_name: Optional[str] = None,
+    ):
         self.name = name
         self.impl = impl
         self.custom_op = torch.library.custom_op(f"pycompress::{name}", mutates_args=tuple(mutates_args))(impl)
@@ -210,8 +236,9 @@ class Entry:
         self.function = None
         if backward is not None:
             self.custom_op.register_autograd(backward, setup_context=setup_context)
-            self.function = _eager_function(eager_name or f"_{_camel(name)}Eager", impl, setup_context, backward,
-                                            differentiable_backward)
+            self.function = _eager_function(
+                eager_name or f"_{_camel(name)}Eager", impl, setup_context, backward, differentiable_backward
+            )
 
     def __call__(self, *args):
         tensors = [args[i] for i in self._tensor_args]
@@ -249,10 +276,16 @@ def _eager_function(name: str, impl: Callable, setup_context: Callable, backward
 
     if not differentiable:
         bwd = torch.autograd.function.once_differentiable(bwd)
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(bwd),
-        "__doc__": f"The eager path of pycompress::{name}: the registered op's implementation, setup_context and "
-                   "backward without the custom-op dispatch."})
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(bwd),
+            "__doc__": f"The eager path of pycompress::{name}: the registered op's implementation, setup_context and "
+            "backward without the custom-op dispatch.",
+        },
+    )
 
 
 def call(ctx, entry: Entry, *args):
@@ -303,8 +336,14 @@ def _extension_predicate(kernels: KernelSet) -> Predicate:
     return check
 
 
-def declare(name: str, *, reference: Callable, kernels: KernelSet, supports: Sequence[Predicate],
-            implemented_by: Sequence[str] = backends.BACKENDS) -> Declaration:
+def declare(
+    name: str,
+    *,
+    reference: Callable,
+    kernels: KernelSet,
+    supports: Sequence[Predicate],
+    implemented_by: Sequence[str] = backends.BACKENDS,
+) -> Declaration:
     """Declare op `name` and register it with pycompress.backends. `supports` lists the predicates
     every backend's inputs must pass (each predicate knows which backends it constrains); the check
     that the compiled extension has the kernel set's C++ ops comes first, for cpu and cuda."""

@@ -8,6 +8,7 @@ runs, choose a backend (``pycompress.backends``) and call the registered ops
 autograd formula and one eager path), so ``torch.compile`` sees one node per op and
 ``torch.library.opcheck`` passes.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,22 +45,26 @@ def _returns_none(*args):  # the in-place kernels return nothing (schema "-> ()"
 
 # The kernel-level functions every backend implements (contracts: the *_kernel_ref of sparse_mask_ref).
 KERNELS = KernelSet(
-    "sparse_mask", triton_module="sparse_mask",
+    "sparse_mask",
+    triton_module="sparse_mask",
     pack=Kernel(_ref.pack_kernel_ref, cpp="_pack_mask", triton="pack_mask", fake=_pack_fake),
     unpack=Kernel(_ref.unpack_kernel_ref, cpp="_unpack_mask", triton="unpack_mask", fake=_unpack_fake),
     apply=Kernel(_ref.apply_kernel_ref, cpp="_apply_mask", triton="apply_mask", fake=_apply_fake),
-    apply_inplace=Kernel(_ref.apply_inplace_kernel_ref, cpp="_apply_mask_", triton="apply_mask_",
-                         fake=_returns_none),
+    apply_inplace=Kernel(_ref.apply_inplace_kernel_ref, cpp="_apply_mask_", triton="apply_mask_", fake=_returns_none),
     sgd_step=Kernel(_ref.sgd_step_kernel_ref, cpp="_masked_sgd_step", triton="masked_sgd_step", fake=_returns_none),
 )
 
 PACK_MASK = declare("pack_mask", reference=_ref.pack_mask_ref, kernels=KERNELS, supports=[on_device("mask")])
-UNPACK_MASK = declare("unpack_mask", reference=_ref.unpack_mask_ref, kernels=KERNELS,
-                      supports=[on_device("packed")])
-APPLY_MASK = declare("apply_mask", reference=_ref.apply_mask_ref, kernels=KERNELS,
-                     supports=[on_device("w"), dtype_in("w")])
-MASKED_SGD_STEP = declare("masked_sgd_step", reference=_ref.masked_sgd_step_ref, kernels=KERNELS,
-                          supports=[on_device("param"), dtype_in("param")])
+UNPACK_MASK = declare("unpack_mask", reference=_ref.unpack_mask_ref, kernels=KERNELS, supports=[on_device("packed")])
+APPLY_MASK = declare(
+    "apply_mask", reference=_ref.apply_mask_ref, kernels=KERNELS, supports=[on_device("w"), dtype_in("w")]
+)
+MASKED_SGD_STEP = declare(
+    "masked_sgd_step",
+    reference=_ref.masked_sgd_step_ref,
+    kernels=KERNELS,
+    supports=[on_device("param"), dtype_in("param")],
+)
 
 
 def _pack(mask: torch.Tensor, backend: str) -> torch.Tensor:
@@ -100,9 +105,19 @@ def _apply_inplace(w: torch.Tensor, packed: torch.Tensor, backend: str) -> None:
         w.copy_(tmp)
 
 
-def _sgd_step(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, packed: torch.Tensor, lr: float,
-              momentum: float, weight_decay: float, dampening: float, nesterov: bool, first: bool,
-              backend: str) -> None:
+def _sgd_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    buf: torch.Tensor,
+    packed: torch.Tensor,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    dampening: float,
+    nesterov: bool,
+    first: bool,
+    backend: str,
+) -> None:
     step = KERNELS.table(backend).sgd_step
     if param.is_contiguous():
         step(param, grad.contiguous(), buf, packed, lr, momentum, weight_decay, dampening, nesterov, first)
@@ -115,11 +130,16 @@ def _sgd_step(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, packed
 # The registered ops (pycompress::pack_mask, ...) and their eager entries.
 _PACK = PACK_MASK.define("pack_mask", _pack, fake=lambda mask, backend: _pack_fake(mask))
 _UNPACK = UNPACK_MASK.define("unpack_mask", _unpack, fake=_unpack_op_fake)
-_APPLY = APPLY_MASK.define("apply_mask", _apply, fake=lambda w, packed, backend: _apply_fake(w, packed),
-                           setup_context=_apply_setup, backward=_apply_backward, differentiable_backward=True)
+_APPLY = APPLY_MASK.define(
+    "apply_mask",
+    _apply,
+    fake=lambda w, packed, backend: _apply_fake(w, packed),
+    setup_context=_apply_setup,
+    backward=_apply_backward,
+    differentiable_backward=True,
+)
 _APPLY_INPLACE = APPLY_MASK.define("apply_mask_", _apply_inplace, fake=_returns_none, mutates_args=("w",))
-_SGD_STEP = MASKED_SGD_STEP.define("masked_sgd_step_", _sgd_step, fake=_returns_none,
-                                   mutates_args=("param", "buf"))
+_SGD_STEP = MASKED_SGD_STEP.define("masked_sgd_step_", _sgd_step, fake=_returns_none, mutates_args=("param", "buf"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,8 +216,9 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int], *, backend: Optional
     return _UNPACK(packed, shape, UNPACK_MASK.select(backend, packed=packed))
 
 
-def apply_mask(w: torch.Tensor, packed: torch.Tensor, *, inplace: bool = False,
-               backend: Optional[str] = None) -> torch.Tensor:
+def apply_mask(
+    w: torch.Tensor, packed: torch.Tensor, *, inplace: bool = False, backend: Optional[str] = None
+) -> torch.Tensor:
     """``w`` where the packed mask keeps it, exactly +0.0 where it is pruned.
 
     Args:
@@ -223,10 +244,19 @@ def apply_mask(w: torch.Tensor, packed: torch.Tensor, *, inplace: bool = False,
     return _APPLY(w, packed, name)
 
 
-def masked_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                    momentum_buffers: List[Optional[torch.Tensor]], masks: Sequence[Optional[torch.Tensor]], *,
-                    lr: float, momentum: float = 0.0, weight_decay: float = 0.0, dampening: float = 0.0,
-                    nesterov: bool = False, backend: Optional[str] = None) -> List[Optional[torch.Tensor]]:
+def masked_sgd_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: List[Optional[torch.Tensor]],
+    masks: Sequence[Optional[torch.Tensor]],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    backend: Optional[str] = None,
+) -> List[Optional[torch.Tensor]]:
     """One SGD step over a list of tensors with the gradient, momentum and result masked, in one
     fused pass per tensor: equals ``torch.optim.SGD``'s step followed by re-masking, so a pruned
     weight stays exactly 0 (see sparse_mask_ref for the arithmetic).
@@ -251,8 +281,10 @@ def masked_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     if not isinstance(nesterov, bool):
         raise TypeError(f"{fn}: nesterov must be a bool, got {nesterov!r}")
     if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError(f"{fn}: nesterov momentum requires momentum > 0 and zero dampening "
-                         f"(got momentum={momentum}, dampening={dampening})")
+        raise ValueError(
+            f"{fn}: nesterov momentum requires momentum > 0 and zero dampening "
+            f"(got momentum={momentum}, dampening={dampening})"
+        )
     n = len(params)
     for what, seq in (("grads", grads), ("momentum_buffers", momentum_buffers), ("masks", masks)):
         if len(seq) != n:
@@ -261,26 +293,44 @@ def masked_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
     for i, (p, g, b, mk) in enumerate(zip(params, grads, momentum_buffers, masks)):
         # The common case first, in as few Python operations as possible (a model of many small
         # layers calls this per tensor per step); anything else gets the full checks below.
-        if not ((type(p) is _Param or type(p) is _Tensor) and type(g) is _Tensor and p.is_floating_point()
-                and g.dtype is p.dtype and g.shape == p.shape and g.device == p.device and not g.is_sparse):
+        if not (
+            (type(p) is _Param or type(p) is _Tensor)
+            and type(g) is _Tensor
+            and p.is_floating_point()
+            and g.dtype is p.dtype
+            and g.shape == p.shape
+            and g.device == p.device
+            and not g.is_sparse
+        ):
             _check_step_tensors(fn, i, p, g)
         first = b is None
         if momentum != 0:
             if first:
                 b = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 momentum_buffers[i] = b
-            elif not (isinstance(b, _Tensor) and b.shape == p.shape and b.dtype is p.dtype and b.device == p.device
-                      and b.is_contiguous()):
+            elif not (
+                isinstance(b, _Tensor)
+                and b.shape == p.shape
+                and b.dtype is p.dtype
+                and b.device == p.device
+                and b.is_contiguous()
+            ):
                 _check_tensor(f"momentum_buffers[{i}]", b, fn)
-                raise ValueError(f"{fn}: momentum_buffers[{i}] must be a contiguous tensor matching params[{i}] "
-                                 f"in shape, dtype and device")
+                raise ValueError(
+                    f"{fn}: momentum_buffers[{i}] must be a contiguous tensor matching params[{i}] "
+                    f"in shape, dtype and device"
+                )
         if mk is None:
             with torch.no_grad():
-                _dense_sgd(p, g, b if momentum != 0 else None, lr, momentum, weight_decay, dampening, nesterov,
-                           first)
+                _dense_sgd(p, g, b if momentum != 0 else None, lr, momentum, weight_decay, dampening, nesterov, first)
             continue
-        if not (mk.dtype is _U8 and mk.dim() == 1 and mk.numel() == ((p.numel() + 31) >> 5) << 2
-                and mk.device == p.device and mk.is_contiguous()):
+        if not (
+            mk.dtype is _U8
+            and mk.dim() == 1
+            and mk.numel() == ((p.numel() + 31) >> 5) << 2
+            and mk.device == p.device
+            and mk.is_contiguous()
+        ):
             mk = _check_packed(mk, p.numel(), p.device, fn, what=f"params[{i}]")
         key = (p.device, p.dtype)
         name = chosen.get(key)
@@ -312,8 +362,10 @@ def _check_step_tensors(fn: str, i: int, p, g) -> None:
         raise TypeError(f"{fn}: {where} must be floating point, got {p.dtype}")
     _check_tensor(f"grads[{i}]", g, fn)
     if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-        raise ValueError(f"{fn}: grads[{i}] must match {where} in shape, dtype and device: "
-                         f"{tuple(g.shape)} {g.dtype} {g.device} vs {tuple(p.shape)} {p.dtype} {p.device}")
+        raise ValueError(
+            f"{fn}: grads[{i}] must match {where} in shape, dtype and device: "
+            f"{tuple(g.shape)} {g.dtype} {g.device} vs {tuple(p.shape)} {p.dtype} {p.device}"
+        )
     if g.is_sparse:
         raise TypeError(f"{fn}: grads[{i}] is a sparse tensor; masked SGD needs dense gradients")
 

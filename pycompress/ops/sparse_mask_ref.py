@@ -25,6 +25,7 @@ buffer without dampening). This is torch.optim.SGD's step (maximize=False) follo
 with the gradient and the momentum buffer masked too, so a pruned weight is exactly 0 after every
 step and nothing can regrow it through momentum or weight decay.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,9 +71,18 @@ def apply_inplace_kernel_ref(w: torch.Tensor, packed: torch.Tensor) -> None:
     w.copy_(apply_kernel_ref(w, packed))
 
 
-def sgd_step_kernel_ref(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, packed: torch.Tensor,
-                        lr: float, momentum: float, weight_decay: float, dampening: float,
-                        nesterov: bool, first: bool) -> None:
+def sgd_step_kernel_ref(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    buf: torch.Tensor,
+    packed: torch.Tensor,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    dampening: float,
+    nesterov: bool,
+    first: bool,
+) -> None:
     """One masked SGD step on one contiguous tensor, in place on param and buf (see the module
     docstring). buf is an empty tensor when momentum == 0; grad is read only."""
     if param.numel() == 0:
@@ -114,8 +124,18 @@ def apply_mask_ref(w: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
-def masked_sgd_step_ref(params, grads, momentum_buffers, masks, *, lr: float, momentum: float = 0.0,
-                        weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False):
+def masked_sgd_step_ref(
+    params,
+    grads,
+    momentum_buffers,
+    masks,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+):
     """The specification of pycompress.ops.masked_sgd_step: updates params (and the buffers) in
     place; a None buffer is created on its first step, a None mask means dense. Returns the list of
     momentum buffers."""
@@ -127,8 +147,18 @@ def masked_sgd_step_ref(params, grads, momentum_buffers, masks, *, lr: float, mo
         if mk is None:  # a dense parameter: every bit set
             mk = pack_bits_ref(torch.ones(p.shape, dtype=torch.bool, device=p.device))
         pc = p.contiguous()
-        sgd_step_kernel_ref(pc, g.contiguous(), b if momentum != 0 else p.new_empty(0), mk,
-                            lr, momentum, weight_decay, dampening, nesterov, first)
+        sgd_step_kernel_ref(
+            pc,
+            g.contiguous(),
+            b if momentum != 0 else p.new_empty(0),
+            mk,
+            lr,
+            momentum,
+            weight_decay,
+            dampening,
+            nesterov,
+            first,
+        )
         if pc.data_ptr() != p.data_ptr():
             p.copy_(pc)
         out.append(b if momentum != 0 else None)

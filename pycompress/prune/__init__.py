@@ -15,23 +15,54 @@ sparsity report.
   (network slimming by |BN gamma|, filter norms), with dependencies from Torch-Pruning's graph;
   ``regularizer: bn_l1`` is its sparsity training.
 """
-from .criteria import CRITERIA, mask_sparsity, select_masks
-from .masks import (apply_masks, attach_mask, attach_masks, drop_shadows, get_mask, has_masks, masked_layers,
-                    prepare_state_dict, remove_masks)
-from .optim import MaskedAdam, MaskedAdamW, MaskedOptimizer, MaskedSGD, build_masked_optimizer
+
 from . import structured
+from .criteria import CRITERIA, mask_sparsity, select_masks
+from .masks import (
+    apply_masks,
+    attach_mask,
+    attach_masks,
+    drop_shadows,
+    get_mask,
+    has_masks,
+    masked_layers,
+    prepare_state_dict,
+    remove_masks,
+)
+from .optim import MaskedAdam, MaskedAdamW, MaskedOptimizer, MaskedSGD, build_masked_optimizer
 from .pruner import Pruner, bn_scales, gradual_sparsity, prune_model
 from .regularizers import REGULARIZERS, regularization
 from .report import SparsityReport, TensorRow, sparsity_report
 from .spec import SCHEDULES, PruneSpec
 
 __all__ = [
-    "CRITERIA", "select_masks", "mask_sparsity",
-    "attach_mask", "attach_masks", "apply_masks", "drop_shadows", "get_mask", "has_masks", "masked_layers",
-    "prepare_state_dict", "remove_masks",
-    "MaskedOptimizer", "MaskedSGD", "MaskedAdam", "MaskedAdamW", "build_masked_optimizer",
-    "Pruner", "prune_model", "gradual_sparsity", "bn_scales", "structured",
-    "REGULARIZERS", "regularization",
-    "SparsityReport", "TensorRow", "sparsity_report",
-    "PruneSpec", "SCHEDULES",
+    "CRITERIA",
+    "select_masks",
+    "mask_sparsity",
+    "attach_mask",
+    "attach_masks",
+    "apply_masks",
+    "drop_shadows",
+    "get_mask",
+    "has_masks",
+    "masked_layers",
+    "prepare_state_dict",
+    "remove_masks",
+    "MaskedOptimizer",
+    "MaskedSGD",
+    "MaskedAdam",
+    "MaskedAdamW",
+    "build_masked_optimizer",
+    "Pruner",
+    "prune_model",
+    "gradual_sparsity",
+    "bn_scales",
+    "structured",
+    "REGULARIZERS",
+    "regularization",
+    "SparsityReport",
+    "TensorRow",
+    "sparsity_report",
+    "PruneSpec",
+    "SCHEDULES",
 ]

@@ -27,6 +27,7 @@ Criteria (SPEC.md section 1 step 2 for MicroNet, section 3 for DeepHoyer):
 ``select_masks(weights, criterion, **params)`` dispatches by name through ``CRITERIA``;
 ``mask_sparsity(masks)`` is the fraction of pruned elements.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -245,9 +246,7 @@ def _slice_norm_masks(
     masks = {}
     for name, w in weights.items():
         if w.dim() < 2:
-            raise ValueError(
-                f"{what} needs tensors with >= 2 dims, but weights[{name!r}] has shape {tuple(w.shape)}"
-            )
+            raise ValueError(f"{what} needs tensors with >= 2 dims, but weights[{name!r}] has shape {tuple(w.shape)}")
         n_slices = w.shape[dim]
         k = n_prune(sparsity, n_slices)
         if k == 0:
@@ -315,9 +314,7 @@ def select_masks(weights: Mapping[str, torch.Tensor], criterion: str, **params) 
     if unknown:
         raise TypeError(f"criterion {criterion!r} got unexpected parameter(s) {unknown}; it takes {accepted}")
     missing = [
-        name
-        for name in accepted
-        if sig.parameters[name].default is inspect.Parameter.empty and name not in params
+        name for name in accepted if sig.parameters[name].default is inspect.Parameter.empty and name not in params
     ]
     if missing:
         raise TypeError(f"criterion {criterion!r} needs parameter(s) {missing}")

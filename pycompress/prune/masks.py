@@ -13,6 +13,7 @@ the forward pass, which keeps ``torch.compile`` and deepcopy trivial. State-dict
 ``<layer>.weight``, ``<layer>.weight_mask`` and ``<layer>.weight_shadow``; a fresh model gets the
 buffers from a state dict with :func:`prepare_state_dict` before ``load_state_dict``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Mapping, Optional
@@ -23,8 +24,19 @@ import torch.nn as nn
 from ..ops import apply_mask, pack_mask, packed_mask_bytes, unpack_mask
 
 __all__ = [
-    "MASK", "SHADOW", "attach_mask", "attach_masks", "get_mask", "masked_layers", "has_masks",
-    "remove_masks", "apply_masks", "prepare_state_dict", "set_shadow", "drop_shadows", "shadowed_layers",
+    "MASK",
+    "SHADOW",
+    "attach_mask",
+    "attach_masks",
+    "get_mask",
+    "masked_layers",
+    "has_masks",
+    "remove_masks",
+    "apply_masks",
+    "prepare_state_dict",
+    "set_shadow",
+    "drop_shadows",
+    "shadowed_layers",
     "layer_weights",
 ]
 
@@ -153,8 +165,10 @@ def prepare_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor])
         if leaf == MASK:
             want = packed_mask_bytes(w.numel())
             if value.dtype != torch.uint8 or value.shape != (want,):
-                raise ValueError(f"state dict entry {key!r} is not a packed mask for weight "
-                                 f"{tuple(w.shape)} (want uint8 [{want}], got {value.dtype} {tuple(value.shape)})")
+                raise ValueError(
+                    f"state dict entry {key!r} is not a packed mask for weight "
+                    f"{tuple(w.shape)} (want uint8 [{want}], got {value.dtype} {tuple(value.shape)})"
+                )
             if m._buffers.get(MASK) is None or m._buffers[MASK].shape != value.shape:
                 m.register_buffer(MASK, torch.zeros(want, dtype=torch.uint8, device=w.device), persistent=True)
         elif m._buffers.get(SHADOW) is None or m._buffers[SHADOW].shape != value.shape:

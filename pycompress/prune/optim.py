@@ -10,6 +10,7 @@ Masks are packed masks (``pycompress.ops.pack_mask``) given per parameter with
 :meth:`set_masks`; a pruning schedule that re-selects masks calls it again. The state_dict is the
 parent optimizer's, so a checkpoint of a masked optimizer loads into it like any other.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
@@ -35,13 +36,16 @@ class MaskedOptimizer:
         out = {}
         for p, mk in masks.items():
             if p not in known:
-                raise ValueError("set_masks: a masked tensor is not a parameter of this optimizer "
-                                 f"(shape {tuple(p.shape)})")
+                raise ValueError(
+                    f"set_masks: a masked tensor is not a parameter of this optimizer (shape {tuple(p.shape)})"
+                )
             if mk is not None:
                 if mk.dtype != torch.uint8 or mk.shape != (packed_mask_bytes(p.numel()),) or mk.device != p.device:
-                    raise ValueError(f"set_masks: the mask of a parameter of shape {tuple(p.shape)} on {p.device} "
-                                     f"must be a packed uint8 mask of {packed_mask_bytes(p.numel())} bytes on "
-                                     f"the same device, got {mk.dtype} {tuple(mk.shape)} on {mk.device}")
+                    raise ValueError(
+                        f"set_masks: the mask of a parameter of shape {tuple(p.shape)} on {p.device} "
+                        f"must be a packed uint8 mask of {packed_mask_bytes(p.numel())} bytes on "
+                        f"the same device, got {mk.dtype} {tuple(mk.shape)} on {mk.device}"
+                    )
                 out[p] = mk
         self._masks = out
 
@@ -56,10 +60,20 @@ class MaskedOptimizer:
 class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
     """torch.optim.SGD with masked parameters updated by the fused masked SGD step."""
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, backend: Optional[str] = None):
-        torch.optim.SGD.__init__(self, params, lr=lr, momentum=momentum, dampening=dampening,
-                                 weight_decay=weight_decay, nesterov=nesterov)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        backend: Optional[str] = None,
+    ):
+        torch.optim.SGD.__init__(
+            self, params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
+        )
         self._init_masks(backend)
 
     @torch.no_grad()
@@ -82,9 +96,18 @@ class MaskedSGD(MaskedOptimizer, torch.optim.SGD):
             if not params:
                 continue
             momentum = group["momentum"]
-            masked_sgd_step(params, grads, bufs, masks, lr=float(group["lr"]), momentum=momentum,
-                            weight_decay=group["weight_decay"], dampening=group["dampening"],
-                            nesterov=group["nesterov"], backend=self.backend)
+            masked_sgd_step(
+                params,
+                grads,
+                bufs,
+                masks,
+                lr=float(group["lr"]),
+                momentum=momentum,
+                weight_decay=group["weight_decay"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                backend=self.backend,
+            )
             if momentum != 0:
                 for p, b in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = b

@@ -10,6 +10,7 @@ are masked before the step and the weights re-masked after it.
 Without a spec (``Pruner(model)``) it only keeps the masks the model already has, which is what a
 later stage (QAT, fine-tuning) of a pruned model needs.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
@@ -39,8 +40,9 @@ def gradual_sparsity(step: int, start: int, end: int, initial: float, final: flo
     return final + (initial - final) * (1.0 - frac) ** 3
 
 
-def _select(model: nn.Module, spec: PruneSpec, layers: List[str], sparsity: Optional[float] = None,
-            salt: int = 0) -> Dict[str, torch.Tensor]:
+def _select(
+    model: nn.Module, spec: PruneSpec, layers: List[str], sparsity: Optional[float] = None, salt: int = 0
+) -> Dict[str, torch.Tensor]:
     weights = M.layer_weights(model, layers, dense=True)
     params = spec.criterion_params()
     if sparsity is not None and "sparsity" in params:
@@ -59,8 +61,10 @@ def prune_model(model: nn.Module, spec: Union[PruneSpec, Mapping[str, Any]]) -> 
         raise ValueError("prune_model: the spec has no criterion")
     layers = spec.select_layers(model)
     if not layers:
-        raise ValueError(f"prune_model: no layer matched (types={spec.types}, include={spec.include}, "
-                         f"exclude={spec.exclude}, first={spec.first}, last={spec.last})")
+        raise ValueError(
+            f"prune_model: no layer matched (types={spec.types}, include={spec.include}, "
+            f"exclude={spec.exclude}, first={spec.first}, last={spec.last})"
+        )
     M.attach_masks(model, _select(model, spec, layers))
     return sparsity_report(model, selected=[f"{n}.weight" for n in layers])
 
@@ -83,8 +87,13 @@ class Pruner:
         log: callable taking a line of text (selection events).
     """
 
-    def __init__(self, model: nn.Module, spec: Union[None, PruneSpec, Mapping[str, Any]] = None, *,
-                 log: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: Union[None, PruneSpec, Mapping[str, Any]] = None,
+        *,
+        log: Optional[Callable[[str], None]] = None,
+    ):
         self.model = model
         self.spec = PruneSpec.from_dict(spec) if spec is not None else None
         self.log = log or (lambda line: None)
@@ -92,8 +101,10 @@ class Pruner:
             self.layers = self.spec.select_layers(model)
             if not self.layers:
                 s = self.spec
-                raise ValueError(f"prune: no layer matched (types={s.types}, include={s.include}, "
-                                 f"exclude={s.exclude}, first={s.first}, last={s.last})")
+                raise ValueError(
+                    f"prune: no layer matched (types={s.types}, include={s.include}, "
+                    f"exclude={s.exclude}, first={s.first}, last={s.last})"
+                )
         else:
             self.layers = list(M.masked_layers(model))
         self.state: Dict[str, Any] = {"selected": False, "frozen": False, "updates": 0, "sparsity": None}
@@ -141,8 +152,10 @@ class Pruner:
         self._sync_optimizer()
         if what is None:
             return
-        self.log(f"[{getattr(self.trainer, 'name', 'prune')}] {what}: {self.spec.criterion} masks on "
-                 f"{len(masks)} layers, {100 * self.state['sparsity']:.2f}% of their weights pruned")
+        self.log(
+            f"[{getattr(self.trainer, 'name', 'prune')}] {what}: {self.spec.criterion} masks on "
+            f"{len(masks)} layers, {100 * self.state['sparsity']:.2f}% of their weights pruned"
+        )
 
     def _gradual_end(self) -> int:
         s = self.spec
@@ -166,8 +179,7 @@ class Pruner:
             M.drop_shadows(self.model)  # dense shadows of an earlier stage are stale now
         if sched is not None and not self.state["selected"]:
             if sched == "gradual":
-                s0 = gradual_sparsity(0, spec.start_step, self._gradual_end(), spec.initial_sparsity,
-                                      spec.sparsity)
+                s0 = gradual_sparsity(0, spec.start_step, self._gradual_end(), spec.initial_sparsity, spec.sparsity)
                 self._attach(_select(self.model, spec, self.layers, s0, salt=0), "gradual start")
             else:
                 masks = _select(self.model, spec, self.layers)
@@ -217,8 +229,9 @@ class Pruner:
                 self.state["frozen"] = True
                 M.drop_shadows(self.model)
                 self._sync_optimizer()
-                self.log(f"[{trainer.name}] masks frozen at step {t} "
-                         f"({100 * (self.state['sparsity'] or 0):.2f}% pruned)")
+                self.log(
+                    f"[{trainer.name}] masks frozen at step {t} ({100 * (self.state['sparsity'] or 0):.2f}% pruned)"
+                )
             return
         if sched == "gradual":
             start, end = spec.start_step, self._gradual_end()
@@ -233,4 +246,3 @@ class Pruner:
         if M.has_masks(self.model) or (self.spec is not None and self.spec.regularizer is not None):
             rep = self.report()
             row["sparsity"] = rep.selected_sparsity if rep.selected_total else rep.sparsity
-

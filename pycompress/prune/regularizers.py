@@ -26,6 +26,7 @@ Dtypes. Each R is computed in W's dtype, except that float16 / bfloat16 are comp
 returned) in float32: their sums overflow (float16 max 65504) or lose most of their bits.
 Everything is differentiable w.r.t. W and returns a 0-d tensor on W's device.
 """
+
 from __future__ import annotations
 
 import math

@@ -22,6 +22,7 @@ and the same over the ``selected`` rows (the tensors a pruning stage targets), w
 given. Note that a parameter stored dense beside a mask (a shadow weight) is reported as stored:
 report the model after the masks are applied.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,7 +111,8 @@ class SparsityReport:
         if self.has_selection:
             n = sum(r.selected for r in self.rows)
             lines.append(
-                f"selected ({n} tensor{'' if n == 1 else 's'}): alive: {self.selected_alive}, pruned: {self.selected_pruned}, "
+                f"selected ({n} tensor{'' if n == 1 else 's'}): alive: {self.selected_alive}, "
+                f"pruned: {self.selected_pruned}, "
                 f"total: {self.selected_total}, compression rate: "
                 f"{_fmt_rate(self.selected_compression_rate)} ({100 * self.selected_sparsity:.2f}% pruned)"
             )

@@ -18,6 +18,7 @@ Schedules:
 Without a ``criterion`` no new masks are chosen: the stage only adds the ``regularizer`` (DeepHoyer's
 sparsity-inducing training) and keeps any masks the model already has.
 """
+
 from __future__ import annotations
 
 import math
@@ -96,9 +97,15 @@ class PruneSpec(LayerSelectionSpec):
                 _fail("sparsity", f"criterion {c!r} needs a target sparsity in [0, 1]")
             self.sparsity = _real("sparsity", self.sparsity, 0.0, 1.0)
         elif self.sparsity is not None:
-            _fail("sparsity", f"criterion {c!r} does not take a target sparsity"
-                  + (" (it prunes by value: use threshold / ratio)" if c in VALUE_CRITERIA else
-                     " (no criterion: set one to prune)"))
+            _fail(
+                "sparsity",
+                f"criterion {c!r} does not take a target sparsity"
+                + (
+                    " (it prunes by value: use threshold / ratio)"
+                    if c in VALUE_CRITERIA
+                    else " (no criterion: set one to prune)"
+                ),
+            )
         if c == "threshold":
             if self.threshold is None:
                 _fail("threshold", "criterion 'threshold' needs a threshold >= 0 (|w| < threshold is pruned)")
@@ -111,10 +118,19 @@ class PruneSpec(LayerSelectionSpec):
             # gradual needs criteria under which an already pruned (zero) weight stays pruned as the
             # target grows: magnitudes and norms; random masks would be redrawn.
             gradual_ok = ("global_magnitude", "layer_magnitude", "filter_norm", "channel_norm")
-            if c not in ("global_magnitude", "layer_magnitude") and not (self.schedule == "gradual" and c in gradual_ok):
-                _fail("schedule", f"{self.schedule!r} re-selects masks to a target sparsity: it needs criterion "
-                      + ("global_magnitude or layer_magnitude" if self.schedule == "regrow" else
-                         f"one of {list(gradual_ok)}") + f", got {c!r}")
+            if c not in ("global_magnitude", "layer_magnitude") and not (
+                self.schedule == "gradual" and c in gradual_ok
+            ):
+                _fail(
+                    "schedule",
+                    f"{self.schedule!r} re-selects masks to a target sparsity: it needs criterion "
+                    + (
+                        "global_magnitude or layer_magnitude"
+                        if self.schedule == "regrow"
+                        else f"one of {list(gradual_ok)}"
+                    )
+                    + f", got {c!r}",
+                )
         default_interval = {"oneshot": None, "regrow": 50, "gradual": 100}[self.schedule]
         if self.update_interval is None:
             self.update_interval = default_interval
@@ -139,7 +155,9 @@ class PruneSpec(LayerSelectionSpec):
         self._check_selection()
         for key in ("first", "last"):
             if not isinstance(getattr(self, key), bool):
-                _fail(key, f"must be true (prune the first/last selected layer too) or false, got {getattr(self, key)!r}")
+                _fail(
+                    key, f"must be true (prune the first/last selected layer too) or false, got {getattr(self, key)!r}"
+                )
         if self.regularizer is not None and self.regularizer not in REGULARIZERS:
             _fail("regularizer", f"must be one of {sorted(REGULARIZERS)}, got {self.regularizer!r}")
         self.strength = _real("strength", self.strength, 0.0)

@@ -42,6 +42,7 @@ Pruning masks (``pycompress.prune``) of kept channels are carried over exactly. 
 ``plan`` (layer name -> its new channel counts) rebuilds the smaller network from a freshly built
 one (``apply_plan``); checkpoints and artifacts store it as ``arch["slim"]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,19 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["SlimSpec", "SlimResult", "SlimError", "slim", "remove_channels", "group_members", "model_plan",
-           "apply_plan", "channel_groups", "CRITERIA", "SCOPES"]
+__all__ = [
+    "SlimSpec",
+    "SlimResult",
+    "SlimError",
+    "slim",
+    "remove_channels",
+    "group_members",
+    "model_plan",
+    "apply_plan",
+    "channel_groups",
+    "CRITERIA",
+    "SCOPES",
+]
 
 CRITERIA = ("bn_gamma", "l1", "l2")
 SCOPES = ("layer", "global")
@@ -69,8 +81,9 @@ def _tp():
     try:
         import torch_pruning
     except ImportError as exc:  # pragma: no cover - a dependency of pycompress
-        raise ImportError("structured pruning needs torch-pruning (a dependency of pycompress: "
-                          "pip install 'torch-pruning==1.6.1')") from exc
+        raise ImportError(
+            "structured pruning needs torch-pruning (a dependency of pycompress: pip install 'torch-pruning==1.6.1')"
+        ) from exc
     return torch_pruning
 
 
@@ -105,8 +118,11 @@ class SlimSpec:
         if self.scope not in SCOPES:
             _fail("scope", f"must be one of {list(SCOPES)}, got {self.scope!r}")
         if (self.ratio is None) == (self.threshold is None):
-            _fail("ratio", "give either a ratio (the fraction of channels removed) or a threshold (remove channels "
-                           "scoring at most it)")
+            _fail(
+                "ratio",
+                "give either a ratio (the fraction of channels removed) or a threshold (remove channels "
+                "scoring at most it)",
+            )
         if self.ratio is not None:
             self.ratio = _ratio("ratio", self.ratio)
         if self.threshold is not None:
@@ -190,8 +206,13 @@ class SlimResult:
     plan: Dict[str, Dict[str, int]]
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"groups": self.groups, "skipped": self.skipped, "params_before": self.params_before,
-                "params_after": self.params_after, "plan": self.plan}
+        return {
+            "groups": self.groups,
+            "skipped": self.skipped,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "plan": self.plan,
+        }
 
     def format(self) -> str:
         lines = [f"{'group (layer whose outputs it prunes)':44s} {'channels':>14s}  members"]
@@ -199,8 +220,10 @@ class SlimResult:
             lines.append(f"{g['root']:44s} {g['before']:6d} -> {g['after']:<5d}  {len(g['members'])}")
         for s in self.skipped:
             lines.append(f"{s['root']:44s} {'kept':>14s}  ({s['why']})")
-        lines.append(f"parameters {self.params_before:,} -> {self.params_after:,} "
-                     f"({100 * self.params_after / max(self.params_before, 1):.1f}%)")
+        lines.append(
+            f"parameters {self.params_before:,} -> {self.params_after:,} "
+            f"({100 * self.params_after / max(self.params_before, 1):.1f}%)"
+        )
         return "\n".join(lines)
 
 
@@ -224,12 +247,16 @@ def _check_model(model: nn.Module) -> None:
 
     qat = [n for n, m in model.named_modules() if isinstance(m, QAT_LAYERS)]
     if qat:
-        raise SlimError(f"the model is quantization-aware ({qat[0]!r} is a {type(dict(model.named_modules())[qat[0]]).__name__}); "
-                        f"slim the float model, then quantize it (slimming first keeps the quantizers' per-channel "
-                        f"scales consistent)")
+        raise SlimError(
+            f"the model is quantization-aware ({qat[0]!r} is a {type(dict(model.named_modules())[qat[0]]).__name__}); "
+            f"slim the float model, then quantize it (slimming first keeps the quantizers' per-channel "
+            f"scales consistent)"
+        )
     if M.shadowed_layers(model):
-        raise SlimError("the model is in the middle of MicroNet's regrowing-mask schedule (dense shadow weights); "
-                        "slim after the masks are frozen")
+        raise SlimError(
+            "the model is in the middle of MicroNet's regrowing-mask schedule (dense shadow weights); "
+            "slim after the masks are frozen"
+        )
 
 
 def _output_layer(model: nn.Module) -> Optional[nn.Module]:
@@ -271,8 +298,9 @@ class _Graph:
             with torch.enable_grad():  # Torch-Pruning traces through autograd
                 self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
         except Exception as exc:  # noqa: BLE001 - any failure: the graph cannot be followed
-            raise SlimError(f"the dependency analysis cannot follow {type(model).__name__}: "
-                            f"{type(exc).__name__}: {exc}") from None
+            raise SlimError(
+                f"the dependency analysis cannot follow {type(model).__name__}: {type(exc).__name__}: {exc}"
+            ) from None
         finally:
             for m, t in modes:
                 m.training = t
@@ -283,13 +311,17 @@ class _Graph:
     def _is_out(self, dep) -> bool:
         m = dep.target.module
         return self.DG.is_out_channel_pruning_fn(dep.handler) or (
-            isinstance(m, nn.Conv2d) and m.groups == m.out_channels > 1)
+            isinstance(m, nn.Conv2d) and m.groups == m.out_channels > 1
+        )
 
     def root(self, group) -> Tuple[nn.Module, str]:
         """The group's name: its first conv / linear (in module order) whose outputs it prunes (all
         such layers of a group share one channel numbering: residual adds do not offset)."""
-        outs = [dep.target.module for dep, _ in group
-                if isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and self._is_out(dep)]
+        outs = [
+            dep.target.module
+            for dep, _ in group
+            if isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and self._is_out(dep)
+        ]
         m = min(outs, key=lambda x: self.order.get(x, 1 << 30)) if outs else group[0].dep.target.module
         return m, self.names.get(m, "?")
 
@@ -306,26 +338,32 @@ class _Graph:
                 continue
             if isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
                 if "weight_mask" in m._buffers:
-                    raise SlimError(f"layer {self.names.get(m)!r}: carrying pruning masks through a grouped conv "
-                                    f"(groups {m.groups}) is not supported")
+                    raise SlimError(
+                        f"layer {self.names.get(m)!r}: carrying pruning masks through a grouped conv "
+                        f"(groups {m.groups}) is not supported"
+                    )
             out.append((m, 0 if self._is_out(dep) else 1, list(idxs)))
         return out
 
 
 # ------------------------------------------------------------------------------------ slim
-def channel_groups(model: nn.Module, *, example_input: Optional[torch.Tensor] = None,
-                   input_shape: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
+def channel_groups(
+    model: nn.Module, *, example_input: Optional[torch.Tensor] = None, input_shape: Optional[Sequence[int]] = None
+) -> List[Dict[str, Any]]:
     """The model's channel groups: ``[{"root", "channels", "members"}]`` (all prunable ones,
     the classifier's outputs excluded)."""
     g = _Graph(model, _example(model, example_input, input_shape))
     out = _output_layer(model)
-    return [{"root": g.root(gr)[1], "channels": len(gr[0].idxs), "members": g.members(gr)}
-            for gr in g.groups([out] if out is not None else [])]
+    return [
+        {"root": g.root(gr)[1], "channels": len(gr[0].idxs), "members": g.members(gr)}
+        for gr in g.groups([out] if out is not None else [])
+    ]
 
 
 @torch.no_grad()
-def _select(spec: SlimSpec, scored: List[Tuple[str, Any, torch.Tensor]], per_round: bool,
-            round_to: int) -> Dict[str, List[int]]:
+def _select(
+    spec: SlimSpec, scored: List[Tuple[str, Any, torch.Tensor]], per_round: bool, round_to: int
+) -> Dict[str, List[int]]:
     """{root name: channel indices to remove}."""
     picks: Dict[str, List[int]] = {}
     if spec.threshold is not None:
@@ -333,7 +371,7 @@ def _select(spec: SlimSpec, scored: List[Tuple[str, Any, torch.Tensor]], per_rou
             idx = [int(i) for i in torch.nonzero(s <= spec.threshold).flatten()]
             if len(idx) >= len(s):  # keep at least min_channels (the best scored)
                 order = torch.argsort(s, descending=True, stable=True)
-                keep = set(int(i) for i in order[:spec.min_channels])
+                keep = set(int(i) for i in order[: spec.min_channels])
                 idx = [i for i in idx if i not in keep]
             picks[name] = idx
         return picks
@@ -342,7 +380,7 @@ def _select(spec: SlimSpec, scored: List[Tuple[str, Any, torch.Tensor]], per_rou
             n = len(s)
             keep = _keep_count(n, spec.ratio_for(name, per_round), round_to, spec.min_channels)
             order = torch.argsort(s, stable=True)  # lowest score first
-            picks[name] = sorted(int(i) for i in order[:n - keep])
+            picks[name] = sorted(int(i) for i in order[: n - keep])
         return picks
     # global: rank all channels together, then round each group's kept count
     allscores = torch.cat([s.float().cpu() for _, _, s in scored])
@@ -354,13 +392,19 @@ def _select(spec: SlimSpec, scored: List[Tuple[str, Any, torch.Tensor]], per_rou
         below = int((s.float().cpu() <= cut).sum()) if k > 0 else 0
         keep = _keep_count(n, below / n, round_to, spec.min_channels)
         order = torch.argsort(s, stable=True)
-        picks[name] = sorted(int(i) for i in order[:n - keep])
+        picks[name] = sorted(int(i) for i in order[: n - keep])
     return picks
 
 
-def slim(model: nn.Module, spec: Union[SlimSpec, Mapping[str, Any]], *, example_input: Optional[torch.Tensor] = None,
-         input_shape: Optional[Sequence[int]] = None, per_round: bool = False,
-         last_round: bool = True) -> SlimResult:
+def slim(
+    model: nn.Module,
+    spec: Union[SlimSpec, Mapping[str, Any]],
+    *,
+    example_input: Optional[torch.Tensor] = None,
+    input_shape: Optional[Sequence[int]] = None,
+    per_round: bool = False,
+    last_round: bool = True,
+) -> SlimResult:
     """Remove channels from ``model`` in place (see the module docstring) and return what was done.
     ``per_round``: remove one round's share of the ratios (``spec.rounds`` rounds together remove
     ``ratio``; a recipe's slim stage fine-tunes between rounds); kept counts are rounded to
@@ -381,24 +425,39 @@ def slim(model: nn.Module, spec: Union[SlimSpec, Mapping[str, Any]], *, example_
         root, name = g.root(gr)
         s = imp(gr)
         if s is None:
-            skipped.append({"root": name, "why": f"no layer scored by {spec.criterion!r} (no BatchNorm)"
-                            if spec.criterion == "bn_gamma" else "no layer to score"})
+            skipped.append(
+                {
+                    "root": name,
+                    "why": f"no layer scored by {spec.criterion!r} (no BatchNorm)"
+                    if spec.criterion == "bn_gamma"
+                    else "no layer to score",
+                }
+            )
             continue
         scored.append((name, gr, s.detach()))
     if not scored:
         excluded = f" (exclude: {spec.exclude})" if spec.exclude else ""
-        raise SlimError(f"nothing to prune in {type(model).__name__}: no channel group can be scored by "
-                        f"{spec.criterion!r} or every group holds an excluded layer{excluded}")
+        raise SlimError(
+            f"nothing to prune in {type(model).__name__}: no channel group can be scored by "
+            f"{spec.criterion!r} or every group holds an excluded layer{excluded}"
+        )
     picks = _select(spec, scored, per_round, spec.round_to if last_round else 1)
     params_before = _count_params(model)
-    done = [{"root": name, "before": len(s), "after": len(s) - len(picks.get(name) or []), "members": g.members(gr)}
-            for name, gr, s in scored]
+    done = [
+        {"root": name, "before": len(s), "after": len(s) - len(picks.get(name) or []), "members": g.members(gr)}
+        for name, gr, s in scored
+    ]
     _remove(g, model, picks, example)
     return SlimResult(done, skipped, params_before, _count_params(model), model_plan(model))
 
 
-def group_members(model: nn.Module, picks: Mapping[str, Sequence[int]], *, example_input: Optional[torch.Tensor] = None,
-                  input_shape: Optional[Sequence[int]] = None) -> Dict[str, List[Tuple[str, str, List[int]]]]:
+def group_members(
+    model: nn.Module,
+    picks: Mapping[str, Sequence[int]],
+    *,
+    example_input: Optional[torch.Tensor] = None,
+    input_shape: Optional[Sequence[int]] = None,
+) -> Dict[str, List[Tuple[str, str, List[int]]]]:
     """What removing output channels ``idxs`` of each layer in ``picks`` (``{layer: idxs}``) would
     touch: ``{layer: [(member, role, idxs)]}`` with role "out" (the member's outputs: conv / linear
     rows, BatchNorm channels, a depthwise conv's channels) or "in" (a consumer's inputs), the
@@ -423,8 +482,13 @@ def group_members(model: nn.Module, picks: Mapping[str, Sequence[int]], *, examp
     return result
 
 
-def remove_channels(model: nn.Module, picks: Mapping[str, Sequence[int]], *, example_input: Optional[torch.Tensor] = None,
-                    input_shape: Optional[Sequence[int]] = None) -> Dict[str, Dict[str, int]]:
+def remove_channels(
+    model: nn.Module,
+    picks: Mapping[str, Sequence[int]],
+    *,
+    example_input: Optional[torch.Tensor] = None,
+    input_shape: Optional[Sequence[int]] = None,
+) -> Dict[str, Dict[str, int]]:
     """Remove the given output channels ``{layer: [indices]}`` (and everything coupled to them) from
     ``model`` in place; returns the new plan. The selection-free core of ``slim``."""
     _check_model(model)
@@ -508,8 +572,10 @@ def _remove_in_place(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], e
         root = mods[name]
         n = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
         if len(set(idxs)) >= n or min(idxs) < 0 or max(idxs) >= n:
-            raise SlimError(f"layer {name!r}: cannot remove channels {sorted(idxs)[:8]}... of its {n} "
-                            f"(out of range, or none would be left)")
+            raise SlimError(
+                f"layer {name!r}: cannot remove channels {sorted(idxs)[:8]}... of its {n} "
+                f"(out of range, or none would be left)"
+            )
         fn = g.tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else g.tp.prune_linear_out_channels
         try:
             pg = g.DG.get_pruning_group(root, fn, sorted(set(idxs)))
@@ -518,10 +584,12 @@ def _remove_in_place(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], e
         except SlimError:
             raise
         except Exception as exc:  # noqa: BLE001 - Torch-Pruning could not map the indices through an op
-            raise SlimError(f"the dependency analysis cannot follow {type(model).__name__} at the channel group of "
-                            f"{name!r}: {type(exc).__name__}: {exc} (an op between its layers that it cannot map "
-                            f"channel indices through, e.g. a view / transpose channel shuffle); nothing was "
-                            f"removed") from None
+            raise SlimError(
+                f"the dependency analysis cannot follow {type(model).__name__} at the channel group of "
+                f"{name!r}: {type(exc).__name__}: {exc} (an op between its layers that it cannot map "
+                f"channel indices through, e.g. a view / transpose channel shuffle); nothing was "
+                f"removed"
+            ) from None
         for m, dim, ix in cuts:
             if m in masks:
                 keep = torch.ones(masks[m].shape[dim], dtype=torch.bool)
@@ -536,21 +604,26 @@ def _remove_in_place(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], e
         try:
             y1 = model(example)
         except Exception as exc:  # noqa: BLE001
-            raise SlimError(f"the slimmed {type(model).__name__} does not run ({type(exc).__name__}: {exc}): the "
-                            f"dependency analysis missed a coupling (an op it treats as element-wise); nothing was "
-                            f"removed") from None
+            raise SlimError(
+                f"the slimmed {type(model).__name__} does not run ({type(exc).__name__}: {exc}): the "
+                f"dependency analysis missed a coupling (an op it treats as element-wise); nothing was "
+                f"removed"
+            ) from None
         finally:
             model.train(was)
     if tuple(y1.shape) != tuple(y0.shape):
-        raise SlimError(f"the slimmed model's output shape changed from {tuple(y0.shape)} to {tuple(y1.shape)}; "
-                        f"nothing was removed")
+        raise SlimError(
+            f"the slimmed model's output shape changed from {tuple(y0.shape)} to {tuple(y1.shape)}; nothing was removed"
+        )
     scale = float(y_dead.abs().max()) if y_dead.numel() else 0.0
     if not torch.allclose(y1.float(), y_dead.float(), rtol=1e-4, atol=1e-4 * scale + 1e-6):
-        raise SlimError(f"the dependency analysis cannot follow {type(model).__name__}: the slimmed network does not "
-                        f"compute what the network with the removed channels zeroed computes (largest difference "
-                        f"{float((y1 - y_dead).abs().max()):.3g}): an op between its layers maps channels in a way the "
-                        f"analysis does not see (a view / transpose channel shuffle, a normalization over channels); "
-                        f"nothing was removed")
+        raise SlimError(
+            f"the dependency analysis cannot follow {type(model).__name__}: the slimmed network does not "
+            f"compute what the network with the removed channels zeroed computes (largest difference "
+            f"{float((y1 - y_dead).abs().max()):.3g}): an op between its layers maps channels in a way the "
+            f"analysis does not see (a view / transpose channel shuffle, a normalization over channels); "
+            f"nothing was removed"
+        )
     build = getattr(model, "_pycompress_build", None)
     if isinstance(build, dict):
         build["slim"] = model_plan(model)
@@ -577,8 +650,12 @@ def model_plan(model: nn.Module, reference: Optional[nn.Module] = None) -> Dict[
         if isinstance(build, dict) and "model" in build:
             from .. import models
 
-            reference = models.build(build["model"], in_channels=build["in_channels"],
-                                     num_classes=build["num_classes"], **dict(build.get("args") or {}))
+            reference = models.build(
+                build["model"],
+                in_channels=build["in_channels"],
+                num_classes=build["num_classes"],
+                **dict(build.get("args") or {}),
+            )
     ref = {n: _shape_of(m) for n, m in reference.named_modules()} if reference is not None else {}
     plan = {}
     for n, m in model.named_modules():

@@ -38,6 +38,7 @@ Usage::
     quant.quantize_post_training(model, {"weight_bits": 8, "act_bits": 8, "act_observer": "percentile"},
                                  train_loader, num_batches=8)
 """
+
 from .modules import QAT_LAYERS, QuantConv2d, QuantLinear
 from .ptq import quantize_post_training
 from .qat import apply_plan, calibrate, is_qat, model_size, prepare_qat, qat_modules, qat_plan, strip_qat

@@ -11,6 +11,7 @@ the very objects of the float layer (``from_float`` moves them, it does not copy
 keys ``weight`` / ``bias`` and an optimizer built on them stay valid; gradients reach the float
 weight through the straight-through estimator.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -78,8 +79,17 @@ class _QuantLayer:
     _float_cls: type
     _type_name: str
 
-    def _init_quant(self, weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches,
-                    act_observer="minmax", act_percentile=DEFAULT_PERCENTILE) -> None:
+    def _init_quant(
+        self,
+        weight_bits,
+        act_bits,
+        weight_scale,
+        act_scale,
+        act_signed,
+        calib_batches,
+        act_observer="minmax",
+        act_percentile=DEFAULT_PERCENTILE,
+    ) -> None:
         self.register_module("weight_quant", None)
         self.register_module("act_quant", None)
         self.weight_bits: Optional[int] = None
@@ -138,8 +148,15 @@ class _QuantLayer:
         if weight_bits is None:
             self.weight_quant = None
         else:
-            cfg = dict(bits=weight_bits, signed=True, axis=0, num_channels=weight.shape[0],
-                       mode=weight_scale, kind="weight", eps=LSQ_EPS)
+            cfg = dict(
+                bits=weight_bits,
+                signed=True,
+                axis=0,
+                num_channels=weight.shape[0],
+                mode=weight_scale,
+                kind="weight",
+                eps=LSQ_EPS,
+            )
             old = self.weight_quant
             if old is None or old.config() != cfg:
                 wq = FakeQuantizer(**cfg, device=device)
@@ -150,13 +167,25 @@ class _QuantLayer:
         if act_bits is None:
             self.act_quant = None
         else:
-            cfg = dict(bits=act_bits, signed=act_signed, axis=None, num_channels=1,
-                       mode=act_scale, kind="act", eps=LSQ_EPS, observer=act_observer, percentile=act_percentile)
+            cfg = dict(
+                bits=act_bits,
+                signed=act_signed,
+                axis=None,
+                num_channels=1,
+                mode=act_scale,
+                kind="act",
+                eps=LSQ_EPS,
+                observer=act_observer,
+                percentile=act_percentile,
+            )
             old = self.act_quant
             if old is None or old.config() != cfg:
                 aq = FakeQuantizer(**cfg, device=device)
-                same_range = old is not None and old.observer == act_observer and (
-                    act_observer == "minmax" or old.percentile == act_percentile)
+                same_range = (
+                    old is not None
+                    and old.observer == act_observer
+                    and (act_observer == "minmax" or old.percentile == act_percentile)
+                )
                 if same_range and old.bits == act_bits and old.signed_config == act_signed:
                     aq.copy_calibration_from(old)
                 self.act_quant = aq
@@ -216,13 +245,18 @@ class _QuantLayer:
         """A QAT layer holding module's own Parameters, buffers and forward hooks.
 
         qconfig: weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches,
-        act_observer, act_percentile (see configure). The module itself is not modified, but it shares its Parameters with the result.
+        act_observer, act_percentile (see configure). The module itself is not modified, but it
+        shares its Parameters with the result.
         """
         if type(module) is not cls._float_cls and not _is_depthwise_layer(module):
             raise TypeError(
                 f"{cls.__name__}.from_float expects a plain {cls._float_cls.__module__}.{cls._float_cls.__name__}, "
                 f"got {type(module).__name__}"
-                + (" (remove its torch.nn.utils.parametrize parametrizations first)" if _is_parametrized(module) else "")
+                + (
+                    " (remove its torch.nn.utils.parametrize parametrizations first)"
+                    if _is_parametrized(module)
+                    else ""
+                )
             )
         new = cls._empty_like(module)
         _transfer_state(module, new)
@@ -285,17 +319,37 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         act_observer: str = "minmax",
         act_percentile: float = DEFAULT_PERCENTILE,
     ):
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                           padding_mode, device, dtype)
-        self._init_quant(weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches,
-                         act_observer, act_percentile)
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        self._init_quant(
+            weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches, act_observer, act_percentile
+        )
 
     @staticmethod
     def _conv_args(m: nn.Conv2d) -> dict:
         return dict(
-            in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size, stride=m.stride,
-            padding=m.padding, dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
-            padding_mode=m.padding_mode, device="meta",
+            in_channels=m.in_channels,
+            out_channels=m.out_channels,
+            kernel_size=m.kernel_size,
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=m.groups,
+            bias=m.bias is not None,
+            padding_mode=m.padding_mode,
+            device="meta",
         )
 
     @classmethod
@@ -347,8 +401,9 @@ class QuantLinear(_QuantLayer, nn.Linear):
         act_percentile: float = DEFAULT_PERCENTILE,
     ):
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self._init_quant(weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches,
-                         act_observer, act_percentile)
+        self._init_quant(
+            weight_bits, act_bits, weight_scale, act_scale, act_signed, calib_batches, act_observer, act_percentile
+        )
 
     @classmethod
     def _empty_like(cls, m: nn.Linear) -> "QuantLinear":
@@ -368,7 +423,7 @@ QAT_LAYERS = (QuantConv2d, QuantLinear)
 
 
 def layer_type(module: nn.Module) -> Optional[str]:
-    """"conv" for an nn.Conv2d (depthwise and QAT ones included), "linear" for an nn.Linear, else None."""
+    """ "conv" for an nn.Conv2d (depthwise and QAT ones included), "linear" for an nn.Linear, else None."""
     if isinstance(module, nn.Conv2d):
         return "conv"
     if isinstance(module, nn.Linear):

@@ -15,6 +15,7 @@ cheapest at inference, "lsq" / "max" matter only if the model is fine-tuned afte
 Activation ranges come from the spec's ``act_observer`` ("minmax", or "percentile" with
 ``act_percentile``, which clips rare outliers; often better at low bit widths).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Mapping, Optional, Union

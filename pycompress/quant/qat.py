@@ -1,4 +1,5 @@
 """Model-level QAT: prepare_qat, qat_plan / apply_plan, calibrate, strip_qat, model_size."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,7 +11,6 @@ import torch
 import torch.nn as nn
 
 from ..utils import batch_input, model_device
-
 from .modules import QAT_LAYERS, QuantConv2d, QuantLinear, _is_parametrized, layer_type
 from .quantizer import DEFAULT_PERCENTILE, OBSERVERS, FakeQuantizer, check_percentile
 from .spec import ACT_SCALES, WEIGHT_SCALES, QuantSpec
@@ -27,8 +27,17 @@ __all__ = [
 ]
 
 _QAT_CLS = {"conv": QuantConv2d, "linear": QuantLinear}
-_PLAN_KEYS = ("type", "weight_bits", "act_bits", "weight_scale", "act_scale", "act_signed", "act_observer",
-              "act_percentile", "calib_batches")
+_PLAN_KEYS = (
+    "type",
+    "weight_bits",
+    "act_bits",
+    "weight_scale",
+    "act_scale",
+    "act_signed",
+    "act_observer",
+    "act_percentile",
+    "calib_batches",
+)
 # Keys added after plans were first saved: an entry without them (an older checkpoint) gets these.
 _PLAN_DEFAULTS = {"act_observer": "minmax", "act_percentile": DEFAULT_PERCENTILE}
 
@@ -80,7 +89,8 @@ def _check_swappable(name: str, m: nn.Module) -> None:
         else "only plain nn.Conv2d / nn.Linear layers are swapped"
     )
     raise ValueError(
-        f"layer {name!r} is a {type(m).__name__} (a subclass of {layer_type(m) == 'conv' and 'nn.Conv2d' or 'nn.Linear'}) "
+        f"layer {name!r} is a {type(m).__name__} "
+        f"(a subclass of {layer_type(m) == 'conv' and 'nn.Conv2d' or 'nn.Linear'}) "
         f"and cannot be made a QAT layer: {why} (or leave it out with exclude: ['^{name}$'])"
     )
 
@@ -133,7 +143,8 @@ def _check_plan(plan: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
         missing = [k for k in _PLAN_KEYS if k not in e and k not in _PLAN_DEFAULTS]
         if unknown or missing:
             raise ValueError(
-                f"apply_plan: plan[{name!r}] has " + (f"unknown keys {unknown}" if unknown else f"missing keys {missing}")
+                f"apply_plan: plan[{name!r}] has "
+                + (f"unknown keys {unknown}" if unknown else f"missing keys {missing}")
                 + f"; expected {list(_PLAN_KEYS)}"
             )
         if e["type"] not in _QAT_CLS:
@@ -224,7 +235,6 @@ def _batch_input(batch) -> torch.Tensor:
     return batch_input(batch, "calibrate")
 
 
-
 def calibrate(
     model: nn.Module,
     batches: Iterable,
@@ -249,7 +259,8 @@ def calibrate(
     never ran stays uncalibrated, with a warning.
     """
     quantizers = [
-        (name, q) for name, q in model.named_modules()
+        (name, q)
+        for name, q in model.named_modules()
         if isinstance(q, FakeQuantizer) and q.kind == "act" and not (only_uncalibrated and q.is_calibrated)
     ]
     if not quantizers:
@@ -281,11 +292,15 @@ def calibrate(
     if seen == 0:
         for _, q in quantizers:
             q.abort_calibration()
-        raise RuntimeError("calibrate: no batches were seen (the batch iterable is empty); the quantizers are unchanged")
+        raise RuntimeError(
+            "calibrate: no batches were seen (the batch iterable is empty); the quantizers are unchanged"
+        )
     out = {}
     for name, q in quantizers:
         if not q.end_calibration():
-            warnings.warn(f"calibrate: activation quantizer {name!r} saw no data (its layer did not run); it stays uncalibrated")
+            warnings.warn(
+                f"calibrate: activation quantizer {name!r} saw no data (its layer did not run); it stays uncalibrated"
+            )
             continue
         out[name] = {
             "scale": float(q.scale.detach().reshape(-1)[0]),
@@ -307,8 +322,12 @@ def _counted_tensors(m: nn.Module):
             yield name, p
     for name, b in m._buffers.items():
         # weight_shadow: the dense training copy of a pruned layer, not part of the stored model
-        if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set \
-                and name != "weight_shadow":
+        if (
+            b is not None
+            and b.is_floating_point()
+            and name not in m._non_persistent_buffers_set
+            and name != "weight_shadow"
+        ):
             yield name, b
 
 

@@ -54,6 +54,7 @@ Observers (how calibration turns the batches it sees into a range; ``observer=``
 The observer governs calibration only (``begin_calibration`` / ``end_calibration``, driven by
 pycompress.quant.calibrate); ``init_from`` (weights) and mode "max" always use the exact min / max.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,16 @@ import torch.nn as nn
 from ..ops import fake_quantize, quant_range
 
 __all__ = [
-    "FakeQuantizer", "scale_from_range", "scale_divisor", "LSQ_EPS", "MODES", "KINDS", "OBSERVERS",
-    "DEFAULT_PERCENTILE", "QUANTILE_MAX_ELEMENTS", "check_percentile",
+    "FakeQuantizer",
+    "scale_from_range",
+    "scale_divisor",
+    "LSQ_EPS",
+    "MODES",
+    "KINDS",
+    "OBSERVERS",
+    "DEFAULT_PERCENTILE",
+    "QUANTILE_MAX_ELEMENTS",
+    "check_percentile",
 ]
 
 LSQ_EPS = 2.0**-23  # torch.finfo(torch.float32).eps, as torch.ao's _LearnableFakeQuantize
@@ -101,8 +110,9 @@ def _check_bits(bits) -> int:
 
 def check_percentile(value) -> bool:
     """Whether value is a valid percentile: a real number in (50, 100] (not a bool)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and 50 < value <= 100)
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 50 < value <= 100
+    )
 
 
 def _percentiles(x: torch.Tensor, axis: Optional[int], p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +215,10 @@ class FakeQuantizer(nn.Module):
         if not check_percentile(percentile):
             raise ValueError(f"FakeQuantizer: percentile must be a number in (50, 100], got {percentile!r}")
         if mode == "max" and observer != "minmax":
-            raise ValueError("FakeQuantizer: mode 'max' computes its scale from every tensor; observer "
-                             f"{observer!r} needs mode 'frozen' or 'lsq'")
+            raise ValueError(
+                "FakeQuantizer: mode 'max' computes its scale from every tensor; observer "
+                f"{observer!r} needs mode 'frozen' or 'lsq'"
+            )
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
             raise ValueError(f"FakeQuantizer: axis must be an int or None, got {axis!r}")
         if axis is None:
@@ -281,8 +293,10 @@ class FakeQuantizer(nn.Module):
         signed = self.signed_config if self.signed_config != "auto" else f"auto({self._signed})"
         where = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis}, {self.num_channels})"
         obs = "" if self.observer == "minmax" else f", observer=percentile({self.percentile:g})"
-        return (f"bits={self.bits}, signed={signed}, {where}, mode={self.mode}, kind={self.kind}{obs}, "
-                f"calibrated={self._calibrated}")
+        return (
+            f"bits={self.bits}, signed={signed}, {where}, mode={self.mode}, kind={self.kind}{obs}, "
+            f"calibrated={self._calibrated}"
+        )
 
     def _label(self) -> str:
         what = "activation quantizer" if self.kind == "act" else "weight quantizer"

@@ -15,6 +15,7 @@ Every quantized layer gets the same scale modes, ``act_signed``, ``act_observer`
 "percentile": how ``calibrate`` turns the batches into an activation range, see
 pycompress.quant.quantizer) and ``act_percentile`` (p in (50, 100], used by "percentile").
 """
+
 from __future__ import annotations
 
 import re
@@ -108,7 +109,10 @@ class QuantSpec(LayerSelectionSpec):
         self.first = _check_position("first", self.first)
         self.last = _check_position("last", self.last)
         if isinstance(self.overrides, (str, Mapping)) or not isinstance(self.overrides, (list, tuple)):
-            _fail("overrides", f"must be a list of mappings with pattern and weight_bits / act_bits, got {self.overrides!r}")
+            _fail(
+                "overrides",
+                f"must be a list of mappings with pattern and weight_bits / act_bits, got {self.overrides!r}",
+            )
         overrides = []
         for i, o in enumerate(self.overrides):
             key = f"overrides[{i}]"

@@ -13,6 +13,7 @@ Run directory::
 are reused), the interrupted stage restarts from its last epoch checkpoint with everything restored
 (see :mod:`pycompress.train.trainer`), and the result equals an uninterrupted run's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,23 +41,33 @@ class RunError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ models from arch
-def model_arch(name: str, args: Dict[str, Any], in_channels: int, num_classes: int,
-               qat: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def model_arch(
+    name: str, args: Dict[str, Any], in_channels: int, num_classes: int, qat: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     """Everything needed to rebuild a model before loading its state dict (a slimmed model also
     carries ``"slim"``: its per-layer channel counts)."""
-    return {"model": name, "args": dict(args), "in_channels": int(in_channels),
-            "num_classes": int(num_classes), "qat": qat}
+    return {
+        "model": name,
+        "args": dict(args),
+        "in_channels": int(in_channels),
+        "num_classes": int(num_classes),
+        "qat": qat,
+    }
 
 
 def build_from_arch(arch: Dict[str, Any]) -> nn.Module:
     from ..models import build
-    model = build(arch["model"], in_channels=arch["in_channels"], num_classes=arch["num_classes"],
-                  **arch.get("args", {}))
+
+    model = build(
+        arch["model"], in_channels=arch["in_channels"], num_classes=arch["num_classes"], **arch.get("args", {})
+    )
     if arch.get("slim"):
         from ..prune.structured import apply_plan as apply_slim_plan
+
         apply_slim_plan(model, arch["slim"])
     if arch.get("qat"):
         from ..quant import apply_plan
+
         apply_plan(model, arch["qat"])
     return model
 
@@ -74,6 +85,7 @@ def load_model(path: str, map_location: Any = "cpu"):
 def _load_state(model: nn.Module, state: Dict[str, Any]) -> None:
     """load_state_dict, after giving the model the pruning-mask buffers the state has."""
     from ..prune import prepare_state_dict
+
     prepare_state_dict(model, state)
     model.load_state_dict(state)
 
@@ -89,8 +101,10 @@ def _load_teacher_weights(model: nn.Module, path: str) -> None:
         try:  # a plain state_dict file (weights only: a file from someone else runs no code)
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - unreadable, or refused by the weights-only load
-            raise RunError(f"teacher.checkpoint {path!r} is neither a pycompress checkpoint ({first}) nor a "
-                           f"weights-only state_dict file ({type(exc).__name__}: {str(exc)[:200]})") from None
+            raise RunError(
+                f"teacher.checkpoint {path!r} is neither a pycompress checkpoint ({first}) nor a "
+                f"weights-only state_dict file ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     try:
         model.load_state_dict(state)
@@ -100,15 +114,27 @@ def _load_teacher_weights(model: nn.Module, path: str) -> None:
 
 def count_params(model: nn.Module) -> int:
     """Parameters of the network itself (quantizer scales excluded)."""
-    return sum(p.numel() for n, p in model.named_parameters()
-               if not any(part in ("weight_quant", "act_quant") for part in n.split(".")))
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if not any(part in ("weight_quant", "act_quant") for part in n.split("."))
+    )
 
 
 # ------------------------------------------------------------------------------ the runner
 class Runner:
-    def __init__(self, recipe: Recipe, out_dir: str, *, data_root: Optional[str] = None,
-                 device: Optional[str] = None, backend: Optional[str] = None, resume: bool = False,
-                 progress: Optional[bool] = None, log: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        out_dir: str,
+        *,
+        data_root: Optional[str] = None,
+        device: Optional[str] = None,
+        backend: Optional[str] = None,
+        resume: bool = False,
+        progress: Optional[bool] = None,
+        log: Optional[Callable[[str], None]] = None,
+    ):
         self.recipe = recipe
         self.out = os.fspath(out_dir)
         self.data_root = data_root
@@ -129,13 +155,16 @@ class Runner:
         for stage in recipe.stages:  # fail before anything trains, not at the end of the run
             if stage.kind == "export" and "onnx" in (stage.formats or ()):
                 import importlib.util
+
                 missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
                 if missing:
-                    raise RunError(f"stage {stage.name!r} exports onnx, which needs the onnx extra (missing: "
-                                   f"{', '.join(missing)}): pip install 'pycompress[onnx]', or drop onnx from its "
-                                   f"formats")
+                    raise RunError(
+                        f"stage {stage.name!r} exports onnx, which needs the onnx extra (missing: "
+                        f"{', '.join(missing)}): pip install 'pycompress[onnx]', or drop onnx from its "
+                        f"formats"
+                    )
         self.state: Dict[str, Any] = {}
-        self.current: Dict[str, Dict[str, Any]] = {}   # target -> {"arch", "path"}
+        self.current: Dict[str, Dict[str, Any]] = {}  # target -> {"arch", "path"}
 
     # -------------------------------------------------------------------- run directory
     def _p(self, *parts: str) -> str:
@@ -152,8 +181,7 @@ class Runner:
         run_json = self._p("run.json")
         if os.path.exists(run_json):
             if not self.resume:
-                raise RunError(f"{self.out} already holds a run; pass --resume to continue it, or "
-                               "choose another --out")
+                raise RunError(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
             with open(run_json, encoding="utf-8") as f:
                 self.state = json.load(f)
             with open(self._p("recipe.yaml"), encoding="utf-8") as f:
@@ -161,47 +189,64 @@ class Runner:
             now = yaml.safe_load(resolved)
             if before != now:
                 diff = _diff(before, now)
-                raise RunError(f"cannot resume {self.out}: the recipe changed since the run started "
-                               f"({'; '.join(diff[:5])}). Resume with the same recipe and --set "
-                               "options, or start a new run with another --out")
+                raise RunError(
+                    f"cannot resume {self.out}: the recipe changed since the run started "
+                    f"({'; '.join(diff[:5])}). Resume with the same recipe and --set "
+                    "options, or start a new run with another --out"
+                )
             self.log(f"resuming run in {self.out}")
         else:
             os.makedirs(self.out, exist_ok=True)
             atomic_write_text(self._p("recipe.yaml"), resolved)
-            self.state = {"format": RUN_FORMAT, "recipe": self.recipe.name,
-                          "source": self.recipe.source,
-                          "started": _dt.datetime.now().isoformat(timespec="seconds"),
-                          "stages": {}}
+            self.state = {
+                "format": RUN_FORMAT,
+                "recipe": self.recipe.name,
+                "source": self.recipe.source,
+                "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                "stages": {},
+            }
             self._save_state()
 
     # -------------------------------------------------------------------- data and models
     def _data(self) -> None:
         from ..data import build_dataset, make_loader
+
         d = self.recipe.data
-        train_set, info = build_dataset(d.dataset, "train", data_root=self.data_root,
-                                        augment=d.augment, **d.options)
-        test_set, _ = build_dataset(d.dataset, "test", data_root=self.data_root, augment=False,
-                                    **d.options)
+        train_set, info = build_dataset(d.dataset, "train", data_root=self.data_root, augment=d.augment, **d.options)
+        test_set, _ = build_dataset(d.dataset, "test", data_root=self.data_root, augment=False, **d.options)
         self.info = info
         self.train_set = train_set
         self.train_loader = self._train_loader(d.batch_size)
         pin = self.device.type == "cuda"
-        self.eval_loader = make_loader(test_set, d.eval_batch_size, shuffle=False,
-                                       seed=self.recipe.seed, num_workers=d.num_workers,
-                                       pin_memory=pin)
-        self.data_desc = {"dataset": d.dataset, "options": dict(d.options),
-                          "train_samples": len(train_set), "test_samples": len(test_set),
-                          "num_classes": info.num_classes, "in_channels": info.in_channels,
-                          "image_size": list(info.image_size), "mean": list(info.mean),
-                          "std": list(info.std)}
+        self.eval_loader = make_loader(
+            test_set, d.eval_batch_size, shuffle=False, seed=self.recipe.seed, num_workers=d.num_workers, pin_memory=pin
+        )
+        self.data_desc = {
+            "dataset": d.dataset,
+            "options": dict(d.options),
+            "train_samples": len(train_set),
+            "test_samples": len(test_set),
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "image_size": list(info.image_size),
+            "mean": list(info.mean),
+            "std": list(info.std),
+        }
 
     def _train_loader(self, batch_size: int):
         from ..data import make_loader
+
         d = self.recipe.data
         # drop_last keeps every step's batch statistics comparable (BN) unless the set is tiny
-        return make_loader(self.train_set, batch_size, shuffle=True, seed=self.recipe.seed,
-                           num_workers=d.num_workers, drop_last=len(self.train_set) > batch_size,
-                           pin_memory=self.device.type == "cuda")
+        return make_loader(
+            self.train_set,
+            batch_size,
+            shuffle=True,
+            seed=self.recipe.seed,
+            num_workers=d.num_workers,
+            drop_last=len(self.train_set) > batch_size,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _initial(self, target: str) -> Dict[str, Any]:
         spec = self.recipe.model if target == "student" else self.recipe.teacher
@@ -214,7 +259,7 @@ class Runner:
         seed_everything(self.recipe.seed * 2 + (target == "teacher"))
         model = build_from_arch(cur["arch"])
         if cur["path"] is not None:
-            if cur.get("fresh"):           # teacher.checkpoint given in the recipe
+            if cur.get("fresh"):  # teacher.checkpoint given in the recipe
                 _load_teacher_weights(model, cur["path"])
             else:
                 _load_state(model, load_checkpoint(cur["path"])["model"])
@@ -223,16 +268,23 @@ class Runner:
     # -------------------------------------------------------------------- stages
     def _run_evaluate(self, index: int, stage: StageSpec) -> Dict[str, Any]:
         from ..train import evaluate
+
         model = self._materialize(stage.target)
         t0 = time.perf_counter()
-        ev = evaluate(model, self.eval_loader, self.device, progress=self.progress,
-                      desc=f"{stage.name}")
-        res = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "samples": ev["samples"],
-               "seconds": time.perf_counter() - t0}
+        ev = evaluate(model, self.eval_loader, self.device, progress=self.progress, desc=f"{stage.name}")
+        res = {
+            "top1": ev["top1"],
+            "top5": ev["top5"],
+            "loss": ev["loss"],
+            "samples": ev["samples"],
+            "seconds": time.perf_counter() - t0,
+        }
         res.update(_model_facts(model, self._input_shape()))
-        self.log(f"[{stage.name}] {stage.target}: top1 {ev['top1']:.2f} top5 {ev['top5']:.2f} "
-                 f"loss {ev['loss']:.4f} on {ev['samples']} test samples "
-                 f"({res['params']:,} params, {res['size_bytes']:,} bytes)")
+        self.log(
+            f"[{stage.name}] {stage.target}: top1 {ev['top1']:.2f} top5 {ev['top5']:.2f} "
+            f"loss {ev['loss']:.4f} on {ev['samples']} test samples "
+            f"({res['params']:,} params, {res['size_bytes']:,} bytes)"
+        )
         return res
 
     def _input_shape(self):
@@ -244,18 +296,19 @@ class Runner:
         t0 = time.perf_counter()
         sdir = self.stage_dir(index, stage)
         resuming = os.path.exists(os.path.join(sdir, "checkpoint.pt"))
-        train_loader = self.train_loader if stage.batch_size is None \
-            else self._train_loader(stage.batch_size)
+        train_loader = self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
         model = self._materialize(stage.target)
         arch = dict(self.current[stage.target]["arch"])
         if stage.quantize is not None:
             from ..quant import QuantSpec, calibrate, prepare_qat, qat_plan
+
             qspec = QuantSpec.from_dict(stage.quantize)
             plan = prepare_qat(model, qspec)
-            self.log(f"[{stage.name}] QAT on {len(plan)} layers: "
-                     + ", ".join(f"{n} w{p.get('weight_bits')}/a{p.get('act_bits')}"
-                                 for n, p in list(plan.items())[:4])
-                     + (" ..." if len(plan) > 4 else ""))
+            self.log(
+                f"[{stage.name}] QAT on {len(plan)} layers: "
+                + ", ".join(f"{n} w{p.get('weight_bits')}/a{p.get('act_bits')}" for n, p in list(plan.items())[:4])
+                + (" ..." if len(plan) > 4 else "")
+            )
             model.to(self.device)
             if not resuming:
                 # Calibration batches come from the train loader in a seeded order.
@@ -270,14 +323,24 @@ class Runner:
         summary["seconds"] = trainer.elapsed - trainer.session_elapsed + (time.perf_counter() - t0)
         return summary
 
-    def _fit(self, stage: StageSpec, model: nn.Module, arch: Dict[str, Any], sdir: str, name: str, resuming: bool,
-             train_loader):
+    def _fit(
+        self,
+        stage: StageSpec,
+        model: nn.Module,
+        arch: Dict[str, Any],
+        sdir: str,
+        name: str,
+        resuming: bool,
+        train_loader,
+    ):
         """Train ``model`` as ``stage`` says into ``sdir``; the best checkpoint becomes the target's
         current model. Returns (summary, trainer)."""
         from ..train import Trainer
+
         hooks, optimizer = [], stage.optimizer
         pruner = None
         from ..prune import Pruner, build_masked_optimizer, has_masks
+
         if stage.prune is not None or has_masks(model):
             # Masks of earlier stages stay fixed; a prune section chooses (new) ones.
             model.to(self.device)
@@ -287,16 +350,35 @@ class Runner:
         distiller = None
         if stage.distill is not None:
             from ..distill import Distiller
+
             distiller = Distiller(self._materialize("teacher"), stage.distill)
         trainer = Trainer(
-            model, train_loader, self._eval_loader(stage), epochs=stage.epochs, optimizer=optimizer, hooks=hooks,
-            schedule=stage.schedule, device=self.device, distiller=distiller, amp=stage.amp,
-            seed=self.recipe.seed, out_dir=sdir, log_format=stage.log_format, progress=self.progress,
-            max_steps_per_epoch=stage.max_steps_per_epoch, grad_clip=stage.grad_clip,
-            name=name, log=self.log,
-            checkpoint_extra=lambda: {"arch": arch, "data": self.data_desc,
-                                      "recipe": self.recipe.name, "target": stage.target,
-                                      "kernel_backend": self.backend})
+            model,
+            train_loader,
+            self._eval_loader(stage),
+            epochs=stage.epochs,
+            optimizer=optimizer,
+            hooks=hooks,
+            schedule=stage.schedule,
+            device=self.device,
+            distiller=distiller,
+            amp=stage.amp,
+            seed=self.recipe.seed,
+            out_dir=sdir,
+            log_format=stage.log_format,
+            progress=self.progress,
+            max_steps_per_epoch=stage.max_steps_per_epoch,
+            grad_clip=stage.grad_clip,
+            name=name,
+            log=self.log,
+            checkpoint_extra=lambda: {
+                "arch": arch,
+                "data": self.data_desc,
+                "recipe": self.recipe.name,
+                "target": stage.target,
+                "kernel_backend": self.backend,
+            },
+        )
         summary = trainer.fit(resume=resuming)
         best_path = os.path.join(sdir, "best.pt")
         self.current[stage.target] = {"arch": arch, "path": best_path, "fresh": False}
@@ -304,13 +386,18 @@ class Runner:
         summary.update(_model_facts(best_model, self._input_shape()))
         if pruner is not None:
             from ..prune import sparsity_report
+
             rep = sparsity_report(best_model, selected=pruner.selected_params())
             atomic_write_text(os.path.join(sdir, "sparsity.json"), json.dumps(rep.to_dict(), indent=1) + "\n")
             atomic_write_text(os.path.join(sdir, "sparsity.txt"), rep.format() + "\n")
-            summary["sparsity"] = {"selected": rep.selected_sparsity, "overall": rep.sparsity,
-                                   "selected_params": rep.selected_total, "nonzero_params": rep.alive,
-                                   "compression_rate": _finite(rep.compression_rate),
-                                   "layers": len(pruner.layers)}
+            summary["sparsity"] = {
+                "selected": rep.selected_sparsity,
+                "overall": rep.sparsity,
+                "selected_params": rep.selected_total,
+                "nonzero_params": rep.alive,
+                "compression_rate": _finite(rep.compression_rate),
+                "layers": len(pruner.layers),
+            }
             self.log(f"[{name}] sparsity of the best model ({sdir}/sparsity.txt):\n{rep.format()}")
         summary["best"] = os.path.relpath(best_path, self.out)  # the run directory may move
         summary["arch"] = arch
@@ -322,6 +409,7 @@ class Runner:
         network and fine-tunes it for ``epochs``, keeping the round's best epoch; the next round
         starts from that. A round interrupted mid-way resumes from its own checkpoint."""
         from ..prune.structured import SlimSpec, slim
+
         t0 = time.perf_counter()
         spec = SlimSpec.from_dict(stage.slim)
         sdir = self.stage_dir(index, stage)
@@ -342,17 +430,32 @@ class Runner:
                 model = self._materialize(stage.target)
                 res = slim(model, spec, input_shape=shape, per_round=True, last_round=r == spec.rounds)
                 arch = dict(self.current[stage.target]["arch"], slim=res.plan)
-                self.log(f"[{name}] slimmed ({spec.criterion}, {100 * spec.ratio_for('', True):.1f}% of each group's "
-                         f"channels this round):\n{res.format()}")
+                self.log(
+                    f"[{name}] slimmed ({spec.criterion}, {100 * spec.ratio_for('', True):.1f}% of each group's "
+                    f"channels this round):\n{res.format()}"
+                )
                 resuming = False
             summary, trainer = self._fit(stage, model, arch, rdir, name, resuming, train_loader)
             seconds += trainer.elapsed - trainer.session_elapsed  # epochs of earlier sessions (resume)
-            rounds.append({"round": r, "params": summary["params"], "macs": summary.get("macs"),
-                           "latency_ms": summary.get("latency_ms"), "best_top1": summary.get("best_top1"),
-                           "best_epoch": summary.get("best_epoch"), "best": summary["best"]})
-        summary["slim"] = {"rounds": rounds, "before": before, "criterion": spec.criterion, "ratio": spec.ratio,
-                           "params_ratio": summary["params"] / max(before["params"], 1),
-                           "macs_ratio": (summary.get("macs") or 0) / max(before.get("macs") or 1, 1)}
+            rounds.append(
+                {
+                    "round": r,
+                    "params": summary["params"],
+                    "macs": summary.get("macs"),
+                    "latency_ms": summary.get("latency_ms"),
+                    "best_top1": summary.get("best_top1"),
+                    "best_epoch": summary.get("best_epoch"),
+                    "best": summary["best"],
+                }
+            )
+        summary["slim"] = {
+            "rounds": rounds,
+            "before": before,
+            "criterion": spec.criterion,
+            "ratio": spec.ratio,
+            "params_ratio": summary["params"] / max(before["params"], 1),
+            "macs_ratio": (summary.get("macs") or 0) / max(before.get("macs") or 1, 1),
+        }
         summary["seconds"] = seconds + (time.perf_counter() - t0)
         summary["epochs"] = stage.epochs * spec.rounds
         return summary
@@ -365,6 +468,7 @@ class Runner:
         if not slims:
             return
         from ..prune.structured import SlimError, SlimSpec, slim
+
         spec = self.recipe.model
         for stage in slims:
             probe = build_from_arch(model_arch(spec.name, spec.args, self.info.in_channels, self.info.num_classes))
@@ -385,16 +489,29 @@ class Runner:
     def _eval_loader(self, stage: StageSpec):
         return self.eval_loader if stage.eval_batches is None else _Limited(self.eval_loader, stage.eval_batches)
 
-    def _save_stage_model(self, index: int, stage: StageSpec, model: nn.Module, arch: Dict[str, Any],
-                          history, best: Dict[str, Any]) -> str:
+    def _save_stage_model(
+        self, index: int, stage: StageSpec, model: nn.Module, arch: Dict[str, Any], history, best: Dict[str, Any]
+    ) -> str:
         """best.pt of a stage that does not train (ptq, bn_recalibrate), loadable like a trained one."""
         sdir = self.stage_dir(index, stage)
         path = os.path.join(sdir, "best.pt")
-        save_checkpoint(path, {"stage": stage.name, "epoch": len(history), "epochs": len(history),
-                               "model": model.state_dict(), "history": history,
-                               "best_metric": best.get("top1"), "complete": True, "arch": arch,
-                               "data": self.data_desc, "recipe": self.recipe.name, "target": stage.target,
-                               "kernel_backend": self.backend})
+        save_checkpoint(
+            path,
+            {
+                "stage": stage.name,
+                "epoch": len(history),
+                "epochs": len(history),
+                "model": model.state_dict(),
+                "history": history,
+                "best_metric": best.get("top1"),
+                "complete": True,
+                "arch": arch,
+                "data": self.data_desc,
+                "recipe": self.recipe.name,
+                "target": stage.target,
+                "kernel_backend": self.backend,
+            },
+        )
         self.current[stage.target] = {"arch": arch, "path": path, "fresh": False}
         return path
 
@@ -402,24 +519,36 @@ class Runner:
         """Post-training quantization: per-channel weights, calibrated activations, no training."""
         from ..quant import QuantSpec, quantize_post_training
         from ..train import evaluate
+
         t0 = time.perf_counter()
         model = self._materialize(stage.target).to(self.device)
         qspec = QuantSpec.from_dict(stage.quantize)
         eval_loader = self._eval_loader(stage)
         before = evaluate(model, eval_loader, self.device, progress=self.progress, desc=f"{stage.name} float")
         batches = stage.batches or qspec.calib_batches
-        res = quantize_post_training(model, qspec, self._seeded_train_loader(index, stage), num_batches=batches,
-                                     device=self.device)
+        res = quantize_post_training(
+            model, qspec, self._seeded_train_loader(index, stage), num_batches=batches, device=self.device
+        )
         ev = evaluate(model, eval_loader, self.device, progress=self.progress, desc=stage.name)
         arch = dict(self.current[stage.target]["arch"])
         arch["qat"] = res["plan"]
-        self.log(f"[{stage.name}] post-training quantization of {len(res['plan'])} layers, {batches} calibration "
-                 f"batches: top1 {before['top1']:.2f} -> {ev['top1']:.2f}")
+        self.log(
+            f"[{stage.name}] post-training quantization of {len(res['plan'])} layers, {batches} calibration "
+            f"batches: top1 {before['top1']:.2f} -> {ev['top1']:.2f}"
+        )
         history = [{"epoch": 1, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"]}]
         best_path = self._save_stage_model(index, stage, model, arch, history, ev)
-        out = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "float_top1": before["top1"],
-               "calib_batches": batches, "layers": len(res["plan"]), "best": os.path.relpath(best_path, self.out),
-               "arch": arch, "seconds": time.perf_counter() - t0}
+        out = {
+            "top1": ev["top1"],
+            "top5": ev["top5"],
+            "loss": ev["loss"],
+            "float_top1": before["top1"],
+            "calib_batches": batches,
+            "layers": len(res["plan"]),
+            "best": os.path.relpath(best_path, self.out),
+            "arch": arch,
+            "seconds": time.perf_counter() - t0,
+        }
         out.update(_model_facts(model, self._input_shape()))
         return out
 
@@ -430,6 +559,7 @@ class Runner:
         import copy
 
         from ..train import evaluate, recalibrate_bn
+
         t0 = time.perf_counter()
         model = self._materialize(stage.target).to(self.device)
         eval_loader = self._eval_loader(stage)
@@ -445,48 +575,81 @@ class Runner:
             seen += info["batches"]
             ev = evaluate(model, eval_loader, self.device, progress=self.progress, desc=f"{stage.name} round {r}")
             history.append({"round": r, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "batches": seen})
-            self.log(f"[{stage.name}] round {r}: {info['layers']} BatchNorm layers over {seen} batches: "
-                     f"top1 {ev['top1']:.2f}")
+            self.log(
+                f"[{stage.name}] round {r}: {info['layers']} BatchNorm layers over {seen} batches: "
+                f"top1 {ev['top1']:.2f}"
+            )
             if ev["top1"] > best["top1"]:
                 best, best_state = history[-1], copy.deepcopy(model.state_dict())
         model.load_state_dict(best_state)
         arch = dict(self.current[stage.target]["arch"])
         best_path = self._save_stage_model(index, stage, model, arch, history, best)
-        self.log(f"[{stage.name}] kept round {best['round']} (top1 {best['top1']:.2f}; before {history[0]['top1']:.2f})")
-        out = {"top1": best["top1"], "top5": best["top5"], "loss": best["loss"], "before_top1": history[0]["top1"],
-               "best_round": best["round"], "rounds": history, "best": os.path.relpath(best_path, self.out),
-               "arch": arch, "seconds": time.perf_counter() - t0}
+        self.log(
+            f"[{stage.name}] kept round {best['round']} (top1 {best['top1']:.2f}; before {history[0]['top1']:.2f})"
+        )
+        out = {
+            "top1": best["top1"],
+            "top5": best["top5"],
+            "loss": best["loss"],
+            "before_top1": history[0]["top1"],
+            "best_round": best["round"],
+            "rounds": history,
+            "best": os.path.relpath(best_path, self.out),
+            "arch": arch,
+            "seconds": time.perf_counter() - t0,
+        }
         out.update(_model_facts(model, self._input_shape()))
         return out
 
     def _run_export(self, index: int, stage: StageSpec) -> Dict[str, Any]:
         """Write the student's compressed artifacts and measure each file on the test set."""
         from ..export.pipeline import artifact_paths, export_formats
+
         t0 = time.perf_counter()
         cur = self.current["student"]
         model = self._materialize("student")
         formats = stage.formats or list(DEFAULT_EXPORT_FORMATS)
         base = self._p("model" if stage.name == "export" else stage.name)
         arch = {k: v for k, v in cur["arch"].items() if k != "qat"}
-        source = {"checkpoint": os.path.relpath(cur["path"], self.out) if cur["path"] else None,
-                  "recipe": self.recipe.name, "run": os.path.basename(os.path.abspath(self.out))}
-        res = export_formats(model, artifact_paths(base, formats), arch=arch, data=self.data_desc, source=source,
-                             loader=self._eval_loader(stage), device=self.device,
-                             fold_bn=True if stage.fold_bn is None else stage.fold_bn, force=True,
-                             log=lambda line: self.log(f"[{stage.name}] {line}"))
+        source = {
+            "checkpoint": os.path.relpath(cur["path"], self.out) if cur["path"] else None,
+            "recipe": self.recipe.name,
+            "run": os.path.basename(os.path.abspath(self.out)),
+        }
+        res = export_formats(
+            model,
+            artifact_paths(base, formats),
+            arch=arch,
+            data=self.data_desc,
+            source=source,
+            loader=self._eval_loader(stage),
+            device=self.device,
+            fold_bn=True if stage.fold_bn is None else stage.fold_bn,
+            force=True,
+            log=lambda line: self.log(f"[{stage.name}] {line}"),
+        )
         for a in res["artifacts"]:
             a["file"] = os.path.relpath(a.pop("path"), self.out)
         main = next((a for a in res["artifacts"] if a["format"] == "pcz"), res["artifacts"][0])
         facts = _model_facts(model)
-        out = {"top1": main.get("top1"), "top5": main.get("top5"), "params": facts["params"],
-               "size_bytes": main["file_bytes"], "counted_bytes": res["counted_bytes"],
-               "counted_bytes_unfolded": res["counted_bytes_unfolded"], "fp32_bytes": res["fp32_bytes"],
-               "quantized": facts["quantized"], "checkpoint_top1": (res["source"] or {}).get("top1"),
-               "artifacts": res["artifacts"], "seconds": time.perf_counter() - t0}
+        out = {
+            "top1": main.get("top1"),
+            "top5": main.get("top5"),
+            "params": facts["params"],
+            "size_bytes": main["file_bytes"],
+            "counted_bytes": res["counted_bytes"],
+            "counted_bytes_unfolded": res["counted_bytes_unfolded"],
+            "fp32_bytes": res["fp32_bytes"],
+            "quantized": facts["quantized"],
+            "checkpoint_top1": (res["source"] or {}).get("top1"),
+            "artifacts": res["artifacts"],
+            "seconds": time.perf_counter() - t0,
+        }
         return out
 
     def run(self) -> Dict[str, Any]:
         from ..ops import value_checks
+
         ctx = backends.use(self.backend) if self.backend != "auto" else contextlib.nullcontext()
         # The QAT modules only pass valid scales; on a GPU the op's value checks would cost one
         # host sync per call.
@@ -502,17 +665,18 @@ class Runner:
         self.current["student"] = self._initial("student")
         if self.recipe.teacher is not None:
             self.current["teacher"] = self._initial("teacher")
-        self.log(f"run {self.recipe.name!r}: {len(self.recipe.stages)} stages on {self.device}, "
-                 f"kernel backend {self.backend}, data {self.recipe.data.dataset} "
-                 f"({self.data_desc['train_samples']} train / {self.data_desc['test_samples']} test) "
-                 f"-> {self.out}")
+        self.log(
+            f"run {self.recipe.name!r}: {len(self.recipe.stages)} stages on {self.device}, "
+            f"kernel backend {self.backend}, data {self.recipe.data.dataset} "
+            f"({self.data_desc['train_samples']} train / {self.data_desc['test_samples']} test) "
+            f"-> {self.out}"
+        )
         for i, stage in enumerate(self.recipe.stages):
             st = self.state["stages"].get(stage.name, {})
             if st.get("status") == "done":
                 res = st["result"]
                 if stage.kind in CHECKPOINT_KINDS:
-                    self.current[stage.target] = {"arch": res["arch"], "path": self._p(res["best"]),
-                                                  "fresh": False}
+                    self.current[stage.target] = {"arch": res["arch"], "path": self._p(res["best"]), "fresh": False}
                 self.log(f"[{stage.name}] already done, skipped")
                 continue
             self.state["stages"][stage.name] = {"index": i, "kind": stage.kind, "status": "running"}
@@ -527,8 +691,13 @@ class Runner:
                 res = self._run_export(i, stage)
             else:
                 res = self._run_evaluate(i, stage)
-            self.state["stages"][stage.name] = {"index": i, "kind": stage.kind, "target": stage.target,
-                                                "status": "done", "result": res}
+            self.state["stages"][stage.name] = {
+                "index": i,
+                "kind": stage.kind,
+                "target": stage.target,
+                "status": "done",
+                "result": res,
+            }
             self._save_state()
         self.state["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
         self.state["session_seconds"] = time.perf_counter() - t_start
@@ -559,11 +728,17 @@ def _model_facts(model: nn.Module, input_shape=None) -> Dict[str, Any]:
     """Parameters, counted size, and with an input shape the MACs per image and the batch-64 CPU
     inference latency of the model as it is (pycompress.profile)."""
     from ..quant import is_qat, model_size
+
     size = model_size(model)
-    facts = {"params": count_params(model), "size_bytes": int(size["bytes"]),
-             "fp32_bytes": int(size["fp32_bytes"]), "quantized": bool(is_qat(model))}
+    facts = {
+        "params": count_params(model),
+        "size_bytes": int(size["bytes"]),
+        "fp32_bytes": int(size["fp32_bytes"]),
+        "quantized": bool(is_qat(model)),
+    }
     if input_shape is not None:
         from ..profile import measure_latency, profile_model
+
         model = model.cpu()
         facts["macs"] = int(profile_model(model, input_shape)["macs"])
         lat = measure_latency(model, input_shape, batch_sizes=(64,), warmup=2, repeats=7)
@@ -589,22 +764,21 @@ def _diff(a: Any, b: Any, path: str = "") -> list:
 
 
 # ------------------------------------------------------------------------------ report
-def build_report(recipe: Recipe, state: Dict[str, Any], data: Dict[str, Any], device: str,
-                 backend: str) -> Dict[str, Any]:
+def build_report(
+    recipe: Recipe, state: Dict[str, Any], data: Dict[str, Any], device: str, backend: str
+) -> Dict[str, Any]:
     stages = []
     for s in recipe.stages:
         st = state["stages"].get(s.name, {})
         res = dict(st.get("result", {}))
         res.pop("arch", None)
-        stages.append({"name": s.name, "kind": s.kind, "target": s.target, "status": st.get("status"),
-                       **res})
+        stages.append({"name": s.name, "kind": s.kind, "target": s.target, "status": st.get("status"), **res})
     final = None
     for s in reversed(stages):
         if s["target"] == "student" and s.get("status") == "done":
             final = s
             break
-    teacher = next((s for s in reversed(stages) if s["target"] == "teacher"
-                    and s.get("status") == "done"), None)
+    teacher = next((s for s in reversed(stages) if s["target"] == "teacher" and s.get("status") == "done"), None)
     export = next((s for s in reversed(stages) if s["kind"] == "export" and s.get("status") == "done"), None)
 
     def acc(s, key):
@@ -613,26 +787,44 @@ def build_report(recipe: Recipe, state: Dict[str, Any], data: Dict[str, Any], de
         return s.get(key) if s.get(key) is not None else s.get(f"best_{key}")
 
     report = {
-        "recipe": recipe.name, "source": recipe.source, "description": recipe.description,
-        "data": data, "device": device, "kernel_backend": backend,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "recipe": recipe.name,
+        "source": recipe.source,
+        "description": recipe.description,
+        "data": data,
+        "device": device,
+        "kernel_backend": backend,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}",
-        "started": state.get("started"), "finished": state.get("finished"),
+        "started": state.get("started"),
+        "finished": state.get("finished"),
         "total_seconds": sum(float(s.get("seconds") or 0.0) for s in stages),
-        "student": None if final is None else {
-            "top1": acc(final, "top1"), "top5": acc(final, "top5"), "params": final.get("params"),
-            "size_bytes": final.get("size_bytes"), "fp32_bytes": final.get("fp32_bytes"),
+        "student": None
+        if final is None
+        else {
+            "top1": acc(final, "top1"),
+            "top5": acc(final, "top5"),
+            "params": final.get("params"),
+            "size_bytes": final.get("size_bytes"),
+            "fp32_bytes": final.get("fp32_bytes"),
             "compression": (final["fp32_bytes"] / final["size_bytes"]) if final and final.get("size_bytes") else None,
-            "quantized": final.get("quantized"), "stage": final["name"],
+            "quantized": final.get("quantized"),
+            "stage": final["name"],
             "sparsity": _last_sparsity(stages),
             # where an artifact was written, size_bytes is its real file size
             "file_bytes": export.get("size_bytes") if export else None,
             "counted_bytes": export.get("counted_bytes") if export else final.get("size_bytes"),
-            "checkpoint_top1": export.get("checkpoint_top1") if export else None},
+            "checkpoint_top1": export.get("checkpoint_top1") if export else None,
+        },
         "artifacts": export.get("artifacts") if export else None,
-        "teacher": None if teacher is None else {
-            "top1": acc(teacher, "top1"), "top5": acc(teacher, "top5"),
-            "params": teacher.get("params"), "stage": teacher["name"]},
+        "teacher": None
+        if teacher is None
+        else {
+            "top1": acc(teacher, "top1"),
+            "top5": acc(teacher, "top5"),
+            "params": teacher.get("params"),
+            "stage": teacher["name"],
+        },
         "stages": stages,
     }
     return report
@@ -660,79 +852,110 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
     if report.get("description"):
         lines += [report["description"].strip(), ""]
     d = report["data"]
-    lines += [f"- data: {d['dataset']} ({d['train_samples']} train / {d['test_samples']} test images, "
-              f"{d['num_classes']} classes)",
-              f"- device: {report['device']}, kernel backend: {report['kernel_backend']}, "
-              f"torch {report['torch']}, {report['machine']}",
-              f"- started {report['started']}, finished {report['finished']}, stage time "
-              f"{report['total_seconds'] / 60:.1f} min", ""]
+    lines += [
+        f"- data: {d['dataset']} ({d['train_samples']} train / {d['test_samples']} test images, "
+        f"{d['num_classes']} classes)",
+        f"- device: {report['device']}, kernel backend: {report['kernel_backend']}, "
+        f"torch {report['torch']}, {report['machine']}",
+        f"- started {report['started']}, finished {report['finished']}, stage time "
+        f"{report['total_seconds'] / 60:.1f} min",
+        "",
+    ]
     s = report.get("student")
     if s:
         size_head = "file size (bytes)" if s.get("file_bytes") else "size (bytes)"
-        lines += ["## Result", "",
-                  f"| model | top-1 (%) | top-5 (%) | parameters | {size_head} | fp32 size | compression |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| student ({s['stage']}) | {_fmt(s['top1'])} | {_fmt(s['top5'])} | {s['params']:,} | "
-                  f"{s['size_bytes']:,} | {s['fp32_bytes']:,} | {_fmt(s['compression'], '.2f')}x |"]
+        lines += [
+            "## Result",
+            "",
+            f"| model | top-1 (%) | top-5 (%) | parameters | {size_head} | fp32 size | compression |",
+            "|---|---|---|---|---|---|---|",
+            f"| student ({s['stage']}) | {_fmt(s['top1'])} | {_fmt(s['top5'])} | {s['params']:,} | "
+            f"{s['size_bytes']:,} | {s['fp32_bytes']:,} | {_fmt(s['compression'], '.2f')}x |",
+        ]
         t = report.get("teacher")
         if t:
-            lines.append(f"| teacher ({t['stage']}) | {_fmt(t['top1'])} | {_fmt(t['top5'])} | "
-                         f"{t['params']:,} | | | |")
+            lines.append(f"| teacher ({t['stage']}) | {_fmt(t['top1'])} | {_fmt(t['top5'])} | {t['params']:,} | | | |")
         lines.append("")
         if s.get("file_bytes"):
-            lines += [f"The student's size is the byte count of its artifact file `model.pcz`; its counted bits "
-                      f"(`pycompress.quant.model_size` with BatchNorm folded) give {s['counted_bytes']:,} bytes, "
-                      f"the rest is the manifest and header. The top-1 is measured on the file "
-                      f"(the checkpoint it came from: {_fmt(s.get('checkpoint_top1'))}%).", ""]
+            lines += [
+                f"The student's size is the byte count of its artifact file `model.pcz`; its counted bits "
+                f"(`pycompress.quant.model_size` with BatchNorm folded) give {s['counted_bytes']:,} bytes, "
+                f"the rest is the manifest and header. The top-1 is measured on the file "
+                f"(the checkpoint it came from: {_fmt(s.get('checkpoint_top1'))}%).",
+                "",
+            ]
         sp = s.get("sparsity")
         if sp:
-            lines += [f"Sparsity: {100 * sp['selected']:.2f}% of the weights of the {sp['layers']} pruned layers "
-                      f"are 0 ({100 * sp['overall']:.2f}% of all parameters; {sp['nonzero_params']:,} nonzero). "
-                      "The size counts a 1-bit mask plus the nonzero values of each pruned layer.", ""]
+            lines += [
+                f"Sparsity: {100 * sp['selected']:.2f}% of the weights of the {sp['layers']} pruned layers "
+                f"are 0 ({100 * sp['overall']:.2f}% of all parameters; {sp['nonzero_params']:,} nonzero). "
+                "The size counts a 1-bit mask plus the nonzero values of each pruned layer.",
+                "",
+            ]
     arts = report.get("artifacts")
     if arts:
-        lines += ["## Artifacts", "",
-                  "| format | file | file bytes | counted bytes | top-1 (%) | same prediction as the checkpoint |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Artifacts",
+            "",
+            "| format | file | file bytes | counted bytes | top-1 (%) | same prediction as the checkpoint |",
+            "|---|---|---|---|---|---|",
+        ]
         for a in arts:
             agree = a.get("agreement")
             counted = a.get("counted_bits")
-            lines.append(f"| {a['format']} | `{a['file']}` | {a['file_bytes']:,} | "
-                         f"{'-' if counted is None else f'{(counted + 7) // 8:,}'} | {_fmt(a.get('top1'))} | "
-                         f"{'-' if agree is None else f'{100 * agree:.2f}%'} |")
-        lines += ["", "pcz: quantized weights as integer codes, other tensors fp32; fp16 / uint8: the other "
-                      "tensors in IEEE half / hw7's per-tensor min-max uint8; onnx: a QDQ graph for ONNX "
-                      "Runtime (top-1 measured with ONNX Runtime). Load a .pcz with "
-                      "`pycompress.export.load`, evaluate it with `pycompress eval FILE`.", ""]
+            lines.append(
+                f"| {a['format']} | `{a['file']}` | {a['file_bytes']:,} | "
+                f"{'-' if counted is None else f'{(counted + 7) // 8:,}'} | {_fmt(a.get('top1'))} | "
+                f"{'-' if agree is None else f'{100 * agree:.2f}%'} |"
+            )
+        lines += [
+            "",
+            "pcz: quantized weights as integer codes, other tensors fp32; fp16 / uint8: the other "
+            "tensors in IEEE half / hw7's per-tensor min-max uint8; onnx: a QDQ graph for ONNX "
+            "Runtime (top-1 measured with ONNX Runtime). Load a .pcz with "
+            "`pycompress.export.load`, evaluate it with `pycompress eval FILE`.",
+            "",
+        ]
     for st in report["stages"]:
         sl = st.get("slim")
         if not sl:
             continue
         b = sl["before"]
-        lines.append(f"Slimming ({st['name']}: {sl['criterion']}, {len(sl['rounds'])} round(s), "
-                     f"{100 * sl['ratio']:.1f}% of each group's channels): parameters {b['params']:,} -> "
-                     f"{st['params']:,} ({100 * sl['params_ratio']:.1f}%), MACs {b.get('macs', 0) / 1e6:.3f} M -> "
-                     f"{(st.get('macs') or 0) / 1e6:.3f} M ({100 * sl['macs_ratio']:.1f}%), batch-64 CPU latency "
-                     f"{_fmt(b.get('latency_ms'))} -> {_fmt(st.get('latency_ms'))} ms"
-                     + (f" ({b['latency_ms'] / st['latency_ms']:.2f}x)" if b.get("latency_ms") and st.get("latency_ms")
-                        else "") + ".")
+        lines.append(
+            f"Slimming ({st['name']}: {sl['criterion']}, {len(sl['rounds'])} round(s), "
+            f"{100 * sl['ratio']:.1f}% of each group's channels): parameters {b['params']:,} -> "
+            f"{st['params']:,} ({100 * sl['params_ratio']:.1f}%), MACs {b.get('macs', 0) / 1e6:.3f} M -> "
+            f"{(st.get('macs') or 0) / 1e6:.3f} M ({100 * sl['macs_ratio']:.1f}%), batch-64 CPU latency "
+            f"{_fmt(b.get('latency_ms'))} -> {_fmt(st.get('latency_ms'))} ms"
+            + (f" ({b['latency_ms'] / st['latency_ms']:.2f}x)" if b.get("latency_ms") and st.get("latency_ms") else "")
+            + "."
+        )
         lines.append("")
-    lines += ["## Stages", "",
-              "| # | stage | kind | target | epochs | best top-1 | final top-1 | sparsity | size (bytes) | MACs (M) | "
-              "latency b64 (ms) | time (s) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Stages",
+        "",
+        "| # | stage | kind | target | epochs | best top-1 | final top-1 | sparsity | size (bytes) | MACs (M) | "
+        "latency b64 (ms) | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, st in enumerate(report["stages"]):
         best = st.get("best_top1", st.get("top1"))
         final = st.get("final_top1", st.get("top1"))
         size = st.get("size_bytes")
         sp = (st.get("sparsity") or {}).get("selected")
         macs = st.get("macs")
-        lines.append(f"| {i} | {st['name']} | {st['kind']} | {st['target']} | {st.get('epochs', '-')} | "
-                     f"{_fmt(best)} | {_fmt(final)} | {'-' if sp is None else f'{100 * sp:.1f}%'} | "
-                     f"{'-' if size is None else f'{size:,}'} | {'-' if macs is None else f'{macs / 1e6:.3f}'} | "
-                     f"{_fmt(st.get('latency_ms'))} | {_fmt(st.get('seconds'), '.1f')} |")
-    lines += ["", "Per-stage logs and curves: `stages/NN-<name>/metrics.*`, `curves.png`; best "
-              "checkpoints: `stages/NN-<name>/best.pt` (evaluate one with `pycompress eval`).", ""]
+        lines.append(
+            f"| {i} | {st['name']} | {st['kind']} | {st['target']} | {st.get('epochs', '-')} | "
+            f"{_fmt(best)} | {_fmt(final)} | {'-' if sp is None else f'{100 * sp:.1f}%'} | "
+            f"{'-' if size is None else f'{size:,}'} | {'-' if macs is None else f'{macs / 1e6:.3f}'} | "
+            f"{_fmt(st.get('latency_ms'))} | {_fmt(st.get('seconds'), '.1f')} |"
+        )
+    lines += [
+        "",
+        "Per-stage logs and curves: `stages/NN-<name>/metrics.*`, `curves.png`; best "
+        "checkpoints: `stages/NN-<name>/best.pt` (evaluate one with `pycompress eval`).",
+        "",
+    ]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
 
 
@@ -741,5 +964,14 @@ def run_recipe(recipe: Recipe, out_dir: Optional[str] = None, **kwargs) -> Dict[
     return Runner(recipe, out_dir or os.path.join("runs", recipe.name), **kwargs).run()
 
 
-__all__ = ["Runner", "RunError", "run_recipe", "build_from_arch", "load_model", "model_arch",
-           "build_report", "write_report", "count_params"]
+__all__ = [
+    "Runner",
+    "RunError",
+    "run_recipe",
+    "build_from_arch",
+    "load_model",
+    "model_arch",
+    "build_report",
+    "write_report",
+    "count_params",
+]

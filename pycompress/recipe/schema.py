@@ -16,7 +16,8 @@ Layout (see recipes/quickstart.yaml for a full example)::
     teacher: {name: lenet5, args: {}, checkpoint: null}     # optional
     stages:
       - name: teacher           # unique, [A-Za-z0-9_-]
-        kind: train             # train | distill | prune | quantize | finetune | ptq | bn_recalibrate | evaluate | export
+        kind: train             # train | distill | prune | quantize | finetune | ptq | bn_recalibrate
+                                #   | evaluate | export | slim
         target: teacher         # student (default) | teacher
         epochs: 3
         optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}
@@ -36,6 +37,7 @@ one or sets ``auto_export: false``. KD, pruning and QAT compose within one stage
 one stage stay fixed in every later training stage. Each stage starts from the best checkpoint of
 the previous stage with the same target (``ptq`` and ``bn_recalibrate`` write one too).
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,8 +51,18 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-STAGE_KINDS = ("train", "distill", "prune", "slim", "quantize", "finetune", "ptq", "bn_recalibrate", "evaluate",
-               "export")
+STAGE_KINDS = (
+    "train",
+    "distill",
+    "prune",
+    "slim",
+    "quantize",
+    "finetune",
+    "ptq",
+    "bn_recalibrate",
+    "evaluate",
+    "export",
+)
 TRAINING_KINDS = ("train", "distill", "prune", "slim", "quantize", "finetune")
 # kinds that end with a new best checkpoint of their target (the next stage starts from it)
 CHECKPOINT_KINDS = TRAINING_KINDS + ("ptq", "bn_recalibrate")
@@ -106,20 +118,20 @@ class StageSpec:
     epochs: Optional[int] = None
     optimizer: Optional[Dict[str, Any]] = None
     schedule: Optional[Dict[str, Any]] = None
-    distill: Optional[Any] = None          # dict, "kind:weight[:T]" string or a list of them
+    distill: Optional[Any] = None  # dict, "kind:weight[:T]" string or a list of them
     quantize: Optional[Dict[str, Any]] = None
     prune: Optional[Dict[str, Any]] = None
-    slim: Optional[Dict[str, Any]] = None    # structured pruning: channels removed, fine-tuned per round
+    slim: Optional[Dict[str, Any]] = None  # structured pruning: channels removed, fine-tuned per round
     amp: bool = False
     grad_clip: Optional[float] = None
     max_steps_per_epoch: Optional[int] = None
-    eval_batches: Optional[int] = None     # cap on eval batches per epoch (None: the whole set)
-    batch_size: Optional[int] = None       # this stage's training batch size (default: data's)
+    eval_batches: Optional[int] = None  # cap on eval batches per epoch (None: the whole set)
+    batch_size: Optional[int] = None  # this stage's training batch size (default: data's)
     log_format: str = "csv"
-    formats: Optional[List[str]] = None    # export: artifact formats (default pcz, fp16, uint8)
-    fold_bn: Optional[bool] = None         # export: fold BatchNorm into the layer before it (default true)
-    batches: Optional[int] = None          # ptq: calibration batches; bn_recalibrate: batches per round
-    rounds: Optional[int] = None           # bn_recalibrate: rounds, each evaluated (default 1)
+    formats: Optional[List[str]] = None  # export: artifact formats (default pcz, fp16, uint8)
+    fold_bn: Optional[bool] = None  # export: fold BatchNorm into the layer before it (default true)
+    batches: Optional[int] = None  # ptq: calibration batches; bn_recalibrate: batches per round
+    rounds: Optional[int] = None  # bn_recalibrate: rounds, each evaluated (default 1)
 
 
 @dataclass
@@ -133,7 +145,7 @@ class Recipe:
     kernel_backend: str = "auto"
     device: str = "auto"
     teacher: Optional[TeacherSpec] = None
-    auto_export: bool = True   # append an export stage to recipes that quantize or prune
+    auto_export: bool = True  # append an export stage to recipes that quantize or prune
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> Dict[str, Any]:
@@ -161,8 +173,15 @@ class _Ctx:
 
 
 def _type_name(v: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 def _suggest(key: str, allowed) -> str:
@@ -182,8 +201,7 @@ def _check_keys(ctx: _Ctx, where: str, raw: Dict[str, Any], cls) -> None:
             raise ctx.fail(where, f"missing required key {f.name!r}")
 
 
-def _want(ctx, where, key, value, kind, *, optional=False, low=None, high=None, choices=None,
-          low_ok=True):
+def _want(ctx, where, key, value, kind, *, optional=False, low=None, high=None, choices=None, low_ok=True):
     """Check one scalar: kind is int, float, bool, str, dict, list."""
     loc = f"{where}: {key!r}" if where else repr(key)
     if value is None:
@@ -202,8 +220,9 @@ def _want(ctx, where, key, value, kind, *, optional=False, low=None, high=None, 
     elif not isinstance(value, kind):
         raise RecipeError(f"{ctx.file}: {loc} must be {_type_name(kind())}, got {_type_name(value)} {value!r}")
     if choices is not None and value not in choices:
-        raise RecipeError(f"{ctx.file}: {loc} must be one of {', '.join(map(str, choices))}, got {value!r}"
-                          f"{_suggest(value, choices)}")
+        raise RecipeError(
+            f"{ctx.file}: {loc} must be one of {', '.join(map(str, choices))}, got {value!r}{_suggest(value, choices)}"
+        )
     if low is not None and (value < low or (value == low and not low_ok)):
         raise RecipeError(f"{ctx.file}: {loc} must be {'>=' if low_ok else '>'} {low}, got {value!r}")
     if high is not None and value > high:
@@ -223,12 +242,14 @@ def _data(ctx, raw) -> DataSpec:
     _section(ctx, raw, DataSpec, w)
     from ..data import names as data_names
     from ..data.datasets import canonical_name
+
     ds = _want(ctx, w, "dataset", raw["dataset"], str)
     try:
         canonical_name(ds)
     except Exception:  # noqa: BLE001
-        raise ctx.fail(w, f"'dataset': unknown dataset {ds!r}{_suggest(ds, data_names())}; known: "
-                          f"{', '.join(data_names())}") from None
+        raise ctx.fail(
+            w, f"'dataset': unknown dataset {ds!r}{_suggest(ds, data_names())}; known: {', '.join(data_names())}"
+        ) from None
     return DataSpec(
         dataset=ds,
         batch_size=_want(ctx, w, "batch_size", raw.get("batch_size", 128), int, low=1),
@@ -241,21 +262,28 @@ def _data(ctx, raw) -> DataSpec:
 
 def _model(ctx, raw, cls, where):
     _section(ctx, raw, cls, where)
-    from ..models import accepted_kwargs, names as model_names
+    from ..models import accepted_kwargs
+    from ..models import names as model_names
+
     name = _want(ctx, where, "name", raw["name"], str)
     if name not in model_names():
-        raise ctx.fail(where, f"'name': unknown model {name!r}{_suggest(name, model_names())}; known: "
-                              f"{', '.join(model_names())}")
+        raise ctx.fail(
+            where, f"'name': unknown model {name!r}{_suggest(name, model_names())}; known: {', '.join(model_names())}"
+        )
     args = _want(ctx, where, "args", raw.get("args") or {}, dict)
     accepted = accepted_kwargs(name)
     for k in args:
         if k in ("in_channels", "num_classes"):
             raise ctx.fail(f"{where}.args", f"{k!r} is set from the dataset; remove it")
         if k not in accepted:
-            raise ctx.fail(f"{where}.args", f"model {name!r} takes no argument {k!r}"
-                                            f"{_suggest(k, accepted)}; it accepts: "
-                                            f"{', '.join(accepted) or '(none)'}")
+            raise ctx.fail(
+                f"{where}.args",
+                f"model {name!r} takes no argument {k!r}"
+                f"{_suggest(k, accepted)}; it accepts: "
+                f"{', '.join(accepted) or '(none)'}",
+            )
     from ..models import build
+
     try:  # catches impossible values (negative widths, bad depths) now, not after training
         build(name, in_channels=3, num_classes=10, **args)
     except (TypeError, ValueError) as exc:
@@ -275,11 +303,11 @@ def _stage(ctx, raw, index) -> StageSpec:
     _check_keys(ctx, where, raw, StageSpec)
     name = _want(ctx, where, "name", raw["name"], str)
     if not _NAME_RE.match(name):
-        raise ctx.fail(where, f"'name' must match [A-Za-z0-9][A-Za-z0-9_-]* (it names a directory), "
-                              f"got {name!r}")
+        raise ctx.fail(where, f"'name' must match [A-Za-z0-9][A-Za-z0-9_-]* (it names a directory), got {name!r}")
     kind = _want(ctx, where, "kind", raw["kind"], str, choices=STAGE_KINDS)
     s = StageSpec(
-        name=name, kind=kind,
+        name=name,
+        kind=kind,
         target=_want(ctx, where, "target", raw.get("target", "student"), str, choices=TARGETS),
         epochs=_want(ctx, where, "epochs", raw.get("epochs"), int, optional=True, low=1),
         optimizer=_want(ctx, where, "optimizer", raw.get("optimizer"), dict, optional=True),
@@ -289,15 +317,13 @@ def _stage(ctx, raw, index) -> StageSpec:
         prune=_want(ctx, where, "prune", raw.get("prune"), dict, optional=True),
         slim=_want(ctx, where, "slim", raw.get("slim"), dict, optional=True),
         amp=_want(ctx, where, "amp", raw.get("amp", False), bool),
-        grad_clip=_want(ctx, where, "grad_clip", raw.get("grad_clip"), float, optional=True, low=0,
-                        low_ok=False),
-        max_steps_per_epoch=_want(ctx, where, "max_steps_per_epoch", raw.get("max_steps_per_epoch"),
-                                  int, optional=True, low=1),
+        grad_clip=_want(ctx, where, "grad_clip", raw.get("grad_clip"), float, optional=True, low=0, low_ok=False),
+        max_steps_per_epoch=_want(
+            ctx, where, "max_steps_per_epoch", raw.get("max_steps_per_epoch"), int, optional=True, low=1
+        ),
         batch_size=_want(ctx, where, "batch_size", raw.get("batch_size"), int, optional=True, low=1),
-        eval_batches=_want(ctx, where, "eval_batches", raw.get("eval_batches"), int, optional=True,
-                           low=1),
-        log_format=_want(ctx, where, "log_format", raw.get("log_format", "csv"), str,
-                         choices=LOG_FORMATS),
+        eval_batches=_want(ctx, where, "eval_batches", raw.get("eval_batches"), int, optional=True, low=1),
+        log_format=_want(ctx, where, "log_format", raw.get("log_format", "csv"), str, choices=LOG_FORMATS),
         formats=_formats(ctx, where, raw.get("formats")),
         fold_bn=_want(ctx, where, "fold_bn", raw.get("fold_bn"), bool, optional=True),
         batches=_want(ctx, where, "batches", raw.get("batches"), int, optional=True, low=1),
@@ -316,8 +342,10 @@ def _formats(ctx, where, value) -> Optional[List[str]]:
         raise ctx.fail(where, f"'formats' must be a non-empty list of {', '.join(EXPORT_FORMATS)}, got {value!r}")
     for v in value:
         if v not in EXPORT_FORMATS:
-            raise ctx.fail(where, f"'formats': unknown format {v!r}{_suggest(v, EXPORT_FORMATS)}; known: "
-                                  f"{', '.join(EXPORT_FORMATS)}")
+            raise ctx.fail(
+                where,
+                f"'formats': unknown format {v!r}{_suggest(v, EXPORT_FORMATS)}; known: {', '.join(EXPORT_FORMATS)}",
+            )
     if len(set(value)) != len(value):
         raise ctx.fail(where, f"'formats' lists a format twice: {value}")
     return list(value)
@@ -332,14 +360,18 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
         allowed = _NON_TRAINING_KEYS[s.kind]
         extra = [k for k in given if k not in allowed]
         if extra:
-            raise ctx.fail(where, f"{extra[0]!r} does not apply to a {s.kind!r} stage"
-                                  + (f" (it takes: {', '.join(allowed)})" if allowed else ""))
+            raise ctx.fail(
+                where,
+                f"{extra[0]!r} does not apply to a {s.kind!r} stage"
+                + (f" (it takes: {', '.join(allowed)})" if allowed else ""),
+            )
         if s.kind in ("export", "ptq") and s.target != "student":
             raise ctx.fail(where, f"a {s.kind!r} stage works on the student (target: student)")
         if s.kind == "ptq":
             if s.quantize is None:
                 raise ctx.fail(where, "missing required key 'quantize' (the settings of a 'ptq' stage)")
             from ..quant import QuantSpec
+
             try:
                 QuantSpec.from_dict(s.quantize)
             except (TypeError, ValueError) as exc:
@@ -353,6 +385,7 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
     if s.optimizer is None:
         raise ctx.fail(where, f"missing required key 'optimizer' (a {s.kind!r} stage trains)")
     from ..train.trainer import validate_optimizer_spec
+
     try:
         s.optimizer = validate_optimizer_spec(s.optimizer)
     except ValueError as exc:
@@ -372,10 +405,14 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
             raise ctx.fail(where, "'slim' works on the student (target: student)")
         for other in ("quantize", "prune"):
             if getattr(s, other) is not None:
-                raise ctx.fail(where, f"'slim' and {other!r} in one stage: slim the float network first, then "
-                                      f"{'quantize' if other == 'quantize' else 'prune'} it in a later stage "
-                                      f"(masks of earlier stages are carried over)")
+                raise ctx.fail(
+                    where,
+                    f"'slim' and {other!r} in one stage: slim the float network first, then "
+                    f"{'quantize' if other == 'quantize' else 'prune'} it in a later stage "
+                    f"(masks of earlier stages are carried over)",
+                )
         from ..prune.structured import SlimSpec
+
         try:
             s.slim = SlimSpec.from_dict(s.slim).to_dict()
         except (TypeError, ValueError) as exc:
@@ -385,18 +422,21 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
         raise ctx.fail(where, f"{key!r} is not supported on a stage with target 'teacher'")
     if s.distill is not None:
         from ..distill import build_loss
+
         try:
             build_loss(s.distill)
         except (TypeError, ValueError) as exc:
             raise ctx.fail(f"{where}: distill", str(exc)) from None
     if s.quantize is not None:
         from ..quant import QuantSpec
+
         try:
             QuantSpec.from_dict(s.quantize)
         except (TypeError, ValueError) as exc:
             raise ctx.fail(f"{where}: quantize", str(exc)) from None
     if s.prune is not None:
         from ..prune import PruneSpec
+
         try:
             s.prune = PruneSpec.from_dict(s.prune).to_dict()  # resolved: defaults spelled out
         except (TypeError, ValueError) as exc:
@@ -407,6 +447,7 @@ def _check_schedule(ctx, where, s: StageSpec) -> None:
     import torch
 
     from ..train.schedules import build_scheduler
+
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
         # 1000 iterations per epoch: fine enough that fractional warm-up epochs resolve
@@ -420,6 +461,7 @@ def _recipe(ctx, raw) -> Recipe:
         raise ctx.fail("", f"a recipe must be a YAML mapping at the top level, got {_type_name(raw)}")
     _check_keys(ctx, "", raw, Recipe)
     from ..backends import BACKENDS
+
     name = _want(ctx, "", "name", raw.get("name"), str, optional=True)
     if name is not None and not _NAME_RE.match(name):
         raise ctx.fail("", f"'name' must match [A-Za-z0-9][A-Za-z0-9_-]*, got {name!r}")
@@ -430,8 +472,9 @@ def _recipe(ctx, raw) -> Recipe:
         name=name,
         description=_want(ctx, "", "description", raw.get("description", ""), str),
         seed=_want(ctx, "", "seed", raw.get("seed", 0), int, low=0),
-        kernel_backend=_want(ctx, "", "kernel_backend", raw.get("kernel_backend", "auto"), str,
-                             choices=("auto",) + tuple(BACKENDS)),
+        kernel_backend=_want(
+            ctx, "", "kernel_backend", raw.get("kernel_backend", "auto"), str, choices=("auto",) + tuple(BACKENDS)
+        ),
         device=_want(ctx, "", "device", raw.get("device", "auto"), str, choices=DEVICES),
         data=_data(ctx, raw["data"]),
         model=_model(ctx, raw["model"], ModelSpec, "model"),
@@ -449,8 +492,11 @@ def _recipe(ctx, raw) -> Recipe:
     for i, s in enumerate(r.stages):
         where = f"stages[{i}] {s.name!r}"
         if s.slim is not None and quantized is not None:
-            raise ctx.fail(where, f"'slim' after the student was quantized in stage {quantized!r}: slim the float "
-                                  f"network first, then quantize it")
+            raise ctx.fail(
+                where,
+                f"'slim' after the student was quantized in stage {quantized!r}: slim the float "
+                f"network first, then quantize it",
+            )
         if s.target == "student" and (s.quantize is not None or s.kind == "ptq"):
             quantized = quantized or s.name
         if s.target == "teacher":
@@ -461,15 +507,24 @@ def _recipe(ctx, raw) -> Recipe:
         if s.prune is not None:
             _check_prune_layers(ctx, where, r.model, s.prune)
         if s.kind in ("export", "ptq") and not any(
-                p.target == "student" and p.kind in CHECKPOINT_KINDS for p in r.stages[:i]):
-            raise ctx.fail(where, f"a {s.kind!r} stage needs an earlier stage that trains the student "
-                                  f"(there is no trained model to {'export' if s.kind == 'export' else 'quantize'} yet)")
+            p.target == "student" and p.kind in CHECKPOINT_KINDS for p in r.stages[:i]
+        ):
+            raise ctx.fail(
+                where,
+                f"a {s.kind!r} stage needs an earlier stage that trains the student "
+                f"(there is no trained model to {'export' if s.kind == 'export' else 'quantize'} yet)",
+            )
         if s.distill is not None and not teacher_ready:
-            raise ctx.fail(where, "'distill' needs a trained teacher: add a 'teacher' section and "
-                                  "either train it in an earlier stage (target: teacher) or set "
-                                  "teacher.checkpoint")
-    compresses = any(s.target == "student" and (s.quantize is not None or s.prune is not None or s.slim is not None)
-                     for s in r.stages)
+            raise ctx.fail(
+                where,
+                "'distill' needs a trained teacher: add a 'teacher' section and "
+                "either train it in an earlier stage (target: teacher) or set "
+                "teacher.checkpoint",
+            )
+    compresses = any(
+        s.target == "student" and (s.quantize is not None or s.prune is not None or s.slim is not None)
+        for s in r.stages
+    )
     if r.auto_export and compresses and not any(s.kind == "export" for s in r.stages):
         name = "export"
         while name in seen:
@@ -483,12 +538,16 @@ def _check_prune_layers(ctx, where, model: "ModelSpec", prune: Dict[str, Any]) -
     dataset's channels and classes, and QAT keeps them)."""
     from ..models import build
     from ..prune import PruneSpec
+
     spec = PruneSpec.from_dict(prune)
     net = build(model.name, in_channels=3, num_classes=10, **model.args)
     if not spec.select_layers(net):
-        raise ctx.fail(f"{where}: prune", f"selects no layer of model {model.name!r} (types={spec.types}, "
-                                          f"include={spec.include}, exclude={spec.exclude}, first={spec.first}, "
-                                          f"last={spec.last})")
+        raise ctx.fail(
+            f"{where}: prune",
+            f"selects no layer of model {model.name!r} (types={spec.types}, "
+            f"include={spec.include}, exclude={spec.exclude}, first={spec.first}, "
+            f"last={spec.last})",
+        )
 
 
 # ------------------------------------------------------------------------------ overrides, loading
@@ -520,9 +579,12 @@ def apply_overrides(raw: Dict[str, Any], overrides, file: Optional[str] = None) 
         elif keys[0] in top:
             node, rest = raw, keys
         else:
-            raise ctx.fail("", f"--set {ov!r}: {keys[0]!r} is neither a top-level key ({', '.join(top)}) "
-                               f"nor a stage name ({', '.join(map(str, stage_names))})"
-                               f"{_suggest(keys[0], top + [str(n) for n in stage_names])}")
+            raise ctx.fail(
+                "",
+                f"--set {ov!r}: {keys[0]!r} is neither a top-level key ({', '.join(top)}) "
+                f"nor a stage name ({', '.join(map(str, stage_names))})"
+                f"{_suggest(keys[0], top + [str(n) for n in stage_names])}",
+            )
         for k in rest[:-1]:
             nxt = node.get(k) if isinstance(node, dict) else None
             if nxt is None:
@@ -571,6 +633,20 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
-__all__ = ["RecipeError", "Recipe", "DataSpec", "ModelSpec", "TeacherSpec", "StageSpec",
-           "STAGE_KINDS", "TRAINING_KINDS", "CHECKPOINT_KINDS", "EXPORT_FORMATS", "load_recipe", "load_recipe_dict", "validate", "apply_overrides",
-           "dump_recipe"]
+__all__ = [
+    "RecipeError",
+    "Recipe",
+    "DataSpec",
+    "ModelSpec",
+    "TeacherSpec",
+    "StageSpec",
+    "STAGE_KINDS",
+    "TRAINING_KINDS",
+    "CHECKPOINT_KINDS",
+    "EXPORT_FORMATS",
+    "load_recipe",
+    "load_recipe_dict",
+    "validate",
+    "apply_overrides",
+    "dump_recipe",
+]

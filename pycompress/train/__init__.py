@@ -1,5 +1,6 @@
 """Training: the loop (:class:`Trainer`), optimizers, per-iteration LR schedules, metrics,
 atomic checkpoints and BatchNorm recalibration (:func:`recalibrate_bn`)."""
+
 from .bn import recalibrate_bn
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
 from .metrics import plot_curves, topk_correct, write_metrics
@@ -25,9 +26,28 @@ from .trainer import (
 )
 
 __all__ = [
-    "SCHEDULERS", "Constant", "MultiStep", "Step", "WarmupCosine", "WarmupLRScheduler",
-    "WarmupStep", "build_scheduler", "CheckpointError", "load_checkpoint", "save_checkpoint",
-    "seed_everything", "plot_curves", "topk_correct", "write_metrics", "OPTIMIZERS", "Hook",
-    "Trainer", "TrainingDiverged", "build_optimizer", "evaluate", "param_groups",
-    "validate_optimizer_spec", "recalibrate_bn",
+    "SCHEDULERS",
+    "Constant",
+    "MultiStep",
+    "Step",
+    "WarmupCosine",
+    "WarmupLRScheduler",
+    "WarmupStep",
+    "build_scheduler",
+    "CheckpointError",
+    "load_checkpoint",
+    "save_checkpoint",
+    "seed_everything",
+    "plot_curves",
+    "topk_correct",
+    "write_metrics",
+    "OPTIMIZERS",
+    "Hook",
+    "Trainer",
+    "TrainingDiverged",
+    "build_optimizer",
+    "evaluate",
+    "param_groups",
+    "validate_optimizer_spec",
+    "recalibrate_bn",
 ]

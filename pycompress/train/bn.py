@@ -18,6 +18,7 @@ With ``reset=False`` the average continues from ``num_batches_tracked``: calling
 ordinary training (momentum 0.1, num_batches_tracked = every training step) reset=False gives the
 new batches a weight of only 1 / num_batches_tracked each.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -36,7 +37,6 @@ _STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 def _batch_input(batch) -> torch.Tensor:
     return batch_input(batch, "recalibrate_bn")
-
 
 
 def recalibrate_bn(
@@ -61,20 +61,24 @@ def recalibrate_bn(
         raise ValueError(f"recalibrate_bn: num_batches must be an int >= 1, got {num_batches!r}")
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
-        raise ValueError(f"recalibrate_bn: the model ({type(model).__name__}) has no BatchNorm layer to recalibrate "
-                         f"(with track_running_stats=True)")
+        raise ValueError(
+            f"recalibrate_bn: the model ({type(model).__name__}) has no BatchNorm layer to recalibrate "
+            f"(with track_running_stats=True)"
+        )
     device = torch.device(device) if device is not None else model_device(model)
     it = iter(batches)
     sentinel = object()
     first = next(it, sentinel)
     if first is sentinel:
-        raise RuntimeError("recalibrate_bn: no batches were seen (the batch iterable is empty); "
-                           "the BatchNorm statistics are unchanged")
+        raise RuntimeError(
+            "recalibrate_bn: no batches were seen (the batch iterable is empty); the BatchNorm statistics are unchanged"
+        )
 
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(bn, bn.momentum) for bn in bns]
-    saved = [(bn, {k: getattr(bn, k).detach().clone() for k in _STATS if getattr(bn, k, None) is not None})
-             for bn in bns]
+    saved = [
+        (bn, {k: getattr(bn, k).detach().clone() for k in _STATS if getattr(bn, k, None) is not None}) for bn in bns
+    ]
     seen = images = 0
     try:
         model.eval()

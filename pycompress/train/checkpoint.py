@@ -10,6 +10,7 @@ checkpoint from someone else cannot execute code. Checkpoints of older pycompres
 numpy RNG state as a numpy array; for those exactly the numpy globals that rebuild an array (as the
 torch documentation recommends) are allowed, nothing else.
 """
+
 from __future__ import annotations
 
 import io
@@ -51,9 +52,13 @@ def _legacy_numpy_globals() -> List[Any]:
         from numpy._core.multiarray import _reconstruct  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct
-    return [(_reconstruct, "numpy.core.multiarray._reconstruct"),
-            (_reconstruct, "numpy._core.multiarray._reconstruct"),
-            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (_reconstruct, "numpy._core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
 
 
 def _refused(path: str, exc: BaseException) -> bool:
@@ -82,21 +87,28 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
             raise CheckpointError(
                 f"checkpoint {path!r} contains objects that a weights-only load refuses (executable "
                 f"pickle content{what}), so it was not loaded; pycompress checkpoints hold only "
-                "tensors and plain data") from None
+                "tensors and plain data"
+            ) from None
         raise CheckpointError(f"checkpoint {path!r} cannot be read: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a pycompress checkpoint (no '{FORMAT}' marker)")
     if state.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path!r} was written by a newer pycompress (format version "
-                              f"{state['version']} > {VERSION})")
+        raise CheckpointError(
+            f"{path!r} was written by a newer pycompress (format version {state['version']} > {VERSION})"
+        )
     return state
 
 
 def _numpy_state() -> Dict[str, Any]:
     """``np.random.get_state()`` as weights-only-safe data (the uint32 key as a list of ints)."""
     name, key, pos, has_gauss, cached = np.random.get_state()
-    return {"bit_generator": str(name), "key": [int(k) for k in key.tolist()], "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {
+        "bit_generator": str(name),
+        "key": [int(k) for k in key.tolist()],
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def _set_numpy_state(state: Any) -> None:
@@ -104,16 +116,20 @@ def _set_numpy_state(state: Any) -> None:
         key = state["key"]
         if isinstance(key, torch.Tensor):
             key = key.cpu().tolist()
-        state = (state["bit_generator"], np.asarray(key, dtype=np.uint32), int(state["pos"]),
-                 int(state["has_gauss"]), float(state["cached_gaussian"]))
+        state = (
+            state["bit_generator"],
+            np.asarray(key, dtype=np.uint32),
+            int(state["pos"]),
+            int(state["has_gauss"]),
+            float(state["cached_gaussian"]),
+        )
     np.random.set_state(state)  # a tuple: the numpy RNG state of an older checkpoint
 
 
 def rng_state() -> Dict[str, Any]:
     """The state of every RNG training touches: python, numpy, torch CPU and CUDA, as
     weights-only-safe data (tuples of ints, a dict of ints / floats / str, ByteTensors)."""
-    state = {"python": random.getstate(), "numpy": _numpy_state(),
-             "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -134,7 +150,7 @@ def set_rng_state(state: Optional[Dict[str, Any]]) -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) from one integer."""
-    seed = int(seed) % (2 ** 63)
+    seed = int(seed) % (2**63)
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
 """Accuracy, metric logs (CSV or JSONL) and loss/accuracy curves (PNG)."""
+
 from __future__ import annotations
 
 import csv
@@ -21,7 +22,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] 
     maxk = min(max(ks), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices
     hit = pred.eq(targets.view(-1, 1))
-    return [int(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
+    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
 class Average:
@@ -55,8 +56,7 @@ def write_metrics(path: str, rows: Sequence[Dict], fmt: str) -> None:
     if fmt not in LOG_FORMATS:
         raise ValueError(f"metrics log format must be one of {LOG_FORMATS}, got {fmt!r}")
     if fmt == "jsonl":
-        atomic_write_text(path, "".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n"
-                                        for r in rows))
+        atomic_write_text(path, "".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in rows))
         return
     keys: List[str] = []
     for r in rows:
@@ -74,6 +74,7 @@ def plot_curves(path: str, rows: Sequence[Dict], title: str = "") -> bool:
     nothing) when matplotlib is not installed."""
     try:
         import matplotlib
+
         matplotlib.use("Agg", force=False)
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
@@ -82,9 +83,14 @@ def plot_curves(path: str, rows: Sequence[Dict], title: str = "") -> bool:
     epochs = [r["epoch"] for r in rows]
     fig = Figure(figsize=(9, 3.6), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
-    panels = ((ax1, "loss", (("train_loss", "train"), ("eval_loss", "eval"))),
-              (ax2, "accuracy (%)", (("train_top1", "train top-1"), ("eval_top1", "eval top-1"),
-                                     ("eval_top5", "eval top-5"))))
+    panels = (
+        (ax1, "loss", (("train_loss", "train"), ("eval_loss", "eval"))),
+        (
+            ax2,
+            "accuracy (%)",
+            (("train_top1", "train top-1"), ("eval_top1", "eval top-1"), ("eval_top5", "eval top-5")),
+        ),
+    )
     for ax, ylabel, curves in panels:
         for key, label in curves:
             ys = [r.get(key) for r in rows]

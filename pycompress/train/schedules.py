@@ -29,6 +29,7 @@ sequence even with a fresh optimizer whose state was not loaded.
 
 :func:`build_scheduler` builds one of these from a dict with epoch-based keys.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -101,8 +102,9 @@ class WarmupLRScheduler(LRScheduler):
     initial step) and implement ``_after_warmup(i, lr)``.
     """
 
-    def __init__(self, optimizer: Optimizer, warmup_iters: int = 0,
-                 base_lr: float | Sequence[float] = 0.0, last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Optimizer, warmup_iters: int = 0, base_lr: float | Sequence[float] = 0.0, last_epoch: int = -1
+    ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
         self.warmup_iters = _int("warmup_iters", warmup_iters, 0)
@@ -114,8 +116,7 @@ class WarmupLRScheduler(LRScheduler):
                 raise ValueError(f"scheduler: 'base_lr' has {len(base_lr)} values for {n} param groups")
             starts = [_float("base_lr", b) for b in base_lr]
         else:
-            raise ValueError(f"scheduler: 'base_lr' must be a number or one number per param group, "
-                             f"got {base_lr!r}")
+            raise ValueError(f"scheduler: 'base_lr' must be a number or one number per param group, got {base_lr!r}")
         if any(b < 0 for b in starts):
             raise ValueError(f"scheduler: 'base_lr' must be >= 0, got {base_lr!r}")
         self.warmup_base_lrs = starts
@@ -148,22 +149,30 @@ class WarmupLRScheduler(LRScheduler):
         super().load_state_dict(state_dict)
         values = self.lr_at(max(self.last_epoch, 0))
         if len(values) != len(self.optimizer.param_groups):
-            raise ValueError(f"scheduler: state has {len(values)} param groups, the optimizer has "
-                             f"{len(self.optimizer.param_groups)}")
+            raise ValueError(
+                f"scheduler: state has {len(values)} param groups, the optimizer has {len(self.optimizer.param_groups)}"
+            )
         for group, lr in zip(self.optimizer.param_groups, values):
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        self._last_lr = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
-                         for g in self.optimizer.param_groups]
+        self._last_lr = [
+            g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in self.optimizer.param_groups
+        ]
 
 
 class WarmupCosine(WarmupLRScheduler):
     """Linear warm-up then half-cosine decay to 0 at ``total_iters`` (MicroNet)."""
 
-    def __init__(self, optimizer: Optimizer, total_iters: int, warmup_iters: int = 0,
-                 base_lr: float | Sequence[float] = 0.0, last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_iters: int,
+        warmup_iters: int = 0,
+        base_lr: float | Sequence[float] = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
         self.total_iters = _int("total_iters", total_iters, 1)
         w = _int("warmup_iters", warmup_iters, 0)
         if w >= self.total_iters:
@@ -179,9 +188,15 @@ class WarmupCosine(WarmupLRScheduler):
 class MultiStep(WarmupLRScheduler):
     """``lr * gamma ** (number of milestones <= i)`` (milestones in iterations)."""
 
-    def __init__(self, optimizer: Optimizer, milestones: Sequence[int], gamma: float = 0.1,
-                 warmup_iters: int = 0, base_lr: float | Sequence[float] = 0.0,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        milestones: Sequence[int],
+        gamma: float = 0.1,
+        warmup_iters: int = 0,
+        base_lr: float | Sequence[float] = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
         self.milestones = _milestones(milestones)
         self.gamma = _gamma(gamma)
         super().__init__(optimizer, warmup_iters, base_lr, last_epoch)
@@ -193,18 +208,30 @@ class MultiStep(WarmupLRScheduler):
 class WarmupStep(MultiStep):
     """Linear warm-up then multi-step decay at ``milestones`` (iterations, counted from 0)."""
 
-    def __init__(self, optimizer: Optimizer, milestones: Sequence[int], gamma: float = 0.1,
-                 warmup_iters: int = 0, base_lr: float | Sequence[float] = 0.0,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        milestones: Sequence[int],
+        gamma: float = 0.1,
+        warmup_iters: int = 0,
+        base_lr: float | Sequence[float] = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
         super().__init__(optimizer, milestones, gamma, warmup_iters, base_lr, last_epoch)
 
 
 class Step(WarmupLRScheduler):
     """``lr * gamma ** (i // step_size)``."""
 
-    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
-                 warmup_iters: int = 0, base_lr: float | Sequence[float] = 0.0,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        step_size: int,
+        gamma: float = 0.1,
+        warmup_iters: int = 0,
+        base_lr: float | Sequence[float] = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
         self.step_size = _int("step_size", step_size, 1)
         self.gamma = _gamma(gamma)
         super().__init__(optimizer, warmup_iters, base_lr, last_epoch)
@@ -216,8 +243,9 @@ class Step(WarmupLRScheduler):
 class Constant(WarmupLRScheduler):
     """Constant ``lr`` (after the optional warm-up)."""
 
-    def __init__(self, optimizer: Optimizer, warmup_iters: int = 0,
-                 base_lr: float | Sequence[float] = 0.0, last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Optimizer, warmup_iters: int = 0, base_lr: float | Sequence[float] = 0.0, last_epoch: int = -1
+    ) -> None:
         super().__init__(optimizer, warmup_iters, base_lr, last_epoch)
 
     def _after_warmup(self, i: int, lr: float) -> float:
@@ -257,8 +285,7 @@ def _epochs_to_iters(key: str, value: Any, iters_per_epoch: int) -> int:
     return int(round(e * iters_per_epoch))
 
 
-def _one_of(spec: Mapping[str, Any], epoch_key: str, iter_key: str, iters_per_epoch: int,
-            required: bool) -> int | None:
+def _one_of(spec: Mapping[str, Any], epoch_key: str, iter_key: str, iters_per_epoch: int, required: bool) -> int | None:
     if epoch_key in spec and iter_key in spec:
         raise ValueError(f"scheduler: give either {epoch_key!r} or {iter_key!r}, not both")
     if epoch_key in spec:
@@ -270,8 +297,9 @@ def _one_of(spec: Mapping[str, Any], epoch_key: str, iter_key: str, iters_per_ep
     return None
 
 
-def build_scheduler(optimizer: Optimizer, spec: Mapping[str, Any], iters_per_epoch: int,
-                    default_epochs: float | None = None) -> WarmupLRScheduler:
+def build_scheduler(
+    optimizer: Optimizer, spec: Mapping[str, Any], iters_per_epoch: int, default_epochs: float | None = None
+) -> WarmupLRScheduler:
     """Build a per-iteration scheduler from a dict.
 
     Keys (epoch-valued keys may be fractional; they are converted with

@@ -11,6 +11,7 @@ an uninterrupted run does (bit for bit on the CPU).
 Files in ``out_dir``: ``checkpoint.pt`` (every epoch), ``best.pt`` (best eval top-1, or last epoch
 when there is no eval loader), ``metrics.csv`` or ``metrics.jsonl``, ``curves.png``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,11 @@ _OPT_KEYS = {
     "adam": {"name", "lr", "betas", "eps", "weight_decay", "no_bias_decay", "amsgrad"},
     "adamw": {"name", "lr", "betas", "eps", "weight_decay", "no_bias_decay", "amsgrad"},
 }
-OPTIMIZER_DEFAULTS = {"sgd": {"momentum": 0.9, "weight_decay": 1e-4},
-                      "adam": {"weight_decay": 0.0}, "adamw": {"weight_decay": 1e-2}}
+OPTIMIZER_DEFAULTS = {
+    "sgd": {"momentum": 0.9, "weight_decay": 1e-4},
+    "adam": {"weight_decay": 0.0},
+    "adamw": {"weight_decay": 1e-2},
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,8 +88,7 @@ def validate_optimizer_spec(spec: Mapping[str, Any]) -> Dict[str, Any]:
     name = name.lower()
     unknown = sorted(set(spec) - _OPT_KEYS[name])
     if unknown:
-        raise ValueError(f"optimizer: unknown key {unknown[0]!r} for {name} "
-                         f"(allowed: {sorted(_OPT_KEYS[name])})")
+        raise ValueError(f"optimizer: unknown key {unknown[0]!r} for {name} (allowed: {sorted(_OPT_KEYS[name])})")
     if "lr" not in spec:
         raise ValueError("optimizer: missing required key 'lr'")
     out = {"name": name, "no_bias_decay": True, **OPTIMIZER_DEFAULTS[name], **dict(spec)}
@@ -105,8 +108,11 @@ def validate_optimizer_spec(spec: Mapping[str, Any]) -> Dict[str, Any]:
         out["eps"] = _num("eps", out["eps"], low=0.0, low_ok=False)
     if "betas" in out:
         b = out["betas"]
-        if not isinstance(b, (list, tuple)) or len(b) != 2 or \
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in b):
+        if (
+            not isinstance(b, (list, tuple))
+            or len(b) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in b)
+        ):
             raise ValueError(f"optimizer: 'betas' must be two numbers in [0, 1), got {b!r}")
         out["betas"] = [float(v) for v in b]  # a list, so the resolved recipe dumps as YAML
     return out
@@ -146,14 +152,29 @@ def _progress(iterable, total, desc, enabled):
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return iterable
     # enabled None: a bar only when stderr is a terminal (no bar spam in CI logs).
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=None if enabled is None else False, file=sys.stderr)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if enabled is None else False,
+        file=sys.stderr,
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: Any = "cpu", *, amp: bool = False,
-             max_batches: Optional[int] = None, progress: Optional[bool] = False,
-             desc: str = "eval", predictions: bool = False) -> Dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: Any = "cpu",
+    *,
+    amp: bool = False,
+    max_batches: Optional[int] = None,
+    progress: Optional[bool] = False,
+    desc: str = "eval",
+    predictions: bool = False,
+) -> Dict[str, Any]:
     """Cross-entropy loss, top-1 and top-5 accuracy (percent) of ``model`` in eval mode. The
     model's train/eval mode is restored afterwards. ``predictions=True`` adds "predictions", the
     top-1 class of every sample in loader order (int64 tensor on the CPU), to compare two models."""
@@ -198,7 +219,7 @@ class Hook:
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
     def extra_loss(self, trainer: "Trainer") -> Optional[torch.Tensor]: ...
-    def before_step(self, trainer: "Trainer") -> None: ...   # after backward, before optimizer.step
+    def before_step(self, trainer: "Trainer") -> None: ...  # after backward, before optimizer.step
     def after_step(self, trainer: "Trainer") -> None: ...
     def on_epoch_end(self, trainer: "Trainer", row: Dict[str, Any]) -> None: ...
     def before_load(self, trainer: "Trainer", checkpoint: Dict[str, Any]) -> None: ...  # e.g. add mask buffers
@@ -231,19 +252,34 @@ class Trainer:
         log: a callable taking one line of text per epoch (default: print to stdout).
     """
 
-    def __init__(self, model: nn.Module, train_loader: Iterable, eval_loader: Optional[Iterable] = None,
-                 *, epochs: int, optimizer: Any, schedule: Optional[Mapping[str, Any]] = None,
-                 device: Any = "cpu", distiller: Optional[nn.Module] = None, amp: bool = False,
-                 seed: int = 0, out_dir: Optional[str] = None, log_format: str = "csv",
-                 progress: Optional[bool] = None, max_steps_per_epoch: Optional[int] = None,
-                 grad_clip: Optional[float] = None, hooks: Sequence[Hook] = (),
-                 checkpoint_extra: Optional[Callable[[], Dict[str, Any]]] = None,
-                 name: str = "train", log: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: Iterable,
+        eval_loader: Optional[Iterable] = None,
+        *,
+        epochs: int,
+        optimizer: Any,
+        schedule: Optional[Mapping[str, Any]] = None,
+        device: Any = "cpu",
+        distiller: Optional[nn.Module] = None,
+        amp: bool = False,
+        seed: int = 0,
+        out_dir: Optional[str] = None,
+        log_format: str = "csv",
+        progress: Optional[bool] = None,
+        max_steps_per_epoch: Optional[int] = None,
+        grad_clip: Optional[float] = None,
+        hooks: Sequence[Hook] = (),
+        checkpoint_extra: Optional[Callable[[], Dict[str, Any]]] = None,
+        name: str = "train",
+        log: Optional[Callable[[str], None]] = None,
+    ) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"Trainer: epochs must be an integer >= 1, got {epochs!r}")
-        if max_steps_per_epoch is not None and (isinstance(max_steps_per_epoch, bool)
-                                                or not isinstance(max_steps_per_epoch, int)
-                                                or max_steps_per_epoch < 1):
+        if max_steps_per_epoch is not None and (
+            isinstance(max_steps_per_epoch, bool) or not isinstance(max_steps_per_epoch, int) or max_steps_per_epoch < 1
+        ):
             raise ValueError(f"Trainer: max_steps_per_epoch must be an integer >= 1, got {max_steps_per_epoch!r}")
         if log_format not in ("csv", "jsonl"):
             raise ValueError(f"Trainer: log_format must be 'csv' or 'jsonl', got {log_format!r}")
@@ -267,17 +303,19 @@ class Trainer:
         if n == 0:
             raise ValueError(f"stage {name!r}: the training loader is empty")
         self.steps_per_epoch = min(n, max_steps_per_epoch) if max_steps_per_epoch else n
-        self.optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) \
-            else build_optimizer(self.model, optimizer)
-        self.scheduler = build_scheduler(self.optimizer, schedule or {"name": "constant"},
-                                         self.steps_per_epoch, default_epochs=epochs)
+        self.optimizer = (
+            optimizer if isinstance(optimizer, torch.optim.Optimizer) else build_optimizer(self.model, optimizer)
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, schedule or {"name": "constant"}, self.steps_per_epoch, default_epochs=epochs
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
-        self.epoch = 0            # completed epochs
+        self.epoch = 0  # completed epochs
         self.global_step = 0
         self.history: List[Dict[str, Any]] = []
         self.best_metric = -math.inf
         self.best_epoch = -1
-        self.elapsed = 0.0        # epoch seconds over all sessions (resume adds up)
+        self.elapsed = 0.0  # epoch seconds over all sessions (resume adds up)
         self.session_elapsed = 0.0  # epoch seconds of this process only
         self._kill_at = _debug_kill_step(name)
 
@@ -310,14 +348,18 @@ class Trainer:
         if state.get("stage") != self.name:
             raise ValueError(f"checkpoint is for stage {state.get('stage')!r}, not {self.name!r}")
         if state.get("epochs") != self.epochs:
-            raise ValueError(f"stage {self.name!r}: the checkpoint was written for "
-                             f"{state.get('epochs')} epochs, this run has {self.epochs}; resume with "
-                             "the same settings")
+            raise ValueError(
+                f"stage {self.name!r}: the checkpoint was written for "
+                f"{state.get('epochs')} epochs, this run has {self.epochs}; resume with "
+                "the same settings"
+            )
         for key, now in (("seed", self.seed), ("steps_per_epoch", self.steps_per_epoch)):
             if key in state and state[key] != now:
-                raise ValueError(f"stage {self.name!r}: the checkpoint was written with {key} "
-                                 f"{state[key]}, this run has {now} (a different seed, batch size "
-                                 "or dataset); resume with the same settings")
+                raise ValueError(
+                    f"stage {self.name!r}: the checkpoint was written with {key} "
+                    f"{state[key]}, this run has {now} (a different seed, batch size "
+                    "or dataset); resume with the same settings"
+                )
         for h in self.hooks:
             if hasattr(h, "before_load"):
                 h.before_load(self, state)
@@ -349,7 +391,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- loop
     def _seed_epoch(self, epoch: int) -> None:
-        s = (self.seed * 1_000_003 + zlib.crc32(self.name.encode()) * 7_919 + epoch) % (2 ** 63)
+        s = (self.seed * 1_000_003 + zlib.crc32(self.name.encode()) * 7_919 + epoch) % (2**63)
         seed_everything(s)
         gen = getattr(self.train_loader, "generator", None)
         if isinstance(gen, torch.Generator):
@@ -376,8 +418,9 @@ class Trainer:
             self.distiller.train()  # keeps the teacher in eval mode
         loss_avg = Average()
         c1 = c5 = n = 0
-        it = _progress(self.train_loader, self.steps_per_epoch,
-                       f"{self.name} {self.epoch + 1}/{self.epochs}", self.progress)
+        it = _progress(
+            self.train_loader, self.steps_per_epoch, f"{self.name} {self.epoch + 1}/{self.epochs}", self.progress
+        )
         for i, batch in enumerate(it):
             if i >= self.steps_per_epoch:
                 break
@@ -387,12 +430,16 @@ class Trainer:
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 last = self._path("checkpoint.pt")
-                keep = f"; the last good checkpoint is {last}" if last and os.path.exists(last) else \
-                    "; no checkpoint of this stage was written yet"
+                keep = (
+                    f"; the last good checkpoint is {last}"
+                    if last and os.path.exists(last)
+                    else "; no checkpoint of this stage was written yet"
+                )
                 raise TrainingDiverged(
                     f"stage {self.name!r}: loss is {lv} at epoch {self.epoch + 1}, iteration {i + 1} "
                     f"(lr {self.optimizer.param_groups[0]['lr']:.3g}){keep}. Lower the learning rate "
-                    "or check the data")
+                    "or check the data"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.grad_clip:
@@ -416,8 +463,7 @@ class Trainer:
                 it.set_postfix(loss=f"{loss_avg.mean:.4f}", top1=f"{100.0 * c1 / n:.2f}", refresh=False)
             if self._kill_at is not None and self.global_step == self._kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: simulate a crash mid-stage
-        return {"train_loss": loss_avg.mean, "train_top1": 100.0 * c1 / max(n, 1),
-                "train_top5": 100.0 * c5 / max(n, 1)}
+        return {"train_loss": loss_avg.mean, "train_top1": 100.0 * c1 / max(n, 1), "train_top5": 100.0 * c5 / max(n, 1)}
 
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         """Run the remaining epochs. With ``resume`` a ``checkpoint.pt`` in ``out_dir`` is loaded
@@ -458,11 +504,16 @@ class Trainer:
         return self.summary()
 
     def _line(self, row: Dict[str, Any], improved: bool) -> str:
-        parts = [f"[{self.name}] epoch {row['epoch']}/{self.epochs}", f"lr {row['lr']:.3g}",
-                 f"train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}"]
+        parts = [
+            f"[{self.name}] epoch {row['epoch']}/{self.epochs}",
+            f"lr {row['lr']:.3g}",
+            f"train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f}",
+        ]
         if "eval_top1" in row:
-            parts.append(f"eval loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} "
-                         f"top5 {row['eval_top5']:.2f}" + (" *" if improved else ""))
+            parts.append(
+                f"eval loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} "
+                f"top5 {row['eval_top5']:.2f}" + (" *" if improved else "")
+            )
         parts.append(f"{row['time_s']:.1f}s")
         return " | ".join(parts)
 
@@ -481,10 +532,17 @@ class Trainer:
     def summary(self) -> Dict[str, Any]:
         last = self.history[-1] if self.history else {}
         best = self.history[self.best_epoch - 1] if self.best_epoch >= 1 and self.history else {}
-        return {"stage": self.name, "epochs": self.epoch, "steps": self.global_step,
-                "best_epoch": self.best_epoch, "best_top1": best.get("eval_top1"),
-                "best_top5": best.get("eval_top5"), "final_top1": last.get("eval_top1"),
-                "final_train_top1": last.get("train_top1"), "train_seconds": self.elapsed}
+        return {
+            "stage": self.name,
+            "epochs": self.epoch,
+            "steps": self.global_step,
+            "best_epoch": self.best_epoch,
+            "best_top1": best.get("eval_top1"),
+            "best_top5": best.get("eval_top5"),
+            "final_top1": last.get("eval_top1"),
+            "final_train_top1": last.get("train_top1"),
+            "train_seconds": self.elapsed,
+        }
 
 
 def _debug_kill_step(stage: str) -> Optional[int]:

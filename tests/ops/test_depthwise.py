@@ -2,6 +2,7 @@
 activation variant) over kernel sizes, strides, paddings, dilations, memory formats and dtypes;
 the reference vs torch; gradcheck, opcheck, non-contiguous and zero-size inputs, NaN poison
 around the input, bad input."""
+
 import importlib.util
 import os
 
@@ -80,8 +81,11 @@ def make_inputs(backend, cfg, dtype, idx=0, layout="nchw", bias=True):
 
 
 def fmt_of(t):
-    return torch.channels_last if (not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)) \
+    return (
+        torch.channels_last
+        if (not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last))
         else torch.contiguous_format
+    )
 
 
 # ----------------------------------------------------------------------------- reference vs torch
@@ -138,15 +142,18 @@ def test_gradcheck_reference_fp64():
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     s = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
     t = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: depthwise_conv2d(x, w, b, 2, 1, 1, backend="reference"), (x, w, b))
     assert torch.autograd.gradcheck(
-        lambda x, w, b: depthwise_conv2d(x, w, b, 2, 1, 1, backend="reference"), (x, w, b))
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: depthwise_conv2d(x, w, b, 1, 2, 2, backend="reference"), (x, w, b), fast_mode=True)
+        lambda x, w, b: depthwise_conv2d(x, w, b, 1, 2, 2, backend="reference"), (x, w, b), fast_mode=True
+    )
     for act in ("none", "relu", "relu6"):
         # values away from the activation kinks (finite differences would straddle them)
         assert torch.autograd.gradcheck(
             lambda x, w, s, t: depthwise_conv2d_bn_act(x, w, s, t, 1, 1, 1, act, backend="reference"),
-            (x, w, s, t), atol=1e-5, fast_mode=act != "relu6")
+            (x, w, s, t),
+            atol=1e-5,
+            fast_mode=act != "relu6",
+        )
 
 
 # ----------------------------------------------------------------------------- backends vs reference
@@ -215,10 +222,12 @@ def test_bn_act_matches_reference(backend, act, layout):
         w = (torch.randn(C, 1, 3, 3, device=dev) / 3).to(dtype)
         scale = torch.rand(C, device=dev) + 0.5
         shift = torch.randn(C, device=dev)
-        out = depthwise_conv2d_bn_act(x, w, scale, shift, 2 if dtype == torch.float16 else 1, 1, 1, act,
-                                      backend=backend)
-        want = ref.depthwise_conv2d_bn_act_ref(x.cpu(), w.cpu(), scale.cpu(), shift.cpu(),
-                                               2 if dtype == torch.float16 else 1, 1, 1, act)
+        out = depthwise_conv2d_bn_act(
+            x, w, scale, shift, 2 if dtype == torch.float16 else 1, 1, 1, act, backend=backend
+        )
+        want = ref.depthwise_conv2d_bn_act_ref(
+            x.cpu(), w.cpu(), scale.cpu(), shift.cpu(), 2 if dtype == torch.float16 else 1, 1, 1, act
+        )
         assert out.dtype == dtype and out.is_contiguous(memory_format=fmt_of(x))
         close(out, want, dtype, f"{backend} {act} {layout} {dtype}")
         if act == "relu6":
@@ -254,18 +263,32 @@ def test_bias_only_gradient(backend):
 # mode packs 8 channels per vector), tall / wide planes (the CPU kernels' row bands) and rows wide
 # enough for the channels_last kernel's blocks of four interior pixels.
 PLANE_SHAPES = [
-    (3, 10, 4, 4, 3, 1, 1, 1), (2, 10, 5, 3, 3, 2, 1, 1), (2, 9, 2, 2, 3, 1, 1, 1), (2, 10, 6, 7, 5, 1, 2, 1),
-    (2, 10, 8, 8, 3, 2, 1, 1), (1, 2, 301, 45, 3, 1, 1, 1), (1, 2, 150, 260, 5, 2, 2, 1), (1, 1, 200, 70, 7, 1, 3, 2),
-    (2, 20, 9, 13, 3, 1, 1, 1), (1, 19, 6, 14, 5, 2, 2, 1),  # channels_last: 4-pixel blocks, 2 vectors + a tail
-    (2, 20, 7, 16, 5, 1, 2, 1), (1, 12, 5, 11, 5, 1, 1, 1), (1, 9, 4, 12, 3, 1, 0, 1),  # ... and sliding windows
+    (3, 10, 4, 4, 3, 1, 1, 1),
+    (2, 10, 5, 3, 3, 2, 1, 1),
+    (2, 9, 2, 2, 3, 1, 1, 1),
+    (2, 10, 6, 7, 5, 1, 2, 1),
+    (2, 10, 8, 8, 3, 2, 1, 1),
+    (1, 2, 301, 45, 3, 1, 1, 1),
+    (1, 2, 150, 260, 5, 2, 2, 1),
+    (1, 1, 200, 70, 7, 1, 3, 2),
+    (2, 20, 9, 13, 3, 1, 1, 1),
+    (1, 19, 6, 14, 5, 2, 2, 1),  # channels_last: 4-pixel blocks, 2 vectors + a tail
+    (2, 20, 7, 16, 5, 1, 2, 1),
+    (1, 12, 5, 11, 5, 1, 1, 1),
+    (1, 9, 4, 12, 3, 1, 0, 1),  # ... and sliding windows
     # NCHW stride 1 (blocks of 4 rows x 2 vectors, right to left, whole-vector stores that spill into
     # the next row): an odd number of vectors and 2 leftover rows; 3 leftover rows; wide rows in
     # several bands; planes too tall for lanes mode with rows narrower than a vector (a spill that
     # crosses rows), 10 planes so that two threads share them.
-    (2, 3, 14, 19, 3, 1, 1, 1), (1, 4, 11, 33, 5, 1, 2, 1), (1, 3, 37, 203, 5, 1, 2, 1),
-    (2, 5, 900, 3, 3, 1, 1, 1), (1, 2, 900, 2, 5, 1, 2, 1),
+    (2, 3, 14, 19, 3, 1, 1, 1),
+    (1, 4, 11, 33, 5, 1, 2, 1),
+    (1, 3, 37, 203, 5, 1, 2, 1),
+    (2, 5, 900, 3, 3, 1, 1, 1),
+    (1, 2, 900, 2, 5, 1, 2, 1),
     # lanes mode at stride 1 (blocks of four outputs, the last one overlapping): 8 and 6 wide
-    (2, 10, 8, 8, 3, 1, 1, 1), (1, 9, 8, 8, 5, 1, 2, 1), (2, 11, 6, 6, 3, 1, 1, 1),
+    (2, 10, 8, 8, 3, 1, 1, 1),
+    (1, 9, 8, 8, 5, 1, 2, 1),
+    (2, 11, 6, 6, 3, 1, 1, 1),
 ]
 
 
@@ -285,11 +308,14 @@ def test_small_and_large_planes(backend, shape):
         for bk in (backend, "reference"):
             ins = [t.detach().clone().requires_grad_() for t in (x, w, b)]
             y = depthwise_conv2d(*ins, s, p, d, backend=bk)
-            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(dev).contiguous(memory_format=layout)
+            g = (
+                torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+                .to(dev)
+                .contiguous(memory_format=layout)
+            )
             outs[bk] = (y,) + torch.autograd.grad(y, ins, g)
         for name, a, r in zip(("y", "grad_x", "grad_w", "grad_b"), outs[backend], outs["reference"]):
             close(a, r, torch.float32, f"{backend} {shape} {layout} {name}")
-
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -416,8 +442,7 @@ def test_zero_batch(backend):
         assert y.shape == (0, 4, 4, 4)
         gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
         assert gx.shape == x.shape and int(gw.count_nonzero()) == 0 and int(gb.count_nonzero()) == 0
-        y2 = depthwise_conv2d_bn_act(x, w, torch.ones(4, device=dev), torch.zeros(4, device=dev), 1, 1,
-                                     backend=backend)
+        y2 = depthwise_conv2d_bn_act(x, w, torch.ones(4, device=dev), torch.zeros(4, device=dev), 1, 1, backend=backend)
         assert y2.shape == (0, 4, 7, 7)
 
 
@@ -434,8 +459,10 @@ def test_poisoned_surroundings_are_never_read(backend, layout):
     big[1:3, :, 2:-2, 2:-2] = torch.randn(2, 4, 10, 9, device=dev)
     big = big.contiguous(memory_format=mf)
     w = torch.randn(4, 1, 3, 3, device=dev)
-    for x in (big[1:3, :, 2:-2, 2:-2], big[1:3].clone().contiguous(memory_format=mf)[:, :, 2:-2, 2:-2].clone()
-              .contiguous(memory_format=mf)):
+    for x in (
+        big[1:3, :, 2:-2, 2:-2],
+        big[1:3].clone().contiguous(memory_format=mf)[:, :, 2:-2, 2:-2].clone().contiguous(memory_format=mf),
+    ):
         for s in (1, 2):
             out = depthwise_conv2d(x, w, None, s, 1, backend=backend)
             assert bool(torch.isfinite(out).all()), (layout, s)
@@ -494,8 +521,12 @@ def test_cpu_kernels_match_reference(cfg, layout, dtype):
     # the weight / bias gradients are fp32 sums whatever the input dtype
     assert gw.dtype == rw.dtype == torch.float32 and gb.dtype == rb.dtype == torch.float32
     # the backend contract (as every op-level test) and the kernel-level bounds (absolute atol)
-    for name, a, r, dt in (("fwd", y, yr, dtype), ("bwd_input", gx, gxr, dtype),
-                           ("bwd_weight grad_w", gw, rw, torch.float32), ("bwd_weight grad_b", gb, rb, torch.float32)):
+    for name, a, r, dt in (
+        ("fwd", y, yr, dtype),
+        ("bwd_input", gx, gxr, dtype),
+        ("bwd_weight grad_w", gw, rw, torch.float32),
+        ("bwd_weight grad_b", gb, rb, torch.float32),
+    ):
         close(a, r, dt, name)
         family = "depthwise_kernel_grad_weight" if name.startswith("bwd_weight") else "depthwise_kernel"
         assert_close(a.float(), r.float(), family, dt, msg=name)
@@ -506,21 +537,37 @@ def test_cpu_kernels_match_reference(cfg, layout, dtype):
 # fresh interpreter with the variable set: the scalar path is held to the same tolerances as the
 # AVX2 path.
 SCALAR_PATH = {
-    "fwd": ["test_cpu_kernels_match_reference", "test_depthwise_conv2d_matches_reference",
-            "test_bn_act_matches_reference", "test_small_and_large_planes", "test_non_contiguous_inputs",
-            "test_poisoned_surroundings_are_never_read", "test_cpu_channels_last_large_outputs_stream"],
-    "bwd_input": ["test_cpu_kernels_match_reference", "test_depthwise_conv2d_gradients_match_reference",
-                  "test_bn_act_matches_reference", "test_small_and_large_planes",
-                  "test_cpu_channels_last_large_outputs_stream"],
-    "bwd_weight": ["test_cpu_kernels_match_reference", "test_depthwise_conv2d_gradients_match_reference",
-                   "test_bn_act_matches_reference", "test_small_and_large_planes", "test_bias_only_gradient",
-                   "test_cpu_weight_gradient_is_deterministic"],
+    "fwd": [
+        "test_cpu_kernels_match_reference",
+        "test_depthwise_conv2d_matches_reference",
+        "test_bn_act_matches_reference",
+        "test_small_and_large_planes",
+        "test_non_contiguous_inputs",
+        "test_poisoned_surroundings_are_never_read",
+        "test_cpu_channels_last_large_outputs_stream",
+    ],
+    "bwd_input": [
+        "test_cpu_kernels_match_reference",
+        "test_depthwise_conv2d_gradients_match_reference",
+        "test_bn_act_matches_reference",
+        "test_small_and_large_planes",
+        "test_cpu_channels_last_large_outputs_stream",
+    ],
+    "bwd_weight": [
+        "test_cpu_kernels_match_reference",
+        "test_depthwise_conv2d_gradients_match_reference",
+        "test_bn_act_matches_reference",
+        "test_small_and_large_planes",
+        "test_bias_only_gradient",
+        "test_cpu_weight_gradient_is_deterministic",
+    ],
 }
 
 
 # Every kernel's scalar path against the reference (tests.helpers.scalar_path_tests).
-test_scalar_path_covers_every_kernel, scalar_path_run, test_cpu_scalar_path_matches_reference = \
-    scalar_path_tests(__file__, SCALAR_PATH, KERNELS, "cpu" in BACKENDS)
+test_scalar_path_covers_every_kernel, scalar_path_run, test_cpu_scalar_path_matches_reference = scalar_path_tests(
+    __file__, SCALAR_PATH, KERNELS, "cpu" in BACKENDS
+)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="extension not built")
@@ -573,8 +620,17 @@ def test_opcheck(backend):
     gp = torch.randn(2, 4, 5, 6, device=dev)
     for xx, ww, gg in ((x3, w3, g1), (xp, wp, gp)):
         for act, sc in ((0, e), (2, torch.rand(4, device=dev))):
-            args = (gg, xx, ww, sc, e, [1, 1, 1 if xx is xp else 0, 1 if xx is xp else 0, 1, 1], act, backend,
-                    [True, True, False, False])
+            args = (
+                gg,
+                xx,
+                ww,
+                sc,
+                e,
+                [1, 1, 1 if xx is xp else 0, 1 if xx is xp else 0, 1, 1],
+                act,
+                backend,
+                [True, True, False, False],
+            )
             torch.library.opcheck(bwd, args)
             gx = bwd(*args)[0]
             assert gx.stride() == torch.empty_like(xx, memory_format=_format(xx)).stride()
@@ -638,28 +694,56 @@ def _x(*shape, **kw):
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), stride=(1, 3)), ValueError, "stride"),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=-1), ValueError, "padding must be >= 0"),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), dilation=0), ValueError, "dilation must be >= 1"),
-        (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=(1, 1 << 25)), ValueError,
-         "padding and dilation must be at most 2**24"),
-        (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=1 << 30, dilation=1 << 29), ValueError,
-         "padding and dilation must be at most"),
+        (
+            lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=(1, 1 << 25)),
+            ValueError,
+            "padding and dilation must be at most 2**24",
+        ),
+        (
+            lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=1 << 30, dilation=1 << 29),
+            ValueError,
+            "padding and dilation must be at most",
+        ),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), padding=1.5), TypeError, "padding must be an int"),
-        (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3, dtype=torch.float16)), TypeError,
-         "weight has dtype torch.float16"),
+        (
+            lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3, dtype=torch.float16)),
+            TypeError,
+            "weight has dtype torch.float16",
+        ),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3, device="meta")), ValueError, "weight is on meta"),
         (lambda: depthwise_conv2d(_x(4, 8, 8), torch.randn(4, 1, 3, 3)), ValueError, "x must be 4-D"),
         (lambda: depthwise_conv2d(_x(2, 4, 2, 2), torch.randn(4, 1, 5, 5)), ValueError, "output would be empty"),
-        (lambda: depthwise_conv2d(torch.ones(2, 4, 8, 8, dtype=torch.int32), torch.ones(4, 1, 3, 3, dtype=torch.int32)),
-         TypeError, "x must be a floating-point"),
+        (
+            lambda: depthwise_conv2d(
+                torch.ones(2, 4, 8, 8, dtype=torch.int32), torch.ones(4, 1, 3, 3, dtype=torch.int32)
+            ),
+            TypeError,
+            "x must be a floating-point",
+        ),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), torch.randn(5)), ValueError, "bias must be 1-D"),
         (lambda: depthwise_conv2d(_x(), torch.randn(4, 1, 3, 3), backend="fastest"), ValueError, "backend"),
-        (lambda: depthwise_conv2d_bn_act(_x(), torch.randn(4, 1, 3, 3), torch.ones(4), torch.zeros(4), act="gelu"),
-         ValueError, "act must be one of"),
-        (lambda: depthwise_conv2d_bn_act(_x(), torch.randn(4, 1, 3, 3), torch.ones(3), torch.zeros(4)), ValueError,
-         "scale must be 1-D with C = 4"),
-        (lambda: depthwise_conv2d_bn_act(_x(), torch.randn(4, 1, 3, 3), torch.ones(4), torch.zeros(4, 1)),
-         ValueError, "shift must be 1-D"),
-        (lambda: depthwise_conv2d_bn_act(_x(), torch.randn(4, 1, 3, 3), torch.ones(4), torch.zeros(4, device="meta")),
-         ValueError, "shift is on meta"),
+        (
+            lambda: depthwise_conv2d_bn_act(_x(), torch.randn(4, 1, 3, 3), torch.ones(4), torch.zeros(4), act="gelu"),
+            ValueError,
+            "act must be one of",
+        ),
+        (
+            lambda: depthwise_conv2d_bn_act(_x(), torch.randn(4, 1, 3, 3), torch.ones(3), torch.zeros(4)),
+            ValueError,
+            "scale must be 1-D with C = 4",
+        ),
+        (
+            lambda: depthwise_conv2d_bn_act(_x(), torch.randn(4, 1, 3, 3), torch.ones(4), torch.zeros(4, 1)),
+            ValueError,
+            "shift must be 1-D",
+        ),
+        (
+            lambda: depthwise_conv2d_bn_act(
+                _x(), torch.randn(4, 1, 3, 3), torch.ones(4), torch.zeros(4, device="meta")
+            ),
+            ValueError,
+            "shift is on meta",
+        ),
     ],
 )
 def test_bad_input_is_refused(call, err, words):
@@ -681,8 +765,9 @@ def test_explicit_backend_never_falls_back():
         with pytest.raises(backends.BackendError, match="triton"):
             depthwise_conv2d(x, w, backend="triton")
     # auto picks a backend that runs, fp64 goes to the reference
-    torch.testing.assert_close(depthwise_conv2d(x.double(), w.double(), None, 1, 1),
-                               F.conv2d(x.double(), w.double(), None, 1, 1, 1, 4))
+    torch.testing.assert_close(
+        depthwise_conv2d(x.double(), w.double(), None, 1, 1), F.conv2d(x.double(), w.double(), None, 1, 1, 1, 4)
+    )
 
 
 # ----------------------------------------------------------------------------- GPU (larger shapes)
@@ -717,13 +802,25 @@ class TestLargeOnGPU:
         x = torch.randn(128, 256, 56, 56, device="cuda")
         w = torch.randn(256, 1, 3, 3, device="cuda") / 3
         scale, shift = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
-        close(depthwise_conv2d(x, w, None, 1, 1, backend=backend), F.conv2d(x, w, None, 1, 1, 1, 256),
-              torch.float32, "perf shape")
-        close(depthwise_conv2d_bn_act(x, w, scale, shift, 1, 1, 1, "relu6", backend=backend),
-              ref.depthwise_conv2d_bn_act_ref(x, w, scale, shift, 1, 1, 1, "relu6"), torch.float32, "fused")
+        close(
+            depthwise_conv2d(x, w, None, 1, 1, backend=backend),
+            F.conv2d(x, w, None, 1, 1, 1, 256),
+            torch.float32,
+            "perf shape",
+        )
+        close(
+            depthwise_conv2d_bn_act(x, w, scale, shift, 1, 1, 1, "relu6", backend=backend),
+            ref.depthwise_conv2d_bn_act_ref(x, w, scale, shift, 1, 1, 1, "relu6"),
+            torch.float32,
+            "fused",
+        )
         xc = x[:16].contiguous(memory_format=torch.channels_last)
-        close(depthwise_conv2d(xc, w, None, 2, 1, backend=backend), F.conv2d(xc, w, None, 2, 1, 1, 256),
-              torch.float32, "channels_last stride 2")
+        close(
+            depthwise_conv2d(xc, w, None, 2, 1, backend=backend),
+            F.conv2d(xc, w, None, 2, 1, 1, 256),
+            torch.float32,
+            "channels_last stride 2",
+        )
 
     @pytest.mark.parametrize("shape", [(128, 256, 2, 2), (128, 256, 4, 4), (128, 128, 8, 8), (3, 5, 1, 1)], ids=str)
     def test_small_maps(self, backend, shape):

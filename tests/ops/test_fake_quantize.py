@@ -1,4 +1,5 @@
 """fake_quantize: reference vs torch, every backend vs reference, gradients, opcheck, bad input."""
+
 import os
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def test_fake_quantize_matches_reference(backend, dtype, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape,axis", [((6, 3, 2, 2), 0), ((2, 5, 3, 3), 1), ((3, 4, 7), -1), ((2, 3, 700), 1), ((9,), 0)])
+@pytest.mark.parametrize(
+    "shape,axis", [((6, 3, 2, 2), 0), ((2, 5, 3, 3), 1), ((3, 4, 7), -1), ((2, 3, 700), 1), ((9,), 0)]
+)
 @pytest.mark.parametrize("bits,signed", [(2, True), (8, False), (16, True)])
 def test_fake_quantize_per_channel_matches_reference(backend, dtype, shape, axis, bits, signed):
     dev = device_for(backend)
@@ -200,7 +203,10 @@ def test_fake_quantize_per_channel_matches_reference(backend, dtype, shape, axis
     same(out, ref)
     same(gx, gref)
     if dtype == torch.float32:
-        exact(out.cpu(), torch.fake_quantize_per_channel_affine(x.cpu(), scale.cpu(), zp.cpu(), axis % len(shape), qmin, qmax))
+        exact(
+            out.cpu(),
+            torch.fake_quantize_per_channel_affine(x.cpu(), scale.cpu(), zp.cpu(), axis % len(shape), qmin, qmax),
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -233,7 +239,10 @@ def test_fake_quantize_ties_round_half_to_even(backend):
     k = torch.arange(-300, 300, device=dev, dtype=torch.float32)
     for scale in (0.5, 2.0**-7):
         x = (k + 0.5) * scale
-        exact(fake_quantize(x, scale, 0, -256, 255, backend=backend).cpu(), (torch.round(k + 0.5).clamp(-256, 255) * scale).cpu())
+        exact(
+            fake_quantize(x, scale, 0, -256, 255, backend=backend).cpu(),
+            (torch.round(k + 0.5).clamp(-256, 255) * scale).cpu(),
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -262,7 +271,10 @@ def test_fake_quantize_non_finite(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape,axis", [((0,), None), ((1,), None), ((3, 1100), None), ((4, 3, 5), 0), ((2, 3, 4, 4), 1), ((5, 6), -1), ((3, 700), 0)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((0,), None), ((1,), None), ((3, 1100), None), ((4, 3, 5), 0), ((2, 3, 4, 4), 1), ((5, 6), -1), ((3, 700), 0)],
+)
 def test_fake_quantize_learnable_gradients_match_reference(backend, dtype, shape, axis):
     dev = device_for(backend)
     x = sample(shape, dev, dtype, spread=2.0)
@@ -313,18 +325,28 @@ def test_packed_mask_layout_is_shared_by_all_backends(backend):
 # fresh interpreter with the variable set: the scalar path is compared with the reference exactly
 # as the AVX2 path is above (bit for bit).
 SCALAR_PATH = {
-    "fwd": ["test_fake_quantize_matches_reference", "test_fake_quantize_per_channel_matches_reference",
-            "test_fake_quantize_ties_round_half_to_even", "test_fake_quantize_non_contiguous",
-            "test_fake_quantize_non_finite", "test_packed_mask_layout_is_shared_by_all_backends"],
-    "bwd": ["test_fake_quantize_matches_reference", "test_fake_quantize_per_channel_matches_reference",
-            "test_fake_quantize_non_contiguous", "test_fake_quantize_non_finite"],
+    "fwd": [
+        "test_fake_quantize_matches_reference",
+        "test_fake_quantize_per_channel_matches_reference",
+        "test_fake_quantize_ties_round_half_to_even",
+        "test_fake_quantize_non_contiguous",
+        "test_fake_quantize_non_finite",
+        "test_packed_mask_layout_is_shared_by_all_backends",
+    ],
+    "bwd": [
+        "test_fake_quantize_matches_reference",
+        "test_fake_quantize_per_channel_matches_reference",
+        "test_fake_quantize_non_contiguous",
+        "test_fake_quantize_non_finite",
+    ],
     "bwd_learnable": ["test_fake_quantize_learnable_gradients_match_reference", "test_fake_quantize_non_finite"],
 }
 
 
 # Every kernel's scalar path against the reference (tests.helpers.scalar_path_tests).
-test_scalar_path_covers_every_kernel, scalar_path_run, test_cpu_scalar_path_matches_reference = \
-    scalar_path_tests(__file__, SCALAR_PATH, KERNELS, "cpu" in BACKENDS)
+test_scalar_path_covers_every_kernel, scalar_path_run, test_cpu_scalar_path_matches_reference = scalar_path_tests(
+    __file__, SCALAR_PATH, KERNELS, "cpu" in BACKENDS
+)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -404,7 +426,11 @@ def test_torch_compile_fullgraph(backend):
         (dict(qmin=0.5), TypeError, "qmin"),
         (dict(qmax=True), TypeError, "qmax"),
         (dict(zero_point=99), ValueError, "zero_point"),
-        (dict(zero_point=torch.tensor([0, 99, 0], dtype=torch.int32), scale=torch.ones(3), axis=1), ValueError, "zero_point[1]"),
+        (
+            dict(zero_point=torch.tensor([0, 99, 0], dtype=torch.int32), scale=torch.ones(3), axis=1),
+            ValueError,
+            "zero_point[1]",
+        ),
         (dict(zero_point=float("nan")), ValueError, "zero_point"),
         (dict(scale=torch.ones(4), zero_point=torch.zeros(4), axis=1), ValueError, "3 elements"),
         (dict(scale=torch.ones(3, 1), zero_point=torch.zeros(3), axis=1), ValueError, "1-D"),
@@ -552,7 +578,9 @@ def test_import_without_extension_warns_and_reports():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in ("cuda", "triton") if b in BACKENDS])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape,axis", [((1 << 22) + 3, None), ((256, 64, 3, 3), 0), ((32, 96, 28, 28), 1), ((4096, 1000), -1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((1 << 22) + 3, None), ((256, 64, 3, 3), 0), ((32, 96, 28, 28), 1), ((4096, 1000), -1)]
+)
 def test_gpu_large_matches_reference(backend, dtype, shape, axis):
     shape = shape if isinstance(shape, tuple) else (shape,)
     x = sample(shape, "cuda", dtype)

@@ -1,6 +1,7 @@
 """The op registry (pycompress.ops.registry): one declaration per op, named kernel tables, supports
 rules from common predicates, and the shared eager path, which must give the same bits as the
 registered op."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,19 +25,28 @@ BACKENDS = [b for b in ("cpu", "reference") if backends.status(b) is None]
 
 def test_every_op_is_declared_once_and_registered_with_backends():
     decls = registry.declarations()
-    assert set(decls) == {"fake_quantize", "pack_mask", "unpack_mask", "apply_mask", "masked_sgd_step",
-                          "depthwise_conv2d"}
+    assert set(decls) == {
+        "fake_quantize",
+        "pack_mask",
+        "unpack_mask",
+        "apply_mask",
+        "masked_sgd_step",
+        "depthwise_conv2d",
+    }
     assert set(decls) <= set(backends.ops())
     for name, d in decls.items():
         assert d.name == name and callable(d.reference)
         assert set(d.implemented_by) == set(backends.BACKENDS)
 
 
-@pytest.mark.parametrize("kernels, fields", [
-    (fq.KERNELS, ("fwd", "bwd", "bwd_learnable")),
-    (sm.KERNELS, ("pack", "unpack", "apply", "apply_inplace", "sgd_step")),
-    (dw.KERNELS, ("fwd", "bwd_input", "bwd_weight")),
-])
+@pytest.mark.parametrize(
+    "kernels, fields",
+    [
+        (fq.KERNELS, ("fwd", "bwd", "bwd_learnable")),
+        (sm.KERNELS, ("pack", "unpack", "apply", "apply_inplace", "sgd_step")),
+        (dw.KERNELS, ("fwd", "bwd_input", "bwd_weight")),
+    ],
+)
 def test_kernel_tables_are_named_and_complete(kernels, fields):
     ref = kernels.table("reference")
     assert tuple(f.name for f in dataclasses.fields(ref)) == fields
@@ -58,7 +68,9 @@ def test_supports_rules_name_the_problem():
     x64 = torch.zeros(3, dtype=torch.float64)
     assert fq.OP.supports("reference", x=x64) is None
     assert "float64 runs on reference" in fq.OP.supports("cpu", x=x64)
-    assert "cpu" in fq.OP.supports("cuda", x=torch.zeros(3)) and "CUDA tensors" in fq.OP.supports("cuda", x=torch.zeros(3))
+    assert "cpu" in fq.OP.supports("cuda", x=torch.zeros(3)) and "CUDA tensors" in fq.OP.supports(
+        "cuda", x=torch.zeros(3)
+    )
     # pack_mask takes bool masks: no dtype rule
     assert sm.PACK_MASK.supports("reference", mask=torch.zeros(3, dtype=torch.bool)) is None
     with pytest.raises(backends.BackendError, match="float64"):
@@ -75,8 +87,10 @@ def _same(a, b):
         assert a is None and b is None
         return
     assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-    assert torch.equal(a.view(-1).view(torch.uint8) if a.is_floating_point() else a,
-                       b.view(-1).view(torch.uint8) if b.is_floating_point() else b)
+    assert torch.equal(
+        a.view(-1).view(torch.uint8) if a.is_floating_point() else a,
+        b.view(-1).view(torch.uint8) if b.is_floating_point() else b,
+    )
 
 
 def _both_paths(entry: Entry, make_args, grad_inputs=()):
@@ -103,15 +117,27 @@ def test_eager_path_gives_the_registered_ops_bits(backend, dtype):
     torch.manual_seed(0)
     x0 = (torch.randn(3, 5, 4) * 2).to(dtype)
     # fake_quantize, straight-through
-    (e, r) = _both_paths(fq.FAKE_QUANTIZE, lambda: (x0.clone().requires_grad_(), torch.tensor(0.25),
-                                                    torch.tensor(1.0), -8, 7, None, 1.0, backend, True), (0,))
+    (e, r) = _both_paths(
+        fq.FAKE_QUANTIZE,
+        lambda: (x0.clone().requires_grad_(), torch.tensor(0.25), torch.tensor(1.0), -8, 7, None, 1.0, backend, True),
+        (0,),
+    )
     _same(e[0], r[0]), _same(e[1], r[1])
     # fake_quantize, learnable per-channel scale and zero point
     s0 = torch.rand(5) * 0.2 + 0.1
 
     def lsq():
-        return (x0.clone().requires_grad_(), s0.clone().requires_grad_(), torch.zeros(5).requires_grad_(), -8, 7, 1,
-                0.5, backend, False)
+        return (
+            x0.clone().requires_grad_(),
+            s0.clone().requires_grad_(),
+            torch.zeros(5).requires_grad_(),
+            -8,
+            7,
+            1,
+            0.5,
+            backend,
+            False,
+        )
 
     (e, r) = _both_paths(fq.FAKE_QUANTIZE, lsq, (0, 1, 2))
     _same(e[0], r[0]), _same(e[1], r[1])
@@ -130,8 +156,9 @@ def test_eager_path_gives_the_registered_ops_bits(backend, dtype):
     assert e[2][0]._version >= 1 and r[2][0]._version >= 1
     # the masked SGD step (param and momentum buffer mutated)
     g0, b0 = torch.randn(3, 5, 4).to(dtype), torch.randn(3, 5, 4).to(dtype)
-    (e, r) = _both_paths(sm._SGD_STEP, lambda: (x0.clone(), g0, b0.clone(), packed, 0.1, 0.9,
-                                                1e-3, 0.0, True, False, backend))
+    (e, r) = _both_paths(
+        sm._SGD_STEP, lambda: (x0.clone(), g0, b0.clone(), packed, 0.1, 0.9, 1e-3, 0.0, True, False, backend)
+    )
     _same(e[2][0], r[2][0]), _same(e[2][2], r[2][2])
     assert min(e[2][0]._version, e[2][2]._version, r[2][0]._version, r[2][2]._version) >= 1
     # depthwise conv + BN affine + relu6, all four gradients
@@ -139,8 +166,15 @@ def test_eager_path_gives_the_registered_ops_bits(backend, dtype):
     sc0, sh0 = torch.rand(4) + 0.5, torch.randn(4)
 
     def depthwise():
-        return (xd0.clone().requires_grad_(), wd0.clone().requires_grad_(), sc0.clone().requires_grad_(),
-                sh0.clone().requires_grad_(), [1, 1, 1, 1, 1, 1], 2, backend)
+        return (
+            xd0.clone().requires_grad_(),
+            wd0.clone().requires_grad_(),
+            sc0.clone().requires_grad_(),
+            sh0.clone().requires_grad_(),
+            [1, 1, 1, 1, 1, 1],
+            2,
+            backend,
+        )
 
     (e, r) = _both_paths(dw.DEPTHWISE, depthwise, (0, 1, 2, 3))
     _same(e[0], r[0]), _same(e[1], r[1])
@@ -189,11 +223,15 @@ def test_compile_sees_one_node_per_op():
         graphs.append(gm)
         return gm
 
-    f = torch.compile(lambda x: sm.apply_mask(fq.fake_quantize(x, 0.1, 0, -8, 7, backend="reference"), packed,
-                                              backend="reference"), backend=backend_fn, fullgraph=True)
+    f = torch.compile(
+        lambda x: sm.apply_mask(fq.fake_quantize(x, 0.1, 0, -8, 7, backend="reference"), packed, backend="reference"),
+        backend=backend_fn,
+        fullgraph=True,
+    )
     out = f(x)
-    assert torch.equal(out, sm.apply_mask(fq.fake_quantize(x, 0.1, 0, -8, 7, backend="reference"), packed,
-                                          backend="reference"))
+    assert torch.equal(
+        out, sm.apply_mask(fq.fake_quantize(x, 0.1, 0, -8, 7, backend="reference"), packed, backend="reference")
+    )
     targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("pycompress.fake_quantize" in t for t in targets), targets
     assert any("pycompress.apply_mask" in t for t in targets), targets

@@ -1,6 +1,7 @@
 """Bit-packed sparse masks: pack/unpack/apply and the fused masked SGD step; every backend vs the
 reference (bit for bit where the spec says so), the reference vs torch.optim.SGD, gradients,
 opcheck, bad input."""
+
 import os
 
 import pytest
@@ -40,7 +41,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def random_mask(shape, device, keep=0.5):
-    return (torch.rand(shape, device=device) < keep)
+    return torch.rand(shape, device=device) < keep
 
 
 def special_values(shape, device, dtype):
@@ -89,7 +90,7 @@ def test_pack_unpack_misaligned_views(backend):
     n = 1000
     big = random_mask((n + 3,), dev)
     for off in (1, 3):
-        mask = big[off:off + n - off]
+        mask = big[off : off + n - off]
         want = ref.pack_mask_ref(mask.cpu())
         assert torch.equal(pack_mask(mask, backend=backend).cpu(), want)
         holder = torch.zeros(want.numel() + off, dtype=torch.uint8, device=dev)
@@ -255,16 +256,24 @@ def test_masked_sgd_step_matches_reference(backend, dtype, momentum, weight_deca
     params, grads, masks = _sgd_inputs(dev, dtype)
     ref_params = [p.cpu().clone() for p in params[:2]]
     dense = torch.nn.Parameter(params[2].clone())
-    opt = torch.optim.SGD([dense], foreach=False, lr=0.1, momentum=momentum, weight_decay=weight_decay,
-                          dampening=dampening, nesterov=nesterov)
+    opt = torch.optim.SGD(
+        [dense],
+        foreach=False,
+        lr=0.1,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        dampening=dampening,
+        nesterov=nesterov,
+    )
     bufs, ref_bufs = [None] * 3, [None] * 2
     hp = dict(lr=0.1, momentum=momentum, weight_decay=weight_decay, dampening=dampening, nesterov=nesterov)
     for step in range(2):
         gs = [g if step == 0 else g.flip(0) for g in grads]  # a different gradient on step 2
         out = masked_sgd_step(params, gs, bufs, masks, backend=backend, **hp)
         assert out is bufs
-        ref_bufs = ref.masked_sgd_step_ref(ref_params, [g.cpu() for g in gs[:2]], ref_bufs,
-                                           [m.cpu() for m in masks[:2]], **hp)
+        ref_bufs = ref.masked_sgd_step_ref(
+            ref_params, [g.cpu() for g in gs[:2]], ref_bufs, [m.cpu() for m in masks[:2]], **hp
+        )
         for p, rp in zip(params, ref_params):
             assert_close(p, rp, "masked_sgd_step", msg=f"{backend} param")
         for b, rb in zip(bufs, ref_bufs):
@@ -312,7 +321,7 @@ def test_in_place_kernels_stay_in_bounds(backend, dtype, n):
     keep = random_mask((n,), dev)
     packed = pack_mask(keep, backend=backend)
     bufs = [torch.full((n + 2 * guard,), float("nan"), device=dev, dtype=dtype) for _ in range(3)]
-    p, g, b = (t[guard:guard + n] for t in bufs)
+    p, g, b = (t[guard : guard + n] for t in bufs)
     for t in (p, g, b):
         t.copy_(torch.randn(n, device=dev).to(dtype))
     rp, rb = p.cpu().clone(), b.cpu().clone()
@@ -323,12 +332,13 @@ def test_in_place_kernels_stay_in_bounds(backend, dtype, n):
     assert_close(p, rp, "masked_sgd_step", msg=f"{backend} param", equal_nan=False)
     assert_close(b, rb, "masked_sgd_step", msg=f"{backend} momentum buffer", equal_nan=False)
     for t in bufs:
-        assert bool(torch.isnan(t[:guard]).all()) and bool(torch.isnan(t[guard + n:]).all())
+        assert bool(torch.isnan(t[:guard]).all()) and bool(torch.isnan(t[guard + n :]).all())
 
 
-@pytest.mark.parametrize("momentum,weight_decay,nesterov,dampening",
-                         [(0.0, 0.0, False, 0.0), (0.9, 5e-4, False, 0.0), (0.9, 5e-4, True, 0.0),
-                          (0.8, 1e-3, False, 0.3)])
+@pytest.mark.parametrize(
+    "momentum,weight_decay,nesterov,dampening",
+    [(0.0, 0.0, False, 0.0), (0.9, 5e-4, False, 0.0), (0.9, 5e-4, True, 0.0), (0.8, 1e-3, False, 0.3)],
+)
 @pytest.mark.parametrize("foreach", [False, True])
 def test_reference_matches_torch_sgd_and_remask(momentum, weight_decay, nesterov, dampening, foreach):
     """20 steps of the reference == torch.optim.SGD with the gradient masked and the weight and
@@ -408,8 +418,9 @@ def test_masked_sgd_step_float64_runs_on_reference():
     keep = random_mask((40,), "cpu")
     rp = p.clone()
     masked_sgd_step([p], [torch.ones(40, dtype=torch.float64)], [None], [pack_mask(keep)], lr=0.5)
-    ref.sgd_step_kernel_ref(rp, torch.ones(40, dtype=torch.float64), rp.new_empty(0), pack_mask(keep), 0.5, 0, 0, 0,
-                            False, True)
+    ref.sgd_step_kernel_ref(
+        rp, torch.ones(40, dtype=torch.float64), rp.new_empty(0), pack_mask(keep), 0.5, 0, 0, 0, False, True
+    )
     same_bits(p, rp)
 
 
@@ -420,7 +431,11 @@ def test_cpu_kernels_match_reference_bit_for_bit():
     portable one in test_cpu_scalar_path_matches_reference)."""
     k = KERNELS.table("cpu")
     pack, unpack, app, app_, sgd = k.pack, k.unpack, k.apply, k.apply_inplace, k.sgd_step
-    configs = [(0.1, 0.9, 1e-3, 0.1, False, False), (0.1, 0.9, 5e-4, 0.0, True, True), (0.05, 0.0, 1e-4, 0.0, False, True)]
+    configs = [
+        (0.1, 0.9, 1e-3, 0.1, False, False),
+        (0.1, 0.9, 5e-4, 0.0, True, True),
+        (0.05, 0.0, 1e-4, 0.0, False, True),
+    ]
     for n in (1, 31, 33, 1000, 4099):
         m = torch.rand(n) < 0.5
         pk = pack(m)
@@ -448,26 +463,51 @@ def test_cpu_kernels_match_reference_bit_for_bit():
 # fresh interpreter with the variable set: the scalar path is compared with the reference exactly
 # as the AVX2 path is above.
 SCALAR_PATH = {
-    "pack": ["test_pack_mask_matches_reference", "test_pack_unpack_round_trip_shapes", "test_pack_unpack_misaligned_views",
-             "test_cpu_kernels_match_reference_bit_for_bit"],
-    "unpack": ["test_pack_mask_matches_reference", "test_pack_unpack_round_trip_shapes",
-               "test_pack_unpack_misaligned_views", "test_unpack_ignores_nothing_but_padding",
-               "test_cpu_kernels_match_reference_bit_for_bit"],
-    "apply": ["test_apply_mask_matches_reference", "test_apply_mask_non_finite", "test_apply_mask_structured_masks",
-              "test_apply_mask_non_contiguous", "test_apply_mask_zero_size",
-              "test_apply_mask_gradient_is_the_masked_upstream_gradient", "test_cpu_kernels_match_reference_bit_for_bit"],
-    "apply_inplace": ["test_apply_mask_matches_reference", "test_apply_mask_non_finite",
-                      "test_apply_mask_structured_masks", "test_apply_mask_non_contiguous",
-                      "test_in_place_kernels_stay_in_bounds", "test_cpu_kernels_match_reference_bit_for_bit"],
-    "sgd_step": ["test_masked_sgd_step_matches_reference", "test_masked_sgd_step_kernel_non_finite_and_misaligned",
-                 "test_in_place_kernels_stay_in_bounds", "test_pruned_stays_exactly_zero_after_50_steps",
-                 "test_masked_sgd_step_non_contiguous_param", "test_cpu_kernels_match_reference_bit_for_bit"],
+    "pack": [
+        "test_pack_mask_matches_reference",
+        "test_pack_unpack_round_trip_shapes",
+        "test_pack_unpack_misaligned_views",
+        "test_cpu_kernels_match_reference_bit_for_bit",
+    ],
+    "unpack": [
+        "test_pack_mask_matches_reference",
+        "test_pack_unpack_round_trip_shapes",
+        "test_pack_unpack_misaligned_views",
+        "test_unpack_ignores_nothing_but_padding",
+        "test_cpu_kernels_match_reference_bit_for_bit",
+    ],
+    "apply": [
+        "test_apply_mask_matches_reference",
+        "test_apply_mask_non_finite",
+        "test_apply_mask_structured_masks",
+        "test_apply_mask_non_contiguous",
+        "test_apply_mask_zero_size",
+        "test_apply_mask_gradient_is_the_masked_upstream_gradient",
+        "test_cpu_kernels_match_reference_bit_for_bit",
+    ],
+    "apply_inplace": [
+        "test_apply_mask_matches_reference",
+        "test_apply_mask_non_finite",
+        "test_apply_mask_structured_masks",
+        "test_apply_mask_non_contiguous",
+        "test_in_place_kernels_stay_in_bounds",
+        "test_cpu_kernels_match_reference_bit_for_bit",
+    ],
+    "sgd_step": [
+        "test_masked_sgd_step_matches_reference",
+        "test_masked_sgd_step_kernel_non_finite_and_misaligned",
+        "test_in_place_kernels_stay_in_bounds",
+        "test_pruned_stays_exactly_zero_after_50_steps",
+        "test_masked_sgd_step_non_contiguous_param",
+        "test_cpu_kernels_match_reference_bit_for_bit",
+    ],
 }
 
 
 # Every kernel's scalar path against the reference (tests.helpers.scalar_path_tests).
-test_scalar_path_covers_every_kernel, scalar_path_run, test_cpu_scalar_path_matches_reference = \
-    scalar_path_tests(__file__, SCALAR_PATH, KERNELS, "cpu" in BACKENDS)
+test_scalar_path_covers_every_kernel, scalar_path_run, test_cpu_scalar_path_matches_reference = scalar_path_tests(
+    __file__, SCALAR_PATH, KERNELS, "cpu" in BACKENDS
+)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -489,8 +529,10 @@ def test_opcheck(backend):
     g = torch.randn(3, 11, device=dev)
     for momentum, first in ((0.9, False), (0.9, True), (0.0, True)):
         buf = torch.randn(3, 11, device=dev) if momentum else w.new_empty(0)
-        torch.library.opcheck(ops.masked_sgd_step_.default,
-                              (w.clone(), g, buf, packed, 0.1, momentum, 1e-4, 0.0, momentum != 0, first, backend))
+        torch.library.opcheck(
+            ops.masked_sgd_step_.default,
+            (w.clone(), g, buf, packed, 0.1, momentum, 1e-4, 0.0, momentum != 0, first, backend),
+        )
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="extension not built")
@@ -527,8 +569,9 @@ def test_torch_compile_fullgraph(backend):
 
 def _sgd_args(**over):
     p = torch.randn(40)
-    args = dict(params=[p], grads=[torch.randn(40)], momentum_buffers=[None], masks=[pack_mask(p > 0)], lr=0.1,
-                momentum=0.9)
+    args = dict(
+        params=[p], grads=[torch.randn(40)], momentum_buffers=[None], masks=[pack_mask(p > 0)], lr=0.1, momentum=0.9
+    )
     args.update(over)
     return args
 
@@ -542,30 +585,43 @@ def _sgd_args(**over):
         (lambda: unpack_mask(torch.zeros(4, dtype=torch.uint8), (33,)), ValueError, "packed must be 1-D with 8 bytes"),
         (lambda: unpack_mask(torch.zeros(4, dtype=torch.uint8), (2.5,)), TypeError, "shape"),
         (lambda: unpack_mask(torch.zeros(4, dtype=torch.int32), (3,)), TypeError, "packed must be a uint8"),
-        (lambda: apply_mask(torch.randn(40), torch.zeros(4, dtype=torch.uint8)), ValueError,
-         "packed must be 1-D with 8"),
+        (
+            lambda: apply_mask(torch.randn(40), torch.zeros(4, dtype=torch.uint8)),
+            ValueError,
+            "packed must be 1-D with 8",
+        ),
         (lambda: apply_mask(torch.randn(40), torch.zeros(2, dtype=torch.int32)), TypeError, "packed must be a uint8"),
-        (lambda: apply_mask(torch.randn(40), torch.zeros(8, dtype=torch.uint8, device="meta")), ValueError,
-         "packed is on meta"),
-        (lambda: apply_mask(torch.ones(40, dtype=torch.int32), torch.zeros(8, dtype=torch.uint8)), TypeError,
-         "w must be a floating-point"),
-        (lambda: apply_mask(torch.randn(40), torch.zeros(8, dtype=torch.uint8), backend="fastest"), ValueError,
-         "backend"),
+        (
+            lambda: apply_mask(torch.randn(40), torch.zeros(8, dtype=torch.uint8, device="meta")),
+            ValueError,
+            "packed is on meta",
+        ),
+        (
+            lambda: apply_mask(torch.ones(40, dtype=torch.int32), torch.zeros(8, dtype=torch.uint8)),
+            TypeError,
+            "w must be a floating-point",
+        ),
+        (
+            lambda: apply_mask(torch.randn(40), torch.zeros(8, dtype=torch.uint8), backend="fastest"),
+            ValueError,
+            "backend",
+        ),
         (lambda: masked_sgd_step(**_sgd_args(grads=[torch.randn(41)])), ValueError, "grads[0] must match params[0]"),
         (lambda: masked_sgd_step(**_sgd_args(grads=[torch.randn(40, dtype=torch.float64)])), ValueError, "grads[0]"),
         (lambda: masked_sgd_step(**_sgd_args(grads=[])), ValueError, "grads has 0 entries"),
-        (lambda: masked_sgd_step(**_sgd_args(masks=[torch.zeros(4, dtype=torch.uint8)])), ValueError,
-         "params[0]"),
-        (lambda: masked_sgd_step(**_sgd_args(momentum_buffers=[torch.zeros(41)])), ValueError,
-         "momentum_buffers[0]"),
+        (lambda: masked_sgd_step(**_sgd_args(masks=[torch.zeros(4, dtype=torch.uint8)])), ValueError, "params[0]"),
+        (lambda: masked_sgd_step(**_sgd_args(momentum_buffers=[torch.zeros(41)])), ValueError, "momentum_buffers[0]"),
         (lambda: masked_sgd_step(**_sgd_args(nesterov=True, momentum=0.0)), ValueError, "nesterov"),
         (lambda: masked_sgd_step(**_sgd_args(nesterov=True, dampening=0.1)), ValueError, "nesterov"),
         (lambda: masked_sgd_step(**_sgd_args(lr=-0.1)), ValueError, "lr must be >= 0"),
         (lambda: masked_sgd_step(**_sgd_args(lr=float("nan"))), ValueError, "lr must be a finite"),
         (lambda: masked_sgd_step(**_sgd_args(momentum=-0.5)), ValueError, "momentum"),
         (lambda: masked_sgd_step(**_sgd_args(weight_decay=-1.0)), ValueError, "weight_decay"),
-        (lambda: masked_sgd_step(**_sgd_args(params=[torch.ones(40, dtype=torch.int64)])), TypeError,
-         "params[0] must be floating point"),
+        (
+            lambda: masked_sgd_step(**_sgd_args(params=[torch.ones(40, dtype=torch.int64)])),
+            TypeError,
+            "params[0] must be floating point",
+        ),
         (lambda: masked_sgd_step(**_sgd_args(backend="bogus")), ValueError, "backend"),
     ],
 )
@@ -611,8 +667,9 @@ def test_cpp_kernels_check_memory_safety():
     with pytest.raises(RuntimeError, match="buf must match param"):
         ops._masked_sgd_step(w, w, torch.empty(0), torch.zeros(8, dtype=torch.uint8), 0.1, 0.9, 0.0, 0.0, False, True)
     with pytest.raises(RuntimeError, match="grad must match param"):
-        ops._masked_sgd_step(w, w[:39], torch.empty(0), torch.zeros(8, dtype=torch.uint8), 0.1, 0.0, 0.0, 0.0, False,
-                             True)
+        ops._masked_sgd_step(
+            w, w[:39], torch.empty(0), torch.zeros(8, dtype=torch.uint8), 0.1, 0.0, 0.0, 0.0, False, True
+        )
     with pytest.raises(RuntimeError, match="mask must be bool"):
         ops._pack_mask(torch.ones(4))
 
@@ -638,8 +695,10 @@ class TestLargeOnGPU:
         apply_mask(w2, packed, inplace=True, backend=backend)
         same_bits(w2, want)
         # misaligned views (scalar paths) at scale
-        same_bits(apply_mask(w[3:], pack_mask(keep[3:], backend=backend), backend=backend),
-                  ref.apply_mask_ref(w[3:], ref.pack_mask_ref(keep[3:])))
+        same_bits(
+            apply_mask(w[3:], pack_mask(keep[3:], backend=backend), backend=backend),
+            ref.apply_mask_ref(w[3:], ref.pack_mask_ref(keep[3:])),
+        )
 
     @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
     @pytest.mark.parametrize("nesterov", [False, True])
