@@ -292,7 +292,9 @@ def call(ctx, entry: Entry, *args):
     """Call a helper op from a backward: the eager path under the eager autograd.Function, the
     registered op under the registered op's autograd (so AOTAutograd traces it as one node)."""
     if getattr(ctx, "pycompress_eager", False):
-        return entry(*args)
+        # A helper op with an autograd formula of its own (a differentiable backward) goes through
+        # its entry; otherwise its implementation runs directly, as the forward chose the eager side.
+        return entry(*args) if entry.function is not None else entry.impl(*args)
     return entry.registered(*args)
 
 
