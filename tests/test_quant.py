@@ -628,3 +628,32 @@ def test_qat_on_cuda_with_autocast():
         if name in ("cuda", "triton"):
             with backends.use(name):
                 torch.testing.assert_close(model(x.to(dev)), ref, rtol=0, atol=0)
+
+
+def test_quantizer_forward_skips_value_checks_and_loading_checks_the_scale(monkeypatch):
+    """FakeQuantizer keeps its state valid itself, so its forward skips fake_quantize's per-call
+    value checks (tens of microseconds on a CPU); a loaded scale is checked once instead."""
+    import sys
+
+    from pycompress.quant.quantizer import FakeQuantizer
+
+    fq_mod = sys.modules["pycompress.ops.fake_quantize"]
+    calls = []
+    real = fq_mod._check_scale_values
+    monkeypatch.setattr(fq_mod, "_check_scale_values", lambda s: calls.append(1) or real(s))
+    q = FakeQuantizer(4, axis=0, num_channels=3, kind="weight")
+    w = torch.randn(3, 5)
+    q.init_from(w)
+    out = q(w)
+    assert calls == [] and out.shape == w.shape
+    fq_mod.fake_quantize(w, q.scale, torch.zeros(3), -8, 7, 0)  # a direct call still checks
+    assert calls == [1]
+    state = q.state_dict()
+    q2 = FakeQuantizer(4, axis=0, num_channels=3, kind="weight")
+    q2.load_state_dict(state)
+    assert torch.equal(q2(w), out)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        broken = {k: v.clone() for k, v in state.items()}
+        broken["scale"][1] = bad
+        with pytest.raises(ValueError, match="loaded scale must be positive and finite"):
+            FakeQuantizer(4, axis=0, num_channels=3, kind="weight").load_state_dict(broken)

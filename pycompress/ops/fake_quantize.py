@@ -397,6 +397,7 @@ def fake_quantize(
     *,
     grad_factor: float = 1.0,
     backend: Optional[str] = None,
+    check_values: Optional[bool] = None,
 ) -> torch.Tensor:
     """Quantize x to the integer grid [qmin, qmax] and dequantize: ``(clamp(rint(x/scale) + zp) - zp) * scale``.
 
@@ -411,6 +412,10 @@ def fake_quantize(
         axis: None for per-tensor, else the channel axis (negative allowed).
         grad_factor: multiplies the scale and zero-point gradients (LSQ's g).
         backend: "reference", "cpu", "cuda", "triton" or "auto"; see pycompress.backends.
+        check_values: whether to run the checks that read scale / zero-point tensor values (see
+            value_checks(); None: as value_checks() / PYCOMPRESS_VALUE_CHECKS say). They cost
+            tens of microseconds per call on a CPU and a host sync on a GPU; a caller that keeps
+            its quantizer state valid itself (pycompress.quant.FakeQuantizer) passes False.
 
     Forward: bit for bit ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine``.
     Backward: straight-through, zero where clamped; scale / zero-point gradients equal
@@ -434,7 +439,9 @@ def fake_quantize(
     length = x.shape[axis] if per_channel else 1
     scale_t = _as_param(scale, "scale", x, per_channel, length)
     zp_t = _as_param(zero_point, "zero_point", x, per_channel, length)
-    check_tensors = _value_checks_enabled() and not torch.compiler.is_compiling()
+    if check_values is None:
+        check_values = _value_checks_enabled()
+    check_tensors = check_values and not torch.compiler.is_compiling()
     if not isinstance(scale, torch.Tensor):
         _check_python_scale(scale)
     elif check_tensors:

@@ -364,6 +364,18 @@ class FakeQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._calibrated = bool(self.calibrated.item())
+        if self._calibrated and prefix + "scale" in state_dict:
+            # forward() skips the per-call value checks: a loaded scale is checked here, once (a
+            # learned scale as forward uses it: at least eps)
+            s = self.scale.detach().float()
+            if self.mode == "lsq":
+                s = s.clamp_min(self.eps)
+            bad = ~(s > 0) | ~torch.isfinite(s) | ~torch.isfinite(torch.reciprocal(s))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{self._label()}: the loaded scale must be positive and finite with a finite reciprocal, "
+                    f"got {s.reshape(-1)[bad.reshape(-1)][:4].tolist()}"
+                )
         if self.signed_config == "auto":
             self._signed = bool(self.signed.item()) if self._calibrated else None
         else:
@@ -449,4 +461,11 @@ class FakeQuantizer(nn.Module):
             scale = _ClampMinSTE.apply(self.scale, self.eps)
             if scale.requires_grad:
                 grad_factor = self._grad_factor(x, qmax)
-        return fake_quantize(x, scale, self.zero_point, qmin, qmax, self.axis, grad_factor=grad_factor)
+        # The state is valid by construction (scales from scale_from_range are at least fp32's tiny,
+        # so 1/s is finite; a learned scale is clamped to eps above; the zero point is 0, and the
+        # checks of _set_state / loading), so the per-call checks that read tensor values (tens of
+        # microseconds each on a CPU, a host sync on a GPU) are skipped. A diverged (NaN) learned
+        # scale makes the output NaN, which the trainer reports as divergence.
+        return fake_quantize(
+            x, scale, self.zero_point, qmin, qmax, self.axis, grad_factor=grad_factor, check_values=False
+        )
