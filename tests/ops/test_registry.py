@@ -25,7 +25,7 @@ BACKENDS = [b for b in ("cpu", "reference") if backends.status(b) is None]
 
 def test_every_op_is_declared_once_and_registered_with_backends():
     decls = registry.declarations()
-    assert set(decls) == {
+    assert set(decls) >= {  # (a new op adds itself by its declaration alone)
         "fake_quantize",
         "pack_mask",
         "unpack_mask",
@@ -33,7 +33,7 @@ def test_every_op_is_declared_once_and_registered_with_backends():
         "masked_sgd_step",
         "depthwise_conv2d",
     }
-    assert set(decls) <= set(backends.ops())
+    assert set(decls) == set(backends.ops())  # every op of pycompress.backends comes from a declaration
     for name, d in decls.items():
         assert d.name == name and callable(d.reference)
         assert set(d.implemented_by) == set(backends.BACKENDS)
