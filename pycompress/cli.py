@@ -94,6 +94,27 @@ def _parser() -> argparse.ArgumentParser:
     ov.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
     ov.set_defaults(func=_bench_overhead)
 
+    st = bench_sub.add_parser(
+        "step",
+        help="the training step of a recipe's stages (forward, KD, loss, backward, optimizer, mask and "
+        "quantizer hooks) on synthetic batches, per backend, against the float student and plain torch",
+    )
+    st.add_argument("recipe", help="recipe file, e.g. recipes/quickstart.yaml")
+    st.add_argument("--stage", action="append", metavar="NAME", help="repeatable; default: every training stage")
+    st.add_argument(
+        "--backend", action="append", help="repeatable; default: every available one (not the Triton interpreter)"
+    )
+    st.add_argument("--steps", type=_positive_int, default=10, help="steps per timed repeat (default 10)")
+    st.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats (median reported; default 3)")
+    st.add_argument("--warmup", type=_positive_int, default=3, help="untimed steps first (default 3)")
+    st.add_argument("--batch", type=_positive_int, metavar="N", help="batch size (default: the recipe's)")
+    st.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the recipe's device")
+    st.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    st.add_argument("--data-root", metavar="DIR", help="only for datasets whose shape comes from their files")
+    st.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
+    st.set_defaults(func=_bench_step)
+
     bm = bench_sub.add_parser(
         "model",
         help="inference latency and throughput of a .pcz artifact: fp32 torch, the "
@@ -619,6 +640,46 @@ def _bench_overhead(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": overhead.machine(), "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _bench_step(args) -> int:
+    import torch
+
+    from pycompress.bench import step
+    from pycompress.recipe import RecipeError, load_recipe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        return _err("bench step", exc)
+    meta: dict = {}
+    try:
+        rows = step.run(
+            recipe,
+            args.stage,
+            args.backend,
+            steps=args.steps,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            batch=args.batch,
+            device=args.device,
+            data_root=args.data_root,
+            printer=lambda s: print(s, file=sys.stderr),
+            meta=meta,
+        )
+    except step.BenchStepError as exc:
+        return _err("bench step", exc)
+    print(
+        f"training step of {recipe.name!r}, synthetic data, {args.steps} steps x {args.repeats} repeats after "
+        f"{args.warmup} warm-up steps ({meta['device']}; {meta['machine']}; torch {meta['torch']})\n"
+    )
+    print(step.format_table(rows))
+    if args.json:
+        step.write_json(args.json, rows)
         print(f"\nwrote {args.json}")
     return 0
 
