@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
     st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     st.add_argument("--data-root", metavar="DIR", help="only for datasets whose shape comes from their files")
+    st.add_argument(
+        "--compile",
+        action="store_true",
+        help="also a 'compiled' row per stage: the stage under torch.compile (its first step, compilation "
+        "included, and when it pays are printed)",
+    )
     st.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
     st.set_defaults(func=_bench_step)
 
@@ -164,6 +170,12 @@ def _parser() -> argparse.ArgumentParser:
         help="op backend for the whole run (overrides kernel_backend)",
     )
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the student's training step in every training stage (a stage's own 'compile' "
+        "mapping gives the options)",
+    )
     run.add_argument(
         "--set",
         dest="overrides",
@@ -251,6 +263,7 @@ def _run(args) -> int:
             backend=args.backend,
             resume=args.resume,
             progress=False if args.no_progress else None,
+            compile=args.compile,
         )
     except (RunError, RecipeError, DatasetNotFoundError, CheckpointError) as exc:
         return _err("run", exc)
@@ -668,6 +681,7 @@ def _bench_step(args) -> int:
             batch=args.batch,
             device=args.device,
             data_root=args.data_root,
+            compiled_rows=args.compile,
             printer=lambda s: print(s, file=sys.stderr),
             meta=meta,
         )

@@ -61,6 +61,8 @@ class Row:
     steps: int  # steps per repeat
     repeats: int
     kind: str = ""  # the stage's kind
+    compile_s: Optional[float] = None  # "compiled": seconds of the first step (torch.compile included)
+    graph_breaks: Optional[int] = None  # "compiled": graph breaks while compiling
     vs_reference: Optional[float] = None  # reference ms / this ms (> 1: faster than the reference backend)
     vs_torch: Optional[float] = None  # torch ms / this ms
     vs_float: Optional[float] = None  # float ms / this ms (< 1: the QAT / pruning overhead)
@@ -221,6 +223,7 @@ class _StageBuilder(Runner):
             device=self.device,
             distiller=distiller,
             amp=stage.amp,
+            compile=self.stage_compile(stage) if teacher_fn is None else None,
             seed=self.recipe.seed,
             out_dir=None,
             progress=False,
@@ -384,6 +387,7 @@ def run(
     data_root: Optional[str] = None,
     float_rows: bool = True,
     torch_rows: bool = True,
+    compiled_rows: bool = False,
     printer: Optional[Callable[[str], None]] = None,
     meta: Optional[Dict[str, Any]] = None,
 ) -> List[Row]:
@@ -424,6 +428,8 @@ def run(
                 builder.prepare(index)
             bs = builder.batch_size(stage.batch_size)
             variants = [(b, b) for b in chosen]
+            if compiled_rows:
+                variants.append(("compiled", None))
             if float_rows:
                 variants.append(("float", None))
             if torch_rows:
@@ -436,8 +442,15 @@ def run(
                         if variant in ("float", "torch"):
                             trainer, _ = builder.build_float(index, torch_layers=variant == "torch")
                         else:
-                            trainer, _ = builder.build_stage(index)
-                        times = _time_steps(trainer, warmup, steps, repeats)
+                            builder.compile_all = variant == "compiled"
+                            try:
+                                trainer, _ = builder.build_stage(index)
+                            finally:
+                                builder.compile_all = False
+                        times = _time_steps(
+                            trainer, max(warmup, 1) if variant == "compiled" else warmup, steps, repeats
+                        )
+                        compile_s, graph_breaks = trainer.compile_seconds, trainer.graph_breaks
                 except backends.BackendError as exc:
                     say(f"[{stage.name}] {variant}: skipped ({exc})")
                     continue
@@ -457,6 +470,8 @@ def run(
                     steps=steps,
                     repeats=repeats,
                     kind=stage.kind,
+                    compile_s=compile_s,
+                    graph_breaks=graph_breaks,
                 )
                 say(f"[{stage.name}] {variant}: {med:.2f} ms/step")
                 stage_rows.append(row)
@@ -520,7 +535,25 @@ def format_table(rows: Sequence[Row]) -> str:
         "ms/step: median over the repeats; vs X: X's ms/step / this row's (above 1: faster than X; "
         "vs float below 1: the QAT / pruning overhead).",
     ]
+    for r in rows:
+        if r.compile_s is not None:
+            lines.append(
+                f"{r.stage} / {r.variant}: torch.compile's first step took {r.compile_s:.1f} s "
+                f"({r.graph_breaks} graph breaks); it pays after about " + _payback(r, rows)
+            )
     return "\n".join(lines)
+
+
+def _payback(row: Row, rows: Sequence[Row]) -> str:
+    """Steps after which a compiled stage has saved its compilation time, against the eager row of
+    the automatically chosen backend (the first backend row of the stage)."""
+    eager = [r for r in rows if r.stage == row.stage and r.variant not in ("compiled", "float", "torch")]
+    if not eager or row.compile_s is None:
+        return "- (no eager row to compare)"
+    saved_ms = eager[0].ms - row.ms
+    if saved_ms <= 0:
+        return f"never (a compiled step is not faster than {eager[0].variant}'s)"
+    return f"{row.compile_s * 1e3 / saved_ms:.0f} steps (vs {eager[0].variant})"
 
 
 def write_json(path: str, rows: Sequence[Row]) -> None:

@@ -134,8 +134,13 @@ class Runner:
         resume: bool = False,
         progress: Optional[bool] = None,
         log: Optional[Callable[[str], None]] = None,
+        compile: bool = False,
     ):
         self.recipe = recipe
+        # --compile: torch.compile in every training stage (a stage's own `compile` mapping gives the
+        # options). Not part of the recipe (it does not change what is computed), so a resume may add
+        # or drop it.
+        self.compile_all = bool(compile)
         self.out = os.fspath(out_dir)
         self.data_root = data_root
         self.resume = resume
@@ -167,6 +172,12 @@ class Runner:
         self.current: Dict[str, Dict[str, Any]] = {}  # target -> {"arch", "path"}
 
     # -------------------------------------------------------------------- run directory
+    def stage_compile(self, stage: StageSpec) -> Optional[Dict[str, Any]]:
+        """torch.compile's arguments for a training stage (None: eager)."""
+        if stage.compile is not None:
+            return stage.compile
+        return {} if self.compile_all else None
+
     def _p(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
@@ -363,6 +374,7 @@ class Runner:
             device=self.device,
             distiller=distiller,
             amp=stage.amp,
+            compile=self.stage_compile(stage),
             seed=self.recipe.seed,
             out_dir=sdir,
             log_format=stage.log_format,

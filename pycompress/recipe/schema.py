@@ -123,6 +123,7 @@ class StageSpec:
     prune: Optional[Dict[str, Any]] = None
     slim: Optional[Dict[str, Any]] = None  # structured pruning: channels removed, fine-tuned per round
     amp: bool = False
+    compile: Optional[Dict[str, Any]] = None  # torch.compile of the student's training forward ({} = defaults)
     grad_clip: Optional[float] = None
     max_steps_per_epoch: Optional[int] = None
     eval_batches: Optional[int] = None  # cap on eval batches per epoch (None: the whole set)
@@ -317,6 +318,7 @@ def _stage(ctx, raw, index) -> StageSpec:
         prune=_want(ctx, where, "prune", raw.get("prune"), dict, optional=True),
         slim=_want(ctx, where, "slim", raw.get("slim"), dict, optional=True),
         amp=_want(ctx, where, "amp", raw.get("amp", False), bool),
+        compile=_compile(ctx, where, raw.get("compile")),
         grad_clip=_want(ctx, where, "grad_clip", raw.get("grad_clip"), float, optional=True, low=0, low_ok=False),
         max_steps_per_epoch=_want(
             ctx, where, "max_steps_per_epoch", raw.get("max_steps_per_epoch"), int, optional=True, low=1
@@ -331,6 +333,30 @@ def _stage(ctx, raw, index) -> StageSpec:
     )
     _stage_semantics(ctx, where, s, raw)
     return s
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile(ctx, where, value) -> Optional[Dict[str, Any]]:
+    """``compile``: false / absent (eager), true (torch.compile's defaults) or a mapping of
+    torch.compile's ``mode``, ``fullgraph`` and ``dynamic``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise ctx.fail(where, f"'compile' must be true, false or a mapping (mode, fullgraph, dynamic), got {value!r}")
+    unknown = [k for k in value if k not in ("mode", "fullgraph", "dynamic")]
+    if unknown:
+        raise ctx.fail(where, f"'compile': unknown key {unknown[0]!r}; known: mode, fullgraph, dynamic")
+    out: Dict[str, Any] = {}
+    if value.get("mode") is not None:
+        out["mode"] = _want(ctx, where, "compile.mode", value["mode"], str, choices=COMPILE_MODES)
+    for key in ("fullgraph", "dynamic"):
+        if value.get(key) is not None:
+            out[key] = _want(ctx, where, f"compile.{key}", value[key], bool)
+    return out
 
 
 def _formats(ctx, where, value) -> Optional[List[str]]:
@@ -355,7 +381,14 @@ def _stage_semantics(ctx, where, s: StageSpec, raw) -> None:
     training = s.kind in TRAINING_KINDS
     defaults = {f.name: f.default for f in dataclasses.fields(StageSpec)}
     # (a resolved recipe spells the defaults out; only a set value is an error)
-    given = [k for k in raw if k not in ("name", "kind", "target") and raw[k] is not None and raw[k] != defaults[k]]
+    given = [
+        k
+        for k in raw
+        if k not in ("name", "kind", "target")
+        and raw[k] is not None
+        and raw[k] != defaults[k]
+        and not (k == "compile" and raw[k] is False)
+    ]
     if not training:
         allowed = _NON_TRAINING_KEYS[s.kind]
         extra = [k for k in given if k not in allowed]

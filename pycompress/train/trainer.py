@@ -264,6 +264,7 @@ class Trainer:
         device: Any = "cpu",
         distiller: Optional[nn.Module] = None,
         amp: bool = False,
+        compile: Optional[Mapping[str, Any]] = None,
         seed: int = 0,
         out_dir: Optional[str] = None,
         log_format: str = "csv",
@@ -290,6 +291,12 @@ class Trainer:
         self.eval_loader = eval_loader
         self.epochs = epochs
         self.amp = bool(amp)
+        # torch.compile of the student's training forward (and so its backward): None = eager, else
+        # torch.compile's keyword arguments (mode, fullgraph, dynamic). Evaluation stays eager.
+        self.compile = None if compile is None else dict(compile)
+        self._compiled: Optional[nn.Module] = None
+        self.compile_seconds: Optional[float] = None  # the first compiled step, compilation included
+        self.graph_breaks: Optional[int] = None  # graph breaks dynamo reported while compiling
         self.seed = int(seed)
         self.out_dir = os.fspath(out_dir) if out_dir is not None else None
         self.log_format = log_format
@@ -401,16 +408,25 @@ class Trainer:
         with _autocast(self.device, self.amp):
             if self.distiller is not None:
                 t = self.distiller.teacher_outputs(x)
-                out = self.model(x)
+                out = self._student()(x)
                 loss = self.distiller.loss(out.float(), t.float(), y)
             else:
-                out = self.model(x)
+                out = self._student()(x)
                 loss = F.cross_entropy(out.float(), y)
         for h in self.hooks:
             extra = h.extra_loss(self) if hasattr(h, "extra_loss") else None
             if extra is not None:
                 loss = loss + extra
         return loss, out
+
+    def _student(self) -> nn.Module:
+        """The module the training step calls: the model, or its torch.compile wrapper (same
+        parameters and state)."""
+        if self.compile is None:
+            return self.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model, **self.compile)
+        return self._compiled
 
     def train_epoch(self) -> Dict[str, float]:
         self.model.train()
@@ -426,6 +442,9 @@ class Trainer:
                 break
             x, y = _split_batch(batch)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            first_compiled = self.compile is not None and self.graph_breaks is None
+            if first_compiled:
+                breaks0, t_compile = _graph_break_count(), time.perf_counter()
             loss, out = self._loss(x, y)
             lv = float(loss.detach())
             if not math.isfinite(lv):
@@ -451,6 +470,13 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if first_compiled:
+                self.compile_seconds = time.perf_counter() - t_compile
+                self.graph_breaks = _graph_break_count() - breaks0
+                self.log(
+                    f"[{self.name}] torch.compile: first step {self.compile_seconds:.1f} s (compilation included), "
+                    f"{self.graph_breaks} graph break{'' if self.graph_breaks == 1 else 's'}"
+                )
             for h in self.hooks:
                 if hasattr(h, "after_step"):
                     h.after_step(self)
@@ -542,7 +568,20 @@ class Trainer:
             "final_top1": last.get("eval_top1"),
             "final_train_top1": last.get("train_top1"),
             "train_seconds": self.elapsed,
+            **(
+                {"compile_seconds": self.compile_seconds, "graph_breaks": self.graph_breaks}
+                if self.compile is not None
+                else {}
+            ),
         }
+
+
+def _graph_break_count() -> int:
+    """Graph breaks dynamo has counted in this process (torch._dynamo's counters: torch has no
+    public counter of them)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
 
 
 def _debug_kill_step(stage: str) -> Optional[int]:
