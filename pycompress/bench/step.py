@@ -17,8 +17,9 @@ Variants of a stage:
 - ``torch``: the float student (and teacher) with torch's own layers (``pycompress.nn``'s
   DepthwiseConv2d back to ``nn.Conv2d``) and a plain torch optimizer: no pycompress op at all.
 
-Numbers: after ``warmup`` untimed steps, ``repeats`` repeats of ``steps`` steps each; the median
-(and minimum) milliseconds per step over the repeats.
+Numbers: after ``warmup`` untimed steps of every variant, ``repeats`` repeats of ``steps`` steps
+each, run round-robin over the variants (so a drift of the machine does not favour the last one);
+the median (and minimum) milliseconds per step over the repeats.
 """
 
 from __future__ import annotations
@@ -300,8 +301,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(trainer, warmup: int, steps: int, repeats: int) -> List[float]:
-    """Milliseconds per step of ``repeats`` repeats of ``steps`` Trainer steps, after ``warmup``."""
+def _warm_up(trainer, warmup: int, steps: int) -> None:
+    """``warmup`` untimed steps (compilation, allocator, caches), then ``steps`` steps per epoch."""
     loader = trainer.train_loader
     trainer.model.train()
     if trainer.distiller is not None:
@@ -310,21 +311,29 @@ def _time_steps(trainer, warmup: int, steps: int, repeats: int) -> List[float]:
         loader.n = trainer.steps_per_epoch = warmup
         trainer.train_epoch()
     loader.n = trainer.steps_per_epoch = steps
-    out = []
+
+
+def _time_repeat(trainer, steps: int) -> float:
+    """Milliseconds per step of one repeat of ``steps`` Trainer steps (no collector pauses inside,
+    as timeit)."""
     enabled = gc.isenabled()
     gc.collect()
-    gc.disable()  # as timeit: no collector pauses inside the timed steps
+    gc.disable()
     try:
-        for _ in range(repeats):
-            _sync(trainer.device)
-            t0 = time.perf_counter()
-            trainer.train_epoch()
-            _sync(trainer.device)
-            out.append((time.perf_counter() - t0) / steps * 1e3)
+        _sync(trainer.device)
+        t0 = time.perf_counter()
+        trainer.train_epoch()
+        _sync(trainer.device)
+        return (time.perf_counter() - t0) / steps * 1e3
     finally:
         if enabled:
             gc.enable()
-    return out
+
+
+def _time_steps(trainer, warmup: int, steps: int, repeats: int) -> List[float]:
+    """Milliseconds per step of ``repeats`` repeats of ``steps`` Trainer steps, after ``warmup``."""
+    _warm_up(trainer, warmup, steps)
+    return [_time_repeat(trainer, steps) for _ in range(repeats)]
 
 
 def default_backends(device: torch.device) -> List[str]:
@@ -434,7 +443,10 @@ def run(
                 variants.append(("float", None))
             if torch_rows:
                 variants.append(("torch", None))
-            stage_rows = []
+            # Every variant is built and warmed up first, then the repeats run round-robin over
+            # the variants, so a drift of the machine (load, clock, heap) spreads over all of them
+            # instead of favouring whichever ran last.
+            built = []
             for variant, backend in variants:
                 ctx = backends.use(backend) if backend else contextlib.nullcontext()
                 try:
@@ -447,34 +459,43 @@ def run(
                                 trainer, _ = builder.build_stage(index)
                             finally:
                                 builder.compile_all = False
-                        times = _time_steps(
-                            trainer, max(warmup, 1) if variant == "compiled" else warmup, steps, repeats
-                        )
-                        compile_s, graph_breaks = trainer.compile_seconds, trainer.graph_breaks
+                        _warm_up(trainer, max(warmup, 1) if variant == "compiled" else warmup, steps)
                 except backends.BackendError as exc:
                     say(f"[{stage.name}] {variant}: skipped ({exc})")
                     continue
                 except TrainingDiverged as exc:
                     raise BenchStepError(f"stage {stage.name!r}, {variant}: {exc}") from None
-                finally:
-                    trainer = None
-                    gc.collect()
-                med = statistics.median(times)
-                row = Row(
-                    stage=stage.name,
-                    variant=variant,
-                    ms=med,
-                    min_ms=min(times),
-                    images_per_s=bs / (med / 1e3),
-                    batch=bs,
-                    steps=steps,
-                    repeats=repeats,
-                    kind=stage.kind,
-                    compile_s=compile_s,
-                    graph_breaks=graph_breaks,
+                built.append((variant, backend, trainer))
+            times: Dict[str, List[float]] = {variant: [] for variant, _, _ in built}
+            for _ in range(repeats):
+                for variant, backend, trainer in built:
+                    ctx = backends.use(backend) if backend else contextlib.nullcontext()
+                    try:
+                        with ctx, _quiet_checks(dev):
+                            times[variant].append(_time_repeat(trainer, steps))
+                    except TrainingDiverged as exc:
+                        raise BenchStepError(f"stage {stage.name!r}, {variant}: {exc}") from None
+            stage_rows = []
+            for variant, _, trainer in built:
+                med = statistics.median(times[variant])
+                stage_rows.append(
+                    Row(
+                        stage=stage.name,
+                        variant=variant,
+                        ms=med,
+                        min_ms=min(times[variant]),
+                        images_per_s=bs / (med / 1e3),
+                        batch=bs,
+                        steps=steps,
+                        repeats=repeats,
+                        kind=stage.kind,
+                        compile_s=trainer.compile_seconds,
+                        graph_breaks=trainer.graph_breaks,
+                    )
                 )
                 say(f"[{stage.name}] {variant}: {med:.2f} ms/step")
-                stage_rows.append(row)
+            built = None
+            gc.collect()
             ref = {r.variant: r.ms for r in stage_rows}
             for r in stage_rows:
                 r.vs_reference = ref["reference"] / r.ms if "reference" in ref else None
