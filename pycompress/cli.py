@@ -121,6 +121,20 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
     st.set_defaults(func=_bench_step)
 
+    bd = bench_sub.add_parser(
+        "data", help="images/s of a recipe's training loader alone (its dataset, augmentation, batch, workers)"
+    )
+    bd.add_argument("recipe", help="recipe file")
+    bd.add_argument("--workers", type=int, action="append", metavar="N", help="repeatable; default: the recipe's")
+    bd.add_argument("--batches", type=_positive_int, default=20, help="timed batches per repeat (default 20)")
+    bd.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats (median reported; default 3)")
+    bd.add_argument("--batch", type=_positive_int, metavar="N", help="batch size (default: the recipe's)")
+    bd.add_argument("--device", choices=["auto", "cpu", "cuda"], help="cuda: pinned memory and the copy timed")
+    bd.add_argument("--data-root", metavar="DIR")
+    bd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bd.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    bd.set_defaults(func=_bench_data)
+
     bm = bench_sub.add_parser(
         "model",
         help="inference latency and throughput of a .pcz artifact: fp32 torch, the "
@@ -653,6 +667,36 @@ def _bench_overhead(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": overhead.machine(), "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _bench_data(args) -> int:
+    import dataclasses
+    import json
+
+    from pycompress.bench import data as bench_data
+    from pycompress.data import DatasetNotFoundError
+    from pycompress.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        rows = bench_data.run(
+            recipe,
+            workers=args.workers,
+            batches=args.batches,
+            repeats=args.repeats,
+            batch=args.batch,
+            device=args.device,
+            data_root=args.data_root,
+            printer=lambda s: print(s, file=sys.stderr),
+        )
+    except (RecipeError, DatasetNotFoundError, ValueError) as exc:
+        return _err("bench data", exc)
+    print(bench_data.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 
