@@ -445,3 +445,25 @@ def test_export_and_load_on_cuda(tmp_path):
         y = net(x.cuda())
         y_cpu = export.load(path)(x)
     assert (y.argmax(1).cpu() == y_cpu.argmax(1)).float().mean() >= 0.95
+
+
+def test_quantized_layer_checks_a_loaded_act_scale_once_and_skips_per_call_checks(monkeypatch):
+    import sys
+
+    from pycompress.export.modules import QuantizedConv2d
+
+    fq_mod = sys.modules["pycompress.ops.fake_quantize"]
+    calls = []
+    real = fq_mod._check_scale_values
+    monkeypatch.setattr(fq_mod, "_check_scale_values", lambda s: calls.append(1) or real(s))
+    layer = QuantizedConv2d(2, 3, 3, padding=1, weight_bits=4, act_bits=8, act_signed=False)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["act_scale"] = torch.tensor([0.05])
+    state["weight_codes"] = torch.randint(-7, 8, state["weight_codes"].shape, dtype=state["weight_codes"].dtype)
+    layer.load_state_dict(state)
+    y = layer(torch.rand(1, 2, 5, 5))
+    assert y.shape == (1, 3, 5, 5) and calls == []
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        state["act_scale"] = torch.tensor([bad])
+        with pytest.raises(ValueError, match="loaded act_scale must be positive and finite"):
+            QuantizedConv2d(2, 3, 3, weight_bits=4, act_bits=8, act_signed=False).load_state_dict(state)

@@ -77,6 +77,15 @@ class _Quantized:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.refresh_weight()
+        if self.act_bits is not None and prefix + "act_scale" in state_dict:
+            # checked once here, so that every forward can skip fake_quantize's value checks
+            s = self.act_scale.detach().float()
+            bad = ~(s > 0) | ~torch.isfinite(s) | ~torch.isfinite(torch.reciprocal(s))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{type(self).__name__}: the loaded act_scale must be positive and finite with a finite "
+                    f"reciprocal, got {s.tolist()}"
+                )
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
@@ -84,7 +93,8 @@ class _Quantized:
         from ..ops import fake_quantize
 
         qmin, qmax = self.act_range()
-        return fake_quantize(x, self.act_scale, 0, qmin, qmax)
+        # act_scale is checked when it is loaded: the per-call value checks (tens of us) are skipped
+        return fake_quantize(x, self.act_scale, 0, qmin, qmax, check_values=False)
 
     def _quant_repr(self) -> str:
         a = "float" if self.act_bits is None else f"{self.act_bits}-bit {'signed' if self.act_signed else 'unsigned'}"
