@@ -116,7 +116,8 @@ def test_stages_are_set_up_as_the_runner_does(recipe_path):
         assert is_qat(model) and has_masks(model) and isinstance(trainer.optimizer, MaskedOptimizer)
         trainer, model = b.build_float(2, torch_layers=False)
         assert not is_qat(model) and not has_masks(model)
-        ms = step._time_steps(trainer, 1, 1, 2)
+        step._warm_up(trainer, 1, 1)
+        ms = [step._time_repeat(trainer, 1) for _ in range(2)]
         assert len(ms) == 2 and all(t > 0 for t in ms)
     finally:
         b.close()

@@ -330,12 +330,6 @@ def _time_repeat(trainer, steps: int) -> float:
             gc.enable()
 
 
-def _time_steps(trainer, warmup: int, steps: int, repeats: int) -> List[float]:
-    """Milliseconds per step of ``repeats`` repeats of ``steps`` Trainer steps, after ``warmup``."""
-    _warm_up(trainer, warmup, steps)
-    return [_time_repeat(trainer, steps) for _ in range(repeats)]
-
-
 def default_backends(device: torch.device) -> List[str]:
     """The backends that can run on ``device`` here, in auto priority order (no Triton interpreter)."""
     names = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")

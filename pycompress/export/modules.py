@@ -79,13 +79,9 @@ class _Quantized:
         self.refresh_weight()
         if self.act_bits is not None and prefix + "act_scale" in state_dict:
             # checked once here, so that every forward can skip fake_quantize's value checks
-            s = self.act_scale.detach().float()
-            bad = ~(s > 0) | ~torch.isfinite(s) | ~torch.isfinite(torch.reciprocal(s))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"{type(self).__name__}: the loaded act_scale must be positive and finite with a finite "
-                    f"reciprocal, got {s.tolist()}"
-                )
+            from ..ops.fake_quantize import check_scale_values
+
+            check_scale_values(self.act_scale, f"{type(self).__name__}: the loaded act_scale", "act_scale")
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:

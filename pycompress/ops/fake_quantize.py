@@ -134,15 +134,22 @@ def _check_python_scale(scale) -> None:
         raise ValueError(f"fake_quantize: scale must be positive and finite with a finite fp32 reciprocal, got {scale}")
 
 
-def _check_scale_values(scale: torch.Tensor) -> None:
+def check_scale_values(scale: torch.Tensor, what: str = "fake_quantize: scale", name: str = "scale") -> None:
+    """Raise ValueError, naming ``what`` and the first bad element, unless every element of
+    ``scale`` is positive and finite with a finite fp32 reciprocal (what fake_quantize requires;
+    quantizers that skip the per-call checks run this when a scale is loaded)."""
     s = scale.detach().to(torch.float32)
     bad = ~(s > 0) | ~torch.isfinite(s) | ~torch.isfinite(torch.reciprocal(s))
     if bool(bad.any()):
         i = int(bad.reshape(-1).nonzero()[0, 0])
         raise ValueError(
-            f"fake_quantize: scale must be positive and finite with a finite fp32 reciprocal; "
-            f"scale[{i}] = {float(scale.reshape(-1)[i])}"
+            f"{what} must be positive and finite with a finite fp32 reciprocal; "
+            f"{name}[{i}] = {float(scale.reshape(-1)[i])}"
         )
+
+
+def _check_scale_values(scale: torch.Tensor) -> None:  # fake_quantize's per-call check
+    check_scale_values(scale)
 
 
 def _check_zero_point_values(zero_point: torch.Tensor, qmin: int, qmax: int) -> None:

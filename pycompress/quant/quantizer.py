@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import fake_quantize, quant_range
+from ..ops.fake_quantize import check_scale_values
 
 __all__ = [
     "FakeQuantizer",
@@ -370,12 +371,7 @@ class FakeQuantizer(nn.Module):
             s = self.scale.detach().float()
             if self.mode == "lsq":
                 s = s.clamp_min(self.eps)
-            bad = ~(s > 0) | ~torch.isfinite(s) | ~torch.isfinite(torch.reciprocal(s))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"{self._label()}: the loaded scale must be positive and finite with a finite reciprocal, "
-                    f"got {s.reshape(-1)[bad.reshape(-1)][:4].tolist()}"
-                )
+            check_scale_values(s, f"{self._label()}: the loaded scale")
         if self.signed_config == "auto":
             self._signed = bool(self.signed.item()) if self._calibrated else None
         else:
