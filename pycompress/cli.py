@@ -251,8 +251,14 @@ def _sparsity(args) -> int:
 
 
 def _err(cmd: str, exc: BaseException) -> int:
-    print(f"pycompress {cmd}: error: {exc}", file=sys.stderr)
+    print(f"pycompress {cmd}{_rank_tag()}: error: {exc}", file=sys.stderr)
     return 2
+
+
+def _rank_tag() -> str:
+    """ " [rank R]" in a process other than the first of a torchrun launch, else ""."""
+    r = os.environ.get("RANK", "0")
+    return f" [rank {r}]" if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and r != "0" else ""
 
 
 def _run(args) -> int:
@@ -261,6 +267,7 @@ def _run(args) -> int:
     from pycompress.data import DatasetNotFoundError
     from pycompress.recipe import RecipeError, RunError, load_recipe, run_recipe
     from pycompress.train import CheckpointError, TrainingDiverged
+    from pycompress.train.distributed import ReplicaMismatch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -279,13 +286,13 @@ def _run(args) -> int:
             progress=False if args.no_progress else None,
             compile=args.compile,
         )
-    except (RunError, RecipeError, DatasetNotFoundError, CheckpointError) as exc:
+    except (RunError, RecipeError, DatasetNotFoundError, CheckpointError, ReplicaMismatch) as exc:
         return _err("run", exc)
     except TrainingDiverged as exc:
-        print(f"pycompress run: training diverged: {exc}", file=sys.stderr)
+        print(f"pycompress run{_rank_tag()}: training diverged: {exc}", file=sys.stderr)
         return 3
     s = report.get("student")
-    if s:
+    if s and not _rank_tag():
         print(
             f"student ({s['stage']}): top-1 {s['top1']:.2f}%, {s['params']:,} parameters, "
             f"{s['size_bytes']:,} bytes ({s['compression']:.1f}x smaller than fp32); "

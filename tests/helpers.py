@@ -52,6 +52,20 @@ def run_cli(
     )
 
 
+def run_torchrun(
+    nproc: int, args: List[str], env_extra: Optional[Dict[str, str]] = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node NPROC -m pycompress ARGS` (a free port, one thread per
+    process, cwd = the repository root)."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*cmd, "-m", "pycompress", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
 # ----------------------------------------------------------------------------- a small trained model
 
 

@@ -37,7 +37,7 @@ IN, CLS = 8, 4
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIME_KEYS = ("time_s", "train_time_s")
 ROW_KEYS = {"epoch", "lr", "train_loss", "train_top1", "train_top5", "time_s", "train_time_s"}
-EVAL_KEYS = {"eval_loss", "eval_top1", "eval_top5"}
+EVAL_KEYS = {"eval_loss", "eval_top1", "eval_top5", "eval_samples"}
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -257,6 +257,11 @@ def calibrate(
     only_uncalibrated=True leaves quantizers that already have a scale alone (e.g. learned LSQ
     scales kept by a re-prepare). Raises RuntimeError if no batch was seen; a quantizer whose layer
     never ran stays uncalibrated, with a warning.
+
+    Under torchrun (a process group of N > 1) every process observes its own ``num_batches``
+    batches (its shard) and the observations are all-reduced before the scales are set
+    (:meth:`FakeQuantizer.all_reduce_observation`): every process ends with the same scales,
+    computed from all N x ``num_batches`` batches.
     """
     quantizers = [
         (name, q)
@@ -289,6 +294,14 @@ def calibrate(
     finally:
         for m, training in modes:
             m.training = training
+    from ..train import distributed as D
+
+    if D.is_distributed():
+        (seen_all,) = D.all_reduce_sum([seen])
+        if seen_all > 0:
+            for _, q in quantizers:
+                q.all_reduce_observation()
+        seen = int(seen_all)
     if seen == 0:
         for _, q in quantizers:
             q.abort_calibration()

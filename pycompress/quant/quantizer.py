@@ -397,6 +397,39 @@ class FakeQuantizer(nn.Module):
             self._set_state(lo_sum / n, hi_sum / n, signed=bool((true_min < 0).any()))
         return True
 
+    def all_reduce_observation(self) -> None:
+        """Combine what the processes of a DDP run observed since ``begin_calibration``, on every
+        process: minima by min, maxima by max (min-max: the exact range over every process's
+        batches), and for the percentile observer the sums of the per-batch percentiles and the
+        batch counts (the mean over every process's batches). ``end_calibration`` then sets the
+        same state everywhere. Every process must call it, in the same order of quantizers;
+        alone it does nothing."""
+        from ..train import distributed as D
+
+        if not D.is_distributed():
+            return
+        shape, dev = self.min_val.shape, self.min_val.device
+        seen = torch.tensor([0.0 if self._obs is None else 1.0], dtype=torch.float64, device=dev)
+        D.all_reduce_(seen)
+        inf = torch.full(shape, math.inf, dtype=torch.float32, device=dev)
+        if self.observer == "minmax" or self.percentile == 100:
+            mn, mx = self._obs if self._obs is not None else (inf, -inf)
+            mn, mx = mn.reshape(shape).clone(), mx.reshape(shape).clone()
+            D.all_reduce_(mn, "min")
+            D.all_reduce_(mx, "max")
+            self._obs = (mn, mx) if seen.item() > 0 else None
+            return
+        if self._obs is None:
+            zero = torch.zeros(shape, dtype=torch.float32, device=dev)
+            lo, hi, n, tmn, tmx = zero, zero, 0, inf, -inf
+        else:
+            lo, hi, n, tmn, tmx = self._obs
+        lo, hi, tmn, tmx = (t.reshape(shape).clone() for t in (lo, hi, tmn, tmx))
+        count = torch.tensor([float(n)], dtype=torch.float64, device=dev)
+        for t, op in ((lo, "sum"), (hi, "sum"), (count, "sum"), (tmn, "min"), (tmx, "max")):
+            D.all_reduce_(t, op)
+        self._obs = (lo, hi, int(count.item()), tmn, tmx) if seen.item() > 0 else None
+
     def abort_calibration(self) -> None:
         """Leave observe mode, discarding what was seen (the previous state stays)."""
         self.observing = False

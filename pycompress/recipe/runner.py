@@ -12,6 +12,11 @@ Run directory::
 ``resume=True`` continues an interrupted run: finished stages are skipped (their best checkpoints
 are reused), the interrupted stage restarts from its last epoch checkpoint with everything restored
 (see :mod:`pycompress.train.trainer`), and the result equals an uninterrupted run's.
+
+Under ``torchrun --nproc_per_node N`` the training stages run on all N processes with
+DistributedDataParallel (:mod:`pycompress.train.distributed`); process 0 alone writes the run
+directory and runs the stages that do not train, and every process receives its results. A run is
+resumed with the same number of processes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn as nn
 import yaml
 
 from .. import backends
+from ..train import distributed as D
 from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
 from ..utils import atomic_write_text
 from .schema import CHECKPOINT_KINDS, DEFAULT_EXPORT_FORMATS, TRAINING_KINDS, Recipe, StageSpec, dump_recipe
@@ -185,9 +191,14 @@ class Runner:
         return self._p("stages", f"{index:02d}-{stage.name}")
 
     def _save_state(self) -> None:
-        atomic_write_text(self._p("run.json"), json.dumps(self.state, indent=2, default=str))
+        if D.is_main():
+            atomic_write_text(self._p("run.json"), json.dumps(self.state, indent=2, default=str))
 
     def _prepare_dir(self) -> None:
+        """Create or check the run directory (process 0); every process gets the run state."""
+        self.state = D.on_main(self._prepare_dir_main)
+
+    def _prepare_dir_main(self) -> Dict[str, Any]:
         resolved = dump_recipe(self.recipe)
         run_json = self._p("run.json")
         if os.path.exists(run_json):
@@ -195,6 +206,14 @@ class Runner:
                 raise RunError(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
             with open(run_json, encoding="utf-8") as f:
                 self.state = json.load(f)
+            was = int(self.state.get("world_size", 1))
+            if was != D.world_size():
+                raise RunError(
+                    f"cannot resume {self.out}: it was started with {was} process(es) and this run has "
+                    f"{D.world_size()}; the global batch (per-process batch x processes) would change. Resume "
+                    f"with the same number: "
+                    + (f"torchrun --nproc_per_node {was} -m pycompress run ..." if was > 1 else "pycompress run ...")
+                )
             with open(self._p("recipe.yaml"), encoding="utf-8") as f:
                 before = yaml.safe_load(f)
             now = yaml.safe_load(resolved)
@@ -214,9 +233,11 @@ class Runner:
                 "recipe": self.recipe.name,
                 "source": self.recipe.source,
                 "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                "world_size": D.world_size(),
                 "stages": {},
             }
             self._save_state()
+        return self.state
 
     # -------------------------------------------------------------------- data and models
     def _data(self) -> None:
@@ -243,6 +264,18 @@ class Runner:
             "mean": list(info.mean),
             "std": list(info.std),
         }
+
+    def _stage_train_loader(self, stage: StageSpec):
+        """A training stage's loader: under torchrun, this process's shard."""
+        loader = self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
+        return D.shard_loader(loader)
+
+    def _optimizer_spec(self, stage: StageSpec) -> Dict[str, Any]:
+        """The stage's optimizer, its learning rate scaled by ``distributed.lr_scale`` under torchrun."""
+        factor = D.lr_factor(self.recipe.distributed.lr_scale)
+        if factor == 1.0:
+            return stage.optimizer
+        return dict(stage.optimizer, lr=stage.optimizer["lr"] * factor)
 
     def _train_loader(self, batch_size: int):
         from ..data import make_loader
@@ -307,7 +340,7 @@ class Runner:
         t0 = time.perf_counter()
         sdir = self.stage_dir(index, stage)
         resuming = os.path.exists(os.path.join(sdir, "checkpoint.pt"))
-        train_loader = self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
+        train_loader = self._stage_train_loader(stage)
         model = self._materialize(stage.target)
         arch = dict(self.current[stage.target]["arch"])
         if stage.quantize is not None:
@@ -348,7 +381,7 @@ class Runner:
         current model. Returns (summary, trainer)."""
         from ..train import Trainer
 
-        hooks, optimizer = [], stage.optimizer
+        hooks, optimizer = [], self._optimizer_spec(stage)
         pruner = None
         from ..prune import Pruner, build_masked_optimizer, has_masks
 
@@ -357,7 +390,7 @@ class Runner:
             model.to(self.device)
             pruner = Pruner(model, stage.prune, log=self.log)
             hooks.append(pruner)
-            optimizer = build_masked_optimizer(model, stage.optimizer)
+            optimizer = build_masked_optimizer(model, optimizer)
         distiller = None
         if stage.distill is not None:
             from ..distill import Distiller
@@ -366,7 +399,7 @@ class Runner:
         trainer = Trainer(
             model,
             train_loader,
-            self._eval_loader(stage),
+            self._eval_loader(stage, shard=True),
             epochs=stage.epochs,
             optimizer=optimizer,
             hooks=hooks,
@@ -383,6 +416,10 @@ class Runner:
             grad_clip=stage.grad_clip,
             name=name,
             log=self.log,
+            distributed={
+                "sync_bn": self.recipe.distributed.sync_bn,
+                "find_unused_parameters": self.recipe.distributed.find_unused_parameters,
+            },
             checkpoint_extra=lambda: {
                 "arch": arch,
                 "data": self.data_desc,
@@ -394,6 +431,14 @@ class Runner:
         summary = trainer.fit(resume=resuming)
         best_path = os.path.join(sdir, "best.pt")
         self.current[stage.target] = {"arch": arch, "path": best_path, "fresh": False}
+        summary = D.on_main(lambda: self._stage_facts(summary, best_path, pruner, sdir, name))
+        summary["best"] = os.path.relpath(best_path, self.out)  # the run directory may move
+        summary["arch"] = arch
+        return summary, trainer
+
+    def _stage_facts(self, summary: Dict[str, Any], best_path: str, pruner, sdir: str, name: str) -> Dict[str, Any]:
+        """The best model's size, MACs, latency and sparsity report (process 0)."""
+        summary = dict(summary)
         best_model, _ = load_model(best_path)
         summary.update(_model_facts(best_model, self._input_shape()))
         if pruner is not None:
@@ -411,9 +456,7 @@ class Runner:
                 "layers": len(pruner.layers),
             }
             self.log(f"[{name}] sparsity of the best model ({sdir}/sparsity.txt):\n{rep.format()}")
-        summary["best"] = os.path.relpath(best_path, self.out)  # the run directory may move
-        summary["arch"] = arch
-        return summary, trainer
+        return summary
 
     def _run_slim(self, index: int, stage: StageSpec) -> Dict[str, Any]:
         """Network slimming: each round removes its share of channels from the current best model
@@ -426,8 +469,8 @@ class Runner:
         spec = SlimSpec.from_dict(stage.slim)
         sdir = self.stage_dir(index, stage)
         shape = self._input_shape()
-        train_loader = self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
-        before = _model_facts(self._materialize(stage.target), shape)
+        train_loader = self._stage_train_loader(stage)
+        before = D.on_main(lambda: _model_facts(self._materialize(stage.target), shape))
         rounds, seconds, summary = [], 0.0, {}
         for r in range(1, spec.rounds + 1):
             rdir = os.path.join(sdir, f"round-{r}")
@@ -498,8 +541,11 @@ class Runner:
         seed_everything(self.recipe.seed * 7 + index)
         return loader
 
-    def _eval_loader(self, stage: StageSpec):
-        return self.eval_loader if stage.eval_batches is None else _Limited(self.eval_loader, stage.eval_batches)
+    def _eval_loader(self, stage: StageSpec, shard: bool = False):
+        """The test loader (``eval_batches`` of it when the stage says so); ``shard``: this
+        process's shard under torchrun (training stages; their evaluation sums over processes)."""
+        loader = D.shard_loader(self.eval_loader, shuffle=False) if shard else self.eval_loader
+        return loader if stage.eval_batches is None else _Limited(loader, stage.eval_batches)
 
     def _save_stage_model(
         self, index: int, stage: StageSpec, model: nn.Module, arch: Dict[str, Any], history, best: Dict[str, Any]
@@ -662,12 +708,17 @@ class Runner:
     def run(self) -> Dict[str, Any]:
         from ..ops import value_checks
 
-        ctx = backends.use(self.backend) if self.backend != "auto" else contextlib.nullcontext()
-        # The QAT modules only pass valid scales; on a GPU the op's value checks would cost one
-        # host sync per call.
-        checks = value_checks(False) if self.device.type == "cuda" else contextlib.nullcontext()
-        with ctx, checks:
-            return self._run()
+        with D.session(self.device.type) as ddp_device:  # under torchrun: the process group
+            if ddp_device is not None:
+                self.device = ddp_device  # cuda:LOCAL_RANK, or the CPU
+                if not D.is_main():
+                    self.log, self.progress = (lambda line: None), False
+            ctx = backends.use(self.backend) if self.backend != "auto" else contextlib.nullcontext()
+            # The QAT modules only pass valid scales; on a GPU the op's value checks would cost one
+            # host sync per call.
+            checks = value_checks(False) if self.device.type == "cuda" else contextlib.nullcontext()
+            with ctx, checks:
+                return self._run()
 
     def _run(self) -> Dict[str, Any]:
         self._prepare_dir()
@@ -683,6 +734,18 @@ class Runner:
             f"({self.data_desc['train_samples']} train / {self.data_desc['test_samples']} test) "
             f"-> {self.out}"
         )
+        if D.is_distributed():
+            w = D.world_size()
+            factor = D.lr_factor(self.recipe.distributed.lr_scale)
+            self.log(
+                f"{w} processes ({dist_backend()}): each trains on 1/{w} of every epoch, global batch = {w} x the "
+                f"per-process batch (data: {w} x {self.recipe.data.batch_size} = {w * self.recipe.data.batch_size}); "
+                + (
+                    f"learning rates x {factor:g} (lr_scale {self.recipe.distributed.lr_scale})"
+                    if factor != 1
+                    else "learning rates as in the recipe"
+                )
+            )
         for i, stage in enumerate(self.recipe.stages):
             st = self.state["stages"].get(stage.name, {})
             if st.get("status") == "done":
@@ -693,16 +756,18 @@ class Runner:
                 continue
             self.state["stages"][stage.name] = {"index": i, "kind": stage.kind, "status": "running"}
             self._save_state()
-            if stage.kind in TRAINING_KINDS:
-                res = self._run_training(i, stage)
-            elif stage.kind == "ptq":
-                res = self._run_ptq(i, stage)
+            if stage.kind in TRAINING_KINDS:  # every process trains; process 0's result
+                res = D.broadcast_object(self._run_training(i, stage))
+            elif stage.kind == "ptq":  # the stages that do not train run on process 0 alone
+                res = D.on_main(lambda: self._run_ptq(i, stage))
             elif stage.kind == "bn_recalibrate":
-                res = self._run_bn_recalibrate(i, stage)
+                res = D.on_main(lambda: self._run_bn_recalibrate(i, stage))
             elif stage.kind == "export":
-                res = self._run_export(i, stage)
+                res = D.on_main(lambda: self._run_export(i, stage))
             else:
-                res = self._run_evaluate(i, stage)
+                res = D.on_main(lambda: self._run_evaluate(i, stage))
+            if stage.kind in CHECKPOINT_KINDS:  # the same on every process
+                self.current[stage.target] = {"arch": res["arch"], "path": self._p(res["best"]), "fresh": False}
             self.state["stages"][stage.name] = {
                 "index": i,
                 "kind": stage.kind,
@@ -715,9 +780,17 @@ class Runner:
         self.state["session_seconds"] = time.perf_counter() - t_start
         self._save_state()
         report = build_report(self.recipe, self.state, self.data_desc, str(self.device), self.backend)
-        write_report(self.out, report)
+        if D.is_main():
+            write_report(self.out, report)
+        D.barrier()
         self.log(f"report: {self._p('report.md')}")
         return report
+
+
+def dist_backend() -> str:
+    import torch.distributed as dist
+
+    return dist.get_backend() if D.is_distributed() else "none"
 
 
 class _Limited:
@@ -804,6 +877,7 @@ def build_report(
         "description": recipe.description,
         "data": data,
         "device": device,
+        "world_size": int(state.get("world_size", 1)),
         "kernel_backend": backend,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -871,6 +945,14 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
         f"torch {report['torch']}, {report['machine']}",
         f"- started {report['started']}, finished {report['finished']}, stage time "
         f"{report['total_seconds'] / 60:.1f} min",
+    ]
+    w = report.get("world_size", 1)
+    if w > 1:
+        lines.append(
+            f"- {w} processes (torchrun, DistributedDataParallel): global batch = {w} x each stage's batch size; "
+            "every process held a bit-identical model after every epoch"
+        )
+    lines += [
         "",
     ]
     s = report.get("student")

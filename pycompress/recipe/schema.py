@@ -14,6 +14,7 @@ Layout (see recipes/quickstart.yaml for a full example)::
               num_workers: 0, options: {}}
     model:   {name: mobilenet_student, args: {width_mult: 1.0}}
     teacher: {name: lenet5, args: {}, checkpoint: null}     # optional
+    distributed: {lr_scale: none, sync_bn: false, find_unused_parameters: false}  # torchrun runs only
     stages:
       - name: teacher           # unique, [A-Za-z0-9_-]
         kind: train             # train | distill | prune | quantize | finetune | ptq | bn_recalibrate
@@ -98,6 +99,19 @@ class DataSpec:
 
 
 @dataclass
+class DistributedSpec:
+    """How a run under ``torchrun --nproc_per_node N`` trains (nothing changes with one process).
+    ``batch_size`` stays per process, so the global batch is N x batch_size; ``lr_scale``
+    multiplies every training stage's learning rate by 1 (none), N (linear) or sqrt(N) (sqrt);
+    ``sync_bn`` uses SyncBatchNorm on GPUs (ignored on CPUs); ``find_unused_parameters`` is DDP's
+    option for models with parameters that some steps do not use."""
+
+    lr_scale: str = "none"
+    sync_bn: bool = False
+    find_unused_parameters: bool = False
+
+
+@dataclass
 class ModelSpec:
     name: str
     args: Dict[str, Any] = field(default_factory=dict)
@@ -147,11 +161,14 @@ class Recipe:
     device: str = "auto"
     teacher: Optional[TeacherSpec] = None
     auto_export: bool = True  # append an export stage to recipes that quantize or prune
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source", None)
+        if self.distributed == DistributedSpec():
+            d.pop("distributed")  # the default is left out, so runs started before it existed resume
         return d
 
     def stage(self, name: str) -> StageSpec:
@@ -258,6 +275,20 @@ def _data(ctx, raw) -> DataSpec:
         augment=_want(ctx, w, "augment", raw.get("augment", True), bool),
         num_workers=_want(ctx, w, "num_workers", raw.get("num_workers", 0), int, low=0),
         options=_want(ctx, w, "options", raw.get("options") or {}, dict),
+    )
+
+
+def _distributed(ctx, raw) -> DistributedSpec:
+    w = "distributed"
+    if raw is None:
+        return DistributedSpec()
+    _section(ctx, raw, DistributedSpec, w)
+    from ..train.distributed import LR_SCALES
+
+    return DistributedSpec(
+        lr_scale=_want(ctx, w, "lr_scale", raw.get("lr_scale", "none"), str, choices=LR_SCALES),
+        sync_bn=_want(ctx, w, "sync_bn", raw.get("sync_bn", False), bool),
+        find_unused_parameters=_want(ctx, w, "find_unused_parameters", raw.get("find_unused_parameters", False), bool),
     )
 
 
@@ -514,6 +545,7 @@ def _recipe(ctx, raw) -> Recipe:
         teacher=None if raw.get("teacher") is None else _model(ctx, raw["teacher"], TeacherSpec, "teacher"),
         stages=[_stage(ctx, s, i) for i, s in enumerate(stages_raw)],
         auto_export=_want(ctx, "", "auto_export", raw.get("auto_export", True), bool),
+        distributed=_distributed(ctx, raw.get("distributed")),
     )
     seen = {}
     for i, s in enumerate(r.stages):
@@ -672,6 +704,7 @@ __all__ = [
     "DataSpec",
     "ModelSpec",
     "TeacherSpec",
+    "DistributedSpec",
     "StageSpec",
     "STAGE_KINDS",
     "TRAINING_KINDS",

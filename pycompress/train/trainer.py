@@ -10,6 +10,13 @@ an uninterrupted run does (bit for bit on the CPU).
 
 Files in ``out_dir``: ``checkpoint.pt`` (every epoch), ``best.pt`` (best eval top-1, or last epoch
 when there is no eval loader), ``metrics.csv`` or ``metrics.jsonl``, ``curves.png``.
+
+Under ``torchrun`` (an initialized process group of N > 1 processes) the same Trainer trains with
+DistributedDataParallel: each process gets its shard of the data (the loaders are re-built with
+:class:`pycompress.train.distributed.ShardSampler` unless they already are), the metrics of an epoch
+are summed over the processes, evaluation covers every sample once, process 0 alone writes, and the
+processes are checked to hold bit-identical models after every epoch. See
+:mod:`pycompress.train.distributed`.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything
 from .metrics import Average, plot_curves, topk_correct, write_metrics
 from .schedules import build_scheduler
@@ -174,10 +182,17 @@ def evaluate(
     progress: Optional[bool] = False,
     desc: str = "eval",
     predictions: bool = False,
+    distributed: bool = False,
 ) -> Dict[str, Any]:
     """Cross-entropy loss, top-1 and top-5 accuracy (percent) of ``model`` in eval mode. The
     model's train/eval mode is restored afterwards. ``predictions=True`` adds "predictions", the
-    top-1 class of every sample in loader order (int64 tensor on the CPU), to compare two models."""
+    top-1 class of every sample in loader order (int64 tensor on the CPU), to compare two models.
+
+    ``distributed=True`` (inside a process group): ``loader`` is this process's shard (e.g. a
+    :func:`pycompress.train.distributed.shard_loader`) and the sums are all-reduced, so every
+    process returns the metrics of all shards together; "samples" counts them all."""
+    if distributed and predictions:
+        raise ValueError("evaluate: predictions=True is not supported with distributed=True")
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -205,6 +220,9 @@ def evaluate(
                 preds.append(logits.argmax(dim=1).cpu())
     finally:
         model.train(was_training)
+    if distributed:
+        loss, c1, c5, n = D.all_reduce_sum([loss, c1, c5, n], device)
+        c1, c5, n = int(c1), int(c5), int(n)
     if n == 0:
         raise ValueError("evaluate: the loader produced no samples")
     out: Dict[str, Any] = {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "samples": n}
@@ -249,7 +267,11 @@ class Trainer:
         checkpoint_extra: callable returning extra entries for every checkpoint (e.g. how to
             rebuild the model).
         name: stage name (seeding, progress bar, messages).
-        log: a callable taking one line of text per epoch (default: print to stdout).
+        log: a callable taking one line of text per epoch (default: print to stdout; nothing on
+            processes other than 0 of a DDP run).
+        distributed: DDP options for runs under torchrun: ``find_unused_parameters`` (False),
+            ``sync_bn`` (False; SyncBatchNorm on CUDA, ignored with a note on CPUs, where torch
+            has none). Without a process group of more than one process they change nothing.
     """
 
     def __init__(
@@ -275,6 +297,7 @@ class Trainer:
         checkpoint_extra: Optional[Callable[[], Dict[str, Any]]] = None,
         name: str = "train",
         log: Optional[Callable[[str], None]] = None,
+        distributed: Optional[Mapping[str, Any]] = None,
     ) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"Trainer: epochs must be an integer >= 1, got {epochs!r}")
@@ -285,6 +308,19 @@ class Trainer:
         if log_format not in ("csv", "jsonl"):
             raise ValueError(f"Trainer: log_format must be 'csv' or 'jsonl', got {log_format!r}")
         self.device = torch.device(device)
+        self.world_size, self.rank = D.world_size(), D.rank()
+        opts = dict(distributed or {})
+        unknown = sorted(set(opts) - {"find_unused_parameters", "sync_bn"})
+        if unknown:
+            raise ValueError(f"Trainer: unknown distributed option {unknown[0]!r} (find_unused_parameters, sync_bn)")
+        self.find_unused_parameters = bool(opts.get("find_unused_parameters", False))
+        self._ddp: Optional[nn.Module] = None
+        if self.world_size > 1:
+            train_loader = D.shard_loader(train_loader)
+            if eval_loader is not None and not D.is_sharded(eval_loader):
+                eval_loader = D.shard_loader(eval_loader, shuffle=False)
+            if not D.is_main():
+                log, progress = (lambda line: None), False
         self.model = model.to(self.device)
         self.distiller = distiller.to(self.device) if distiller is not None else None
         self.train_loader = train_loader
@@ -306,6 +342,14 @@ class Trainer:
         self.checkpoint_extra = checkpoint_extra
         self.name = name
         self.log = log or (lambda line: print(line, flush=True))
+        self.sync_bn = bool(opts.get("sync_bn", False)) and self.world_size > 1
+        if self.sync_bn:
+            if self.device.type == "cuda":
+                # the same Parameter and buffer objects: optimizers and hooks built before keep working
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            else:
+                self.sync_bn = False
+                self.log(f"[{name}] sync_bn ignored: torch's SyncBatchNorm runs on CUDA only (gloo on CPUs)")
         n = len(train_loader)
         if n == 0:
             raise ValueError(f"stage {name!r}: the training loader is empty")
@@ -325,6 +369,7 @@ class Trainer:
         self.elapsed = 0.0  # epoch seconds over all sessions (resume adds up)
         self.session_elapsed = 0.0  # epoch seconds of this process only
         self._kill_at = _debug_kill_step(name)
+        self.replicas: Optional[Dict[str, Any]] = None  # the last check_replicas result (DDP runs)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
@@ -343,6 +388,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "seed": self.seed,
             "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world_size,
             "rng": rng_state(),
             "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in self.hooks],
             "complete": self.epoch >= self.epochs,
@@ -359,6 +405,12 @@ class Trainer:
                 f"stage {self.name!r}: the checkpoint was written for "
                 f"{state.get('epochs')} epochs, this run has {self.epochs}; resume with "
                 "the same settings"
+            )
+        if int(state.get("world_size", 1)) != self.world_size:
+            raise ValueError(
+                f"stage {self.name!r}: the checkpoint was written by a run of {state.get('world_size', 1)} "
+                f"process(es), this run has {self.world_size}; the global batch would change. Resume with "
+                f"the same number of processes (torchrun --nproc_per_node)"
             )
         for key, now in (("seed", self.seed), ("steps_per_epoch", self.steps_per_epoch)):
             if key in state and state[key] != now:
@@ -399,7 +451,9 @@ class Trainer:
     # ----------------------------------------------------------------------------- loop
     def _seed_epoch(self, epoch: int) -> None:
         s = (self.seed * 1_000_003 + zlib.crc32(self.name.encode()) * 7_919 + epoch) % (2**63)
-        seed_everything(s)
+        # Process r of a DDP run draws its own augmentation and dropout (process 0 as one process
+        # would); the loader's generator, the epoch's data permutation, is the same on all.
+        seed_everything((s + self.rank * 104_729) % (2**63))
         gen = getattr(self.train_loader, "generator", None)
         if isinstance(gen, torch.Generator):
             gen.manual_seed(s)
@@ -420,12 +474,26 @@ class Trainer:
         return loss, out
 
     def _student(self) -> nn.Module:
-        """The module the training step calls: the model, or its torch.compile wrapper (same
-        parameters and state)."""
+        """The module the training step calls: the model, its DistributedDataParallel wrapper under
+        torchrun, or their torch.compile wrapper (same parameters and state)."""
+        net = self.model
+        if self.world_size > 1:
+            if self._ddp is None:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                # broadcast_buffers off: pruning adds and replaces mask / shadow buffers mid-stage,
+                # which DDP would keep broadcasting stale; BN statistics are synced every epoch.
+                self._ddp = DDP(
+                    self.model,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    find_unused_parameters=self.find_unused_parameters,
+                    **_no_buffer_broadcast(),
+                )
+            net = self._ddp
         if self.compile is None:
-            return self.model
+            return net
         if self._compiled is None:
-            self._compiled = torch.compile(self.model, **self.compile)
+            self._compiled = torch.compile(net, **self.compile)
         return self._compiled
 
     def train_epoch(self) -> Dict[str, float]:
@@ -489,6 +557,9 @@ class Trainer:
                 it.set_postfix(loss=f"{loss_avg.mean:.4f}", top1=f"{100.0 * c1 / n:.2f}", refresh=False)
             if self._kill_at is not None and self.global_step == self._kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: simulate a crash mid-stage
+        if self.world_size > 1:  # the epoch's metrics over every process's samples
+            total, c1, c5, n = D.all_reduce_sum([loss_avg.total, c1, c5, n], self.device)
+            loss_avg.total, loss_avg.count = total, int(n)
         return {"train_loss": loss_avg.mean, "train_top1": 100.0 * c1 / max(n, 1), "train_top5": 100.0 * c5 / max(n, 1)}
 
     def fit(self, resume: bool = False) -> Dict[str, Any]:
@@ -506,9 +577,12 @@ class Trainer:
             row: Dict[str, Any] = {"epoch": self.epoch + 1, "lr": lr}
             row.update(self.train_epoch())
             train_time = time.perf_counter() - t0
+            if self.world_size > 1:
+                D.broadcast_bn_buffers(self.model)  # each process updated them from its own data
             if self.eval_loader is not None:
-                ev = evaluate(self.model, self.eval_loader, self.device, amp=self.amp)
+                ev = evaluate(self.model, self.eval_loader, self.device, amp=self.amp, distributed=self.world_size > 1)
                 row.update({"eval_loss": ev["loss"], "eval_top1": ev["top1"], "eval_top5": ev["top5"]})
+                row["eval_samples"] = ev["samples"]
             row["time_s"] = time.perf_counter() - t0
             row["train_time_s"] = train_time
             self.elapsed += row["time_s"]
@@ -525,6 +599,8 @@ class Trainer:
                 metric, improved = math.nan, True
             if improved:
                 self.best_metric, self.best_epoch = metric, self.epoch
+            if self.world_size > 1:
+                self.replicas = D.check_replicas(self.model, f"stage {self.name!r} after epoch {self.epoch}")
             self._save(improved)
             self.log(self._line(row, improved))
         return self.summary()
@@ -546,6 +622,15 @@ class Trainer:
     def _save(self, improved: bool) -> None:
         if not self.out_dir:
             return
+        if not D.is_main():  # process 0 alone writes; the others wait until the files are complete
+            D.barrier()
+            return
+        try:
+            self._write(improved)
+        finally:
+            D.barrier()
+
+    def _write(self, improved: bool) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
         state = self.state_dict()
         save_checkpoint(self._path("checkpoint.pt"), state)
@@ -568,12 +653,25 @@ class Trainer:
             "final_top1": last.get("eval_top1"),
             "final_train_top1": last.get("train_top1"),
             "train_seconds": self.elapsed,
+            **({"distributed": dict(self.replicas or {}, sync_bn=self.sync_bn)} if self.world_size > 1 else {}),
             **(
                 {"compile_seconds": self.compile_seconds, "graph_breaks": self.graph_breaks}
                 if self.compile is not None
                 else {}
             ),
         }
+
+
+def _no_buffer_broadcast() -> Dict[str, bool]:
+    """DDP's keyword that turns off the buffer broadcast before every forward: forward_sync_buffers
+    in newer torch (broadcast_buffers is deprecated there), broadcast_buffers before."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def _graph_break_count() -> int:
