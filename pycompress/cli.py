@@ -168,6 +168,16 @@ def _parser() -> argparse.ArgumentParser:
     _profile.add_arguments(pr)
     pr.set_defaults(func=_profile.cli_main)
 
+    from pycompress import score as _score
+
+    sc = sub.add_parser(
+        "score",
+        help="MicroNet challenge count (parameters and math operations under the challenge's rules) and score "
+        "of a model name, checkpoint or .pcz artifact",
+    )
+    _score.add_arguments(sc)
+    sc.set_defaults(func=_score.cli_main)
+
     run = sub.add_parser("run", help="run a recipe (YAML) end to end into a run directory")
     run.add_argument("recipe", help="recipe file, e.g. recipes/quickstart.yaml")
     run.add_argument(
