@@ -192,11 +192,17 @@ class _StageBuilder(Runner):
         from ..prune import Pruner, build_masked_optimizer, has_masks
 
         hooks, optimizer = [], stage.optimizer
+        eval_modules = []
+        if stage.train_only:  # what is frozen takes no optimizer step and no gradient
+            from ..train import freeze_except
+
+            eval_modules = freeze_except(model, stage.train_only)["eval_modules"]
         if stage.prune is not None or has_masks(model):
             model.to(self.device)
             hooks.append(Pruner(model, stage.prune))
             optimizer = build_masked_optimizer(model, stage.optimizer)
         trainer = self._trainer(stage, model, optimizer, hooks, train_loader, name)
+        trainer.eval_modules = eval_modules
         self.current[stage.target] = {"arch": arch, "model": model, "fresh": False}
         self.built = (trainer, model)
         summary = {"params": count_params(model), "best": "", "best_top1": None, "best_epoch": None}

@@ -383,6 +383,19 @@ class Runner:
 
         hooks, optimizer = [], self._optimizer_spec(stage)
         pruner = None
+        eval_modules = []
+        if stage.train_only:
+            from ..train import freeze_except
+
+            try:
+                fr = freeze_except(model, stage.train_only)
+            except ValueError as exc:
+                raise RunError(f"stage {stage.name!r}: {exc}") from None
+            eval_modules = fr["eval_modules"]
+            self.log(
+                f"[{name}] trains only {', '.join(fr['trainable'])} ({fr['trainable_params']:,} parameters); "
+                f"{len(fr['frozen'])} parameter tensors frozen, {len(eval_modules)} modules kept in eval mode"
+            )
         from ..prune import Pruner, build_masked_optimizer, has_masks
 
         if stage.prune is not None or has_masks(model):
@@ -416,6 +429,7 @@ class Runner:
             grad_clip=stage.grad_clip,
             name=name,
             log=self.log,
+            eval_modules=eval_modules,
             distributed={
                 "sync_bn": self.recipe.distributed.sync_bn,
                 "find_unused_parameters": self.recipe.distributed.find_unused_parameters,

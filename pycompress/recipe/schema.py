@@ -29,7 +29,9 @@ Layout (see recipes/quickstart.yaml for a full example)::
 
 Stage kinds only differ in what they require: ``distill`` needs a ``distill`` section, ``prune`` a
 ``prune`` section (see pycompress.prune.PruneSpec), ``quantize`` a ``quantize`` section, ``evaluate``
-takes no training settings. Stages that do not train: ``ptq`` (post-training quantization:
+takes no training settings. ``train_only: [regex, ...]`` on a training stage trains only the layers whose
+qualified name (or an enclosing module's) matches; everything else is frozen, in eval mode (MicroNet's
+FC stage). Stages that do not train: ``ptq`` (post-training quantization:
 ``quantize`` + ``batches`` of calibration), ``bn_recalibrate`` (MicroNet's BatchNorm
 re-estimation: ``batches`` per round, ``rounds``, the best round kept), ``evaluate``, and
 ``export`` (``formats``: pcz, fp16, uint8, onnx; ``fold_bn``), which writes the compressed
@@ -147,6 +149,9 @@ class StageSpec:
     fold_bn: Optional[bool] = None  # export: fold BatchNorm into the layer before it (default true)
     batches: Optional[int] = None  # ptq: calibration batches; bn_recalibrate: batches per round
     rounds: Optional[int] = None  # bn_recalibrate: rounds, each evaluated (default 1)
+    # regexes: only the layers whose qualified name (or an enclosing module's) matches train; every
+    # other parameter is frozen and every other module stays in eval mode (MicroNet's FC stage)
+    train_only: Optional[List[str]] = None
 
 
 @dataclass
@@ -361,12 +366,28 @@ def _stage(ctx, raw, index) -> StageSpec:
         fold_bn=_want(ctx, where, "fold_bn", raw.get("fold_bn"), bool, optional=True),
         batches=_want(ctx, where, "batches", raw.get("batches"), int, optional=True, low=1),
         rounds=_want(ctx, where, "rounds", raw.get("rounds"), int, optional=True, low=1),
+        train_only=_regex_list(ctx, where, "train_only", raw.get("train_only")),
     )
     _stage_semantics(ctx, where, s, raw)
     return s
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _regex_list(ctx, where, key, value) -> Optional[List[str]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ctx.fail(where, f"{key!r} must be a non-empty list of regexes, got {value!r}")
+    for v in value:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ctx.fail(where, f"{key!r}: {v!r} is not a valid regex ({exc})") from None
+    return list(value)
 
 
 def _compile(ctx, where, value) -> Optional[Dict[str, Any]]:

@@ -21,6 +21,7 @@ from .trainer import (
     TrainingDiverged,
     build_optimizer,
     evaluate,
+    freeze_except,
     param_groups,
     validate_optimizer_spec,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "TrainingDiverged",
     "build_optimizer",
     "evaluate",
+    "freeze_except",
     "param_groups",
     "validate_optimizer_spec",
     "recalibrate_bn",

@@ -269,6 +269,8 @@ class Trainer:
         name: stage name (seeding, progress bar, messages).
         log: a callable taking one line of text per epoch (default: print to stdout; nothing on
             processes other than 0 of a DDP run).
+        eval_modules: modules kept in eval mode while the rest trains (frozen layers: their BatchNorm
+            statistics and dropout stay fixed; see :func:`freeze_except`).
         distributed: DDP options for runs under torchrun: ``find_unused_parameters`` (False),
             ``sync_bn`` (False; SyncBatchNorm on CUDA, ignored with a note on CPUs, where torch
             has none). Without a process group of more than one process they change nothing.
@@ -298,6 +300,7 @@ class Trainer:
         name: str = "train",
         log: Optional[Callable[[str], None]] = None,
         distributed: Optional[Mapping[str, Any]] = None,
+        eval_modules: Sequence[nn.Module] = (),
     ) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"Trainer: epochs must be an integer >= 1, got {epochs!r}")
@@ -339,6 +342,7 @@ class Trainer:
         self.progress = progress
         self.grad_clip = grad_clip
         self.hooks = list(hooks)
+        self.eval_modules = list(eval_modules)
         self.checkpoint_extra = checkpoint_extra
         self.name = name
         self.log = log or (lambda line: print(line, flush=True))
@@ -498,6 +502,8 @@ class Trainer:
 
     def train_epoch(self) -> Dict[str, float]:
         self.model.train()
+        for m in self.eval_modules:
+            m.eval()
         if self.distiller is not None:
             self.distiller.train()  # keeps the teacher in eval mode
         loss_avg = Average()
@@ -660,6 +666,45 @@ class Trainer:
                 else {}
             ),
         }
+
+
+def freeze_except(model: nn.Module, patterns: Sequence[str]) -> Dict[str, Any]:
+    """Train only the modules whose qualified name matches one of ``patterns`` (``re.search``; a
+    match covers the module's whole subtree, its quantizers and masks included): every other
+    parameter gets ``requires_grad=False``. Returns ``trainable`` (the matched module names),
+    ``frozen`` (the frozen parameter names), ``trainable_params`` (their element count) and
+    ``eval_modules``: every module outside the matched subtrees that does not contain one, to be
+    kept in eval mode (BatchNorm statistics and dropout fixed; ``Trainer(eval_modules=...)``).
+    Raises ValueError, listing the model's layers, when nothing matches or nothing would train."""
+    import re
+
+    regs = [re.compile(p) for p in patterns]
+    names = [n for n, _ in model.named_modules() if n]
+    matched = [n for n in names if any(r.search(n) for r in regs)]
+    # a match inside another match adds nothing
+    matched = [n for n in matched if not any(n.startswith(o + ".") for o in matched if o != n)]
+    if not matched:
+        tops = [n for n in names if "." not in n]
+        raise ValueError(f"train_only {list(patterns)}: no module of the model matches; its top-level modules: {tops}")
+    inside, ancestors = set(), {id(model)}
+    for n in matched:
+        sub = model.get_submodule(n)
+        inside.update(id(m) for m in sub.modules())
+        parts = n.split(".")
+        for i in range(1, len(parts)):
+            ancestors.add(id(model.get_submodule(".".join(parts[:i]))))
+    keep = {id(p) for n in matched for p in model.get_submodule(n).parameters()}
+    frozen, trainable = [], 0
+    for name, p in model.named_parameters():
+        if id(p) in keep:
+            trainable += p.numel() if p.requires_grad else 0
+        else:
+            p.requires_grad_(False)
+            frozen.append(name)
+    if trainable == 0:
+        raise ValueError(f"train_only {list(patterns)}: the matched modules {matched} have no trainable parameter")
+    eval_modules = [m for m in model.modules() if id(m) not in inside and id(m) not in ancestors]
+    return {"trainable": matched, "frozen": frozen, "trainable_params": trainable, "eval_modules": eval_modules}
 
 
 def _no_buffer_broadcast() -> Dict[str, bool]:
