@@ -168,6 +168,15 @@ def _parser() -> argparse.ArgumentParser:
     _profile.add_arguments(pr)
     pr.set_defaults(func=_profile.cli_main)
 
+    from pycompress import sweep as _sweep
+
+    sw = sub.add_parser(
+        "sweep",
+        help="run a recipe over a grid of --set values (every combination), then tabulate and plot the results",
+    )
+    _sweep.add_arguments(sw)
+    sw.set_defaults(func=_sweep.cli_main)
+
     from pycompress import score as _score
 
     sc = sub.add_parser(
