@@ -196,6 +196,7 @@ def _weight_codes(layer, name: str) -> Tuple[torch.Tensor, torch.Tensor, int, in
     """(codes int32, scale fp32 [C], bits, qmin) of a QAT layer's weight, checked against the
     layer's own fake-quantization (bit for bit)."""
     from ..ops import fake_quantize
+    from ..quant.quantizer import kernel_scale
 
     wq = layer.weight_quant
     if wq.axis != 0:
@@ -206,8 +207,8 @@ def _weight_codes(layer, name: str) -> Tuple[torch.Tensor, torch.Tensor, int, in
     w = layer.weight.detach().float()
     c = w.shape[0]
     with torch.no_grad():
-        ref = fake_quantize(
-            w, scale, torch.zeros(c, dtype=torch.int32, device=w.device), qmin, qmin + (1 << bits) - 1, 0
+        ref = fake_quantize(  # kernel_scale: an "als" row pruned to nothing has scale 0 and codes 0
+            w, kernel_scale(scale), torch.zeros(c, dtype=torch.int32, device=w.device), qmin, qmin + (1 << bits) - 1, 0
         )
     if not torch.equal(codes.float() * scale.view((c,) + (1,) * (w.dim() - 1)), ref):
         raise ExportError(

@@ -7,7 +7,11 @@ Layers chosen by a ``QuantSpec`` are swapped, in place, for ``QuantConv2d`` / ``
 * Q_w: per output channel, symmetric signed grid [-2^(b-1), 2^(b-1) - 1],
   s_c = max|W_c| / (2^(b-1) - 1) (mode "max", recomputed every forward; "frozen" computes it once;
   "lsq" learns it with the LSQ gradient, starting from that value). A fully pruned channel gets
-  s_c = 1 and stays exactly 0.
+  s_c = 1 and stays exactly 0. Mode "als": MicroNet's alternating-least-squares scale
+  (``als_scale``: init max|W_c| / 2^(b-1), 100 iterations of B = clamp(rint(W_c / s_c)),
+  s_c = <W_c, B> / <B, B>), refit once per epoch by the trainer hook ``ALSRefit`` (or
+  ``refit_als(model)`` in a loop of one's own) and frozen in between; a fully pruned channel gets
+  s_c = 0, codes 0, and stays exactly 0.
 * Q_a: per tensor on the layer input; unsigned [0, 2^b - 1] with s = max(x) / (2^b - 1) when the
   calibrated minimum is >= 0 (after a ReLU), else signed with s = max|x| / (2^(b-1) - 1) ("auto");
   calibrated over a few batches (observer "minmax": the max; "percentile": the mean over batches
@@ -31,6 +35,10 @@ Usage::
     fresh = models.build("mobilenet_student", in_channels=3, num_classes=11)
     quant.apply_plan(fresh, ckpt["plan"]); fresh.load_state_dict(ckpt["state_dict"])
 
+    # MicroNet's ALS weight scales: refit once per epoch by a hook placed after any Pruner
+    quant.prepare_qat(model, {"weight_bits": 4, "act_bits": 4, "weight_scale": "als"})
+    Trainer(model, train_loader, epochs=..., optimizer=..., hooks=[pruner, quant.ALSRefit()]).fit()
+
     quant.model_size(model)["mb"]          # storage at the quantized bit widths
     quant.strip_qat(model, bake=True)      # plain nn.Conv2d / nn.Linear holding quantized values
 
@@ -41,8 +49,19 @@ Usage::
 
 from .modules import QAT_LAYERS, QuantConv2d, QuantLinear
 from .ptq import quantize_post_training
-from .qat import apply_plan, calibrate, is_qat, model_size, prepare_qat, qat_modules, qat_plan, strip_qat
-from .quantizer import LSQ_EPS, OBSERVERS, FakeQuantizer, scale_divisor, scale_from_range
+from .qat import (
+    ALSRefit,
+    apply_plan,
+    calibrate,
+    is_qat,
+    model_size,
+    prepare_qat,
+    qat_modules,
+    qat_plan,
+    refit_als,
+    strip_qat,
+)
+from .quantizer import ALS_ITERS, LSQ_EPS, OBSERVERS, FakeQuantizer, als_scale, scale_divisor, scale_from_range
 from .spec import QuantSpec
 
 __all__ = [
@@ -60,6 +79,10 @@ __all__ = [
     "is_qat",
     "qat_modules",
     "model_size",
+    "refit_als",
+    "ALSRefit",
+    "als_scale",
+    "ALS_ITERS",
     "scale_divisor",
     "scale_from_range",
     "LSQ_EPS",

@@ -3,7 +3,9 @@
     forward(x) = layer(act_quant(x), weight_quant(weight), bias)
 
 ``weight_quant``: per output channel (axis 0), symmetric signed, s_c = max|w_c| / (2^(b-1) - 1) in mode
-"max" (see pycompress.quant.quantizer). ``act_quant``: per tensor on the layer input, zero point 0,
+"max"; in mode "als" MicroNet's alternating-least-squares scale, fit when the quantizer is built
+and refit by pycompress.quant.refit_als / ALSRefit (once per epoch), 0 for an all-zero (fully
+pruned) output channel (see pycompress.quant.quantizer). ``act_quant``: per tensor on the layer input, zero point 0,
 signed or unsigned ("auto": unsigned iff the calibrated minimum is >= 0), its range observed by
 ``act_observer`` ("minmax" | "percentile" with ``act_percentile``) during calibration. Either is None when its
 bit width is None (first / last layer exceptions). The float ``weight`` / ``bias`` Parameters are
@@ -132,7 +134,7 @@ class _QuantLayer:
         cls = type(self).__name__
         _check_bits(f"{cls}: weight_bits", weight_bits)
         _check_bits(f"{cls}: act_bits", act_bits)
-        _check_scale_mode(f"{cls}: weight_scale", weight_scale, ("max", "frozen", "lsq"))
+        _check_scale_mode(f"{cls}: weight_scale", weight_scale, ("max", "frozen", "lsq", "als"))
         _check_scale_mode(f"{cls}: act_scale", act_scale, ("frozen", "lsq"))
         if act_signed not in ("auto", True, False) or (act_signed != "auto" and not isinstance(act_signed, bool)):
             raise ValueError(f"{cls}: act_signed must be 'auto', True or False, got {act_signed!r}")
@@ -218,9 +220,11 @@ class _QuantLayer:
         """``(codes, scale, bits, qmin)``: the integer codes of the weight (int32, the weight's
         shape) and the fp32 per-output-channel scale the forward uses, so that
         ``codes * scale[c] == quantized_weight()`` bit for bit. No state changes (in mode "max"
-        the scale is computed from the current weight, as the next forward would)."""
+        the scale is computed from the current weight, as the next forward would). In mode "als"
+        a channel whose stored scale is 0 (all zero when it was fit) has scale 0 and codes 0
+        here; its forward output is exactly 0 (pycompress.quant.quantizer.kernel_scale)."""
         from ..ops import quant_range
-        from .quantizer import _minmax, scale_from_range
+        from .quantizer import _minmax, kernel_scale, scale_from_range
 
         wq = self.weight_quant
         if wq is None:
@@ -234,7 +238,10 @@ class _QuantLayer:
                 scale = scale.clamp_min(wq.eps)
         qmin, qmax = quant_range(wq.bits, True)
         c = w.shape[0]
-        codes = torch.round(w.reshape(c, -1) * torch.reciprocal(scale).view(c, 1)).clamp(qmin, qmax)
+        ks = kernel_scale(scale) if wq.mode == "als" else scale
+        codes = torch.round(w.reshape(c, -1) * torch.reciprocal(ks).view(c, 1)).clamp(qmin, qmax)
+        if wq.mode == "als":  # code 0 under the stand-in already (finite weights); made explicit
+            codes = torch.where(scale.view(c, 1) > 0, codes, torch.zeros_like(codes))
         return codes.reshape(w.shape).to(torch.int32), scale, wq.bits, qmin
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Model-level QAT: prepare_qat, qat_plan / apply_plan, calibrate, strip_qat, model_size."""
+"""Model-level QAT: prepare_qat, qat_plan / apply_plan, calibrate, strip_qat, model_size, and the
+once-per-epoch refit of "als" weight scales (refit_als, the trainer hook ALSRefit)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ __all__ = [
     "is_qat",
     "qat_modules",
     "model_size",
+    "refit_als",
+    "ALSRefit",
 ]
 
 _QAT_CLS = {"conv": QuantConv2d, "linear": QuantLinear}
@@ -322,6 +325,74 @@ def calibrate(
             "max": float(q.max_val.max()),
         }
     return out
+
+
+# ------------------------------------------------------------------------------------- ALS refit
+
+
+def refit_als(model: nn.Module) -> int:
+    """Refit the scale of every "als" weight quantizer of model's QAT layers from its layer's
+    current weight (``FakeQuantizer.refit``: ``als_scale`` of the weight as the layer uses it,
+    pruned entries 0); returns how many were refit (0 when there are none). No gradient; the
+    result depends on the weights alone, so every process of a DDP run (identical weights) gets
+    the same scales without communication. For training loops of one's own: call it once per
+    epoch (MicroNet refits once per epoch and keeps the scales frozen in between)."""
+    n = 0
+    with torch.no_grad():
+        for m in qat_modules(model).values():
+            wq = m.weight_quant
+            if wq is not None and wq.mode == "als" and not m.weight.is_meta:
+                wq.refit(m.weight)
+                n += 1
+    return n
+
+
+class ALSRefit:
+    """Trainer hook (pycompress.train.Hook) that refits the "als" weight scales of
+    ``trainer.model`` once per epoch (:func:`refit_als`), frozen in between:
+
+    * ``on_fit_start``: refit, so the first epoch starts from the weights as they are then
+      (a Pruner hook placed before this one may just have zeroed pruned entries); skipped when
+      the trainer resumed a stage (``trainer.epoch > 0``): the checkpoint holds the scales the
+      previous session fit from the very same weights, and a load never refits.
+    * ``after_step``: refit right after the last optimizer step of each epoch (the
+      ``trainer.steps_per_epoch``-th step since the epoch began), so the epoch's evaluation and
+      the checkpoint written at its end use the refit scales, and the next epoch trains with
+      them. Place this hook after a Pruner, whose ``after_step`` re-applies the masks.
+    * ``on_epoch_end``: refit, unless ``after_step`` already did in this epoch (an epoch that
+      ended early, e.g. a loader shorter than its ``len()``).
+
+    ``refits`` counts the refits done (each one refits every "als" quantizer); ``last_count`` is
+    the number of quantizers the last one refit. No state of its own goes in the checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.refits = 0
+        self.last_count = 0
+        self._epoch: Optional[int] = None  # the epoch whose steps _steps counts
+        self._steps = 0
+        self._done_epoch: Optional[int] = None  # the epoch whose last step refit
+
+    def _refit(self, trainer) -> None:
+        self.last_count = refit_als(trainer.model)
+        self.refits += 1
+
+    def on_fit_start(self, trainer) -> None:
+        self._epoch, self._steps, self._done_epoch = None, 0, None
+        if trainer.epoch == 0:
+            self._refit(trainer)
+
+    def after_step(self, trainer) -> None:
+        if self._epoch != trainer.epoch:
+            self._epoch, self._steps = trainer.epoch, 0
+        self._steps += 1
+        if self._steps == trainer.steps_per_epoch:
+            self._refit(trainer)
+            self._done_epoch = trainer.epoch
+
+    def on_epoch_end(self, trainer, row: Dict[str, Any]) -> None:
+        if self._done_epoch != trainer.epoch:
+            self._refit(trainer)
 
 
 # ------------------------------------------------------------------------------------- size

@@ -29,6 +29,34 @@ Scale modes:
               The forward uses ``max(s, eps)`` (eps = 2^-23, torch.ao's choice) with a
               straight-through gradient, so an optimizer step that pushes s below eps never
               produces a non-positive scale and the parameter can still recover.
+    "als"     weights only (signed): MicroNet's alternating-least-squares scale, a buffer set by
+              ``als_scale`` from the weight when the quantizer is initialised (``init_from``) and
+              again on every ``refit`` (pycompress.quant.ALSRefit: once per epoch), frozen in
+              between; the gradient reaches the weight straight through, as in every mode.
+
+ALS scale (``als_scale``; mode "als"), per channel c, w = the channel's values (one row of
+w.reshape(C, -1)), [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]:
+
+    a   = max|w| / 2^(b-1)                                  (MicroNet's init; floored at fp32's tiny)
+    repeat ALS_ITERS (100) times:
+        B = clamp(rint(w * (1 / a)), qmin, qmax)            (fp32, exactly the forward's codes)
+        a = <w, B> / <B, B>                                 (sums in fp64, the result rounded to fp32)
+    stopping early once a no longer changes (a fixed point: more iterations would not change it).
+
+Each half-step minimises sum (w - a B)^2 over one of a, B (the least-squares a for fixed codes;
+the nearest clamped grid point for a fixed a), so the squared error never exceeds the init's
+(up to floating-point rounding).
+Unlike "max", the init divides by 2^(b-1), not by qmax: the largest weight starts clamped to qmax
+(MicroNet's formula; ALS moves a from there). A row whose update would divide by <B, B> = 0 keeps
+its previous a (cannot happen for a nonzero row after the init with b >= 2; guarded). An all-zero
+(fully pruned) row gets scale 0: stored, reported by ``weight_codes`` and exported as 0, with
+codes 0. fake_quantize needs positive scales, so the forward passes ``kernel_scale(scale)``:
+ZERO_SCALE_STANDIN = 2^64 in place of a 0. Every finite value of magnitude below 2^63 then has
+code 0, so a scale-0 channel is exactly 0 in the forward whatever its weights (the a -> 0 limit
+of a * clamp(rint(w / a)); a channel that is all zero stays 0 with any stand-in), and its
+gradient passes straight through (code 0 lies inside the clamp range), so a zero row that
+training revives gets a positive scale at the next refit. The result depends on the weight alone
+(deterministic: the same on every process of a DDP run).
 
 n in the LSQ factor g is the number of elements per channel for a weight (LSQ's N_W) and the
 number of elements per sample (per channel, if per-channel) for an activation (LSQ's N_F).
@@ -68,6 +96,10 @@ from ..ops.fake_quantize import check_scale_values
 
 __all__ = [
     "FakeQuantizer",
+    "als_scale",
+    "kernel_scale",
+    "ALS_ITERS",
+    "ZERO_SCALE_STANDIN",
     "scale_from_range",
     "scale_divisor",
     "LSQ_EPS",
@@ -81,7 +113,9 @@ __all__ = [
 
 LSQ_EPS = 2.0**-23  # torch.finfo(torch.float32).eps, as torch.ao's _LearnableFakeQuantize
 _TINY = torch.finfo(torch.float32).tiny  # floor of computed scales: keeps 1/s finite in fp32
-MODES = ("max", "frozen", "lsq")
+MODES = ("max", "frozen", "lsq", "als")
+ALS_ITERS = 100  # MicroNet's alternating-least-squares iterations (mode "als")
+ZERO_SCALE_STANDIN = 2.0**64  # what fake_quantize gets for an "als" scale of 0 (see kernel_scale)
 KINDS = ("weight", "act")
 OBSERVERS = ("minmax", "percentile")
 DEFAULT_PERCENTILE = 99.99
@@ -101,6 +135,56 @@ def scale_from_range(min_val: torch.Tensor, max_val: torch.Tensor, bits: int, si
     m = torch.maximum(-mn, mx) if signed else mx.clamp_min(0.0)
     s = (m / scale_divisor(bits, signed)).clamp_min(_TINY)
     return torch.where(m > 0, s, torch.ones_like(s))
+
+
+def kernel_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale to pass to fake_quantize for a stored scale that may hold 0 (mode "als": an
+    all-zero row): ``scale`` where it is > 0, ZERO_SCALE_STANDIN (2^64) where it is 0. Every
+    finite value of magnitude below 2^63 gets code 0 under the stand-in, so the output of such a
+    channel is exactly 0 and its gradient passes straight through. Identity on positive scales."""
+    return torch.where(scale == 0, torch.full_like(scale, ZERO_SCALE_STANDIN), scale)
+
+
+def als_scale(w: torch.Tensor, bits: int, iters: int = ALS_ITERS) -> torch.Tensor:
+    """MicroNet's alternating-least-squares scale of each row of ``w.reshape(C, -1)``, C = w.shape[0]:
+    fp32, shape [C], on w's device (the module docstring gives the iteration). Signed grid
+    [-2^(b-1), 2^(b-1) - 1]; init max|w_c| / 2^(b-1); ``iters`` ALS iterations (0: the init);
+    an all-zero row gives 0. Vectorised over the rows and deterministic. w is read in fp32
+    (detached) and must be finite (ValueError otherwise)."""
+    from ..ops import quant_range
+
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"als_scale: bits must be an int in 1..16, got {bits!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"als_scale: iters must be an int >= 0, got {iters!r}")
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() == 0:
+        raise ValueError(
+            "als_scale: w must be a floating-point tensor with at least 1 dimension (rows = w.shape[0]), got "
+            + (f"{w.dtype} of shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__)
+        )
+    c = w.shape[0]
+    rows = w.detach().reshape(c, -1).float()
+    if rows.shape[1] == 0:
+        return torch.zeros(c, dtype=torch.float32, device=w.device)
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError("als_scale: w holds inf or NaN")
+    qmin, qmax = quant_range(bits, True)
+    m = rows.abs().amax(dim=1)
+    live = m > 0  # rows with a nonzero entry; the others keep scale 0
+    zero = torch.zeros_like(m)
+    a = torch.where(live, (m / 2 ** (bits - 1)).clamp_min(_TINY), zero)
+    rows64 = rows.double()
+    for _ in range(iters):
+        inv = torch.reciprocal(torch.where(live, a, torch.ones_like(a)))  # same fp32 product as the kernels
+        b = torch.round(rows * inv[:, None]).clamp_(qmin, qmax).double()
+        num = (rows64 * b).sum(dim=1)
+        den = (b * b).sum(dim=1)
+        fit = (num / den.clamp_min(1.0)).float().clamp_min(_TINY)
+        new = torch.where(live & (den > 0), fit, a)
+        if torch.equal(new, a):
+            break
+        a = new
+    return a
 
 
 def _check_bits(bits) -> int:
@@ -166,7 +250,8 @@ class FakeQuantizer(nn.Module):
             is >= 0, e.g. after a ReLU; MicroNet's rule). "auto" needs mode "frozen" or "lsq".
         axis: None for one scale per tensor, else the channel axis (one scale per channel).
         num_channels: x.shape[axis] (the length of the per-channel scale); ignored when axis is None.
-        mode: "max" | "frozen" | "lsq" (see the module docstring).
+        mode: "max" | "frozen" | "lsq" | "als" (see the module docstring; "als" needs kind "weight"
+            and signed=True).
         kind: "weight" or "act"; decides the LSQ gradient factor and the error messages.
         eps: the floor of a learned (lsq) scale.
         name: the module's qualified name, used in error messages (prepare_qat / calibrate set it).
@@ -175,15 +260,18 @@ class FakeQuantizer(nn.Module):
         percentile: p in (50, 100] for observer "percentile" (kept, unused, for "minmax").
 
     State (in the state dict): ``scale`` [C] (a Parameter in "lsq" mode, else a buffer; in "max"
-    mode the scale of the last forward), ``signed`` and ``calibrated`` (0-d bool), ``min_val`` /
-    ``max_val`` [C] (the range of the last calibration or ``init_from``; for the percentile
+    mode the scale of the last forward; in "als" mode 0 for an all-zero row), ``signed`` and
+    ``calibrated`` (0-d bool), ``min_val`` / ``max_val`` [C] (the range of the last calibration,
+    ``init_from`` or ``refit``; for the percentile
     observer the averaged percentiles the scale came from). bits / mode / axis / observer are
     configuration, recorded by ``pycompress.quant.qat_plan``.
 
     An activation quantizer is calibrated by ``pycompress.quant.calibrate`` (it observes min / max
     over a few batches, passing data through unchanged, then sets the scale); a weight quantizer
-    is initialised from its weight with ``init_from`` (QuantConv2d / QuantLinear do it). Using a
-    "frozen" or "lsq" quantizer before that raises RuntimeError.
+    is initialised from its weight with ``init_from`` (QuantConv2d / QuantLinear do it); an "als"
+    one is refit from its (current) weight with ``refit`` (pycompress.quant.refit_als /
+    ALSRefit); loading a state dict keeps the loaded scale. Using a "frozen", "lsq" or "als"
+    quantizer before that raises RuntimeError.
     """
 
     def __init__(
@@ -211,13 +299,18 @@ class FakeQuantizer(nn.Module):
             raise ValueError(f"FakeQuantizer: kind must be one of {KINDS}, got {kind!r}")
         if mode == "max" and signed == "auto":
             raise ValueError("FakeQuantizer: mode 'max' needs signed=True or False ('auto' is decided at calibration)")
+        if mode == "als" and (kind != "weight" or signed is not True):
+            raise ValueError(
+                f"FakeQuantizer: mode 'als' fits a signed weight scale; it needs kind='weight' and signed=True, "
+                f"got kind={kind!r}, signed={signed!r}"
+            )
         if observer not in OBSERVERS:
             raise ValueError(f"FakeQuantizer: observer must be one of {OBSERVERS}, got {observer!r}")
         if not check_percentile(percentile):
             raise ValueError(f"FakeQuantizer: percentile must be a number in (50, 100], got {percentile!r}")
-        if mode == "max" and observer != "minmax":
+        if mode in ("max", "als") and observer != "minmax":
             raise ValueError(
-                "FakeQuantizer: mode 'max' computes its scale from every tensor; observer "
+                f"FakeQuantizer: mode {mode!r} computes its scale from the tensor itself; observer "
                 f"{observer!r} needs mode 'frozen' or 'lsq'"
             )
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
@@ -336,12 +429,48 @@ class FakeQuantizer(nn.Module):
         self._calibrated = True
 
     def init_from(self, x: torch.Tensor) -> "FakeQuantizer":
-        """Set the range, signedness and scale from tensor x (a weight: all of it at once)."""
+        """Set the range, signedness and scale from tensor x (a weight: all of it at once); in mode
+        "als" this is ``refit(x)``."""
+        if self.mode == "als":
+            return self.refit(x)
         if x.numel() == 0:
             raise ValueError(f"{self._label()}: init_from got an empty tensor")
         self._check_channels(x)
         mn, mx = _minmax(x, self.axis)
         self._set_state(mn.to(self.min_val.device), mx.to(self.max_val.device))
+        return self
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x with the channel axis first (one channel per row of ``.reshape(C, -1)``)."""
+        if self.axis is None:
+            return x.reshape(1, -1)
+        return x.movedim(self.axis, 0)
+
+    def refit(self, x: torch.Tensor) -> "FakeQuantizer":
+        """Mode "als": set the scale to ``als_scale`` of x (the weight as the layer uses it: pruned
+        entries 0) and the range to x's min / max; the quantizer counts as initialised. No
+        gradient; deterministic (it depends on x alone). RuntimeError if x holds inf or NaN."""
+        if self.mode != "als":
+            raise ValueError(
+                f"{self._label()}: refit applies to mode 'als' only; this quantizer's mode is {self.mode!r}"
+            )
+        if x.numel() == 0:
+            raise ValueError(f"{self._label()}: refit got an empty tensor")
+        self._check_channels(x)
+        xd = x.detach()
+        if not bool(torch.isfinite(xd).all()):
+            raise RuntimeError(f"{self._label()}: the weight holds inf or NaN; cannot fit its ALS scale (diverged?)")
+        dev = self.scale.device
+        scale = als_scale(self._rows(xd), self.bits).to(dev)
+        mn, mx = _minmax(xd, self.axis)
+        with torch.no_grad():
+            self.min_val.copy_(mn.to(dev))
+            self.max_val.copy_(mx.to(dev))
+            self.scale.copy_(scale)
+            self.signed.fill_(True)
+            self.calibrated.fill_(True)
+        self._signed = True
+        self._calibrated = True
         return self
 
     def copy_calibration_from(self, other: "FakeQuantizer") -> None:
@@ -371,6 +500,8 @@ class FakeQuantizer(nn.Module):
             s = self.scale.detach().float()
             if self.mode == "lsq":
                 s = s.clamp_min(self.eps)
+            elif self.mode == "als":  # 0 marks an all-zero row (fake_quantize gets kernel_scale)
+                s = torch.where(s == 0, torch.ones_like(s), s)
             check_scale_values(s, f"{self._label()}: the loaded scale")
         if self.signed_config == "auto":
             self._signed = bool(self.signed.item()) if self._calibrated else None
@@ -486,12 +617,15 @@ class FakeQuantizer(nn.Module):
                 self.scale.copy_(scale)
         elif self.mode == "frozen":
             scale = self.scale
+        elif self.mode == "als":
+            scale = kernel_scale(self.scale)
         else:
             scale = _ClampMinSTE.apply(self.scale, self.eps)
             if scale.requires_grad:
                 grad_factor = self._grad_factor(x, qmax)
-        # The state is valid by construction (scales from scale_from_range are at least fp32's tiny,
-        # so 1/s is finite; a learned scale is clamped to eps above; the zero point is 0, and the
+        # The state is valid by construction (scales from scale_from_range and als_scale are at
+        # least fp32's tiny, so 1/s is finite, or 0 for an ALS row, replaced by kernel_scale; a
+        # learned scale is clamped to eps above; the zero point is 0, and the
         # checks of _set_state / loading), so the per-call checks that read tensor values (tens of
         # microseconds each on a CPU, a host sync on a GPU) are skipped. A diverged (NaN) learned
         # scale makes the output NaN, which the trainer reports as divergence.

@@ -27,7 +27,7 @@ from .quantizer import DEFAULT_PERCENTILE, OBSERVERS, check_percentile
 
 __all__ = ["QuantSpec", "LAYER_TYPES", "WEIGHT_SCALES", "ACT_SCALES", "OBSERVERS", "DEFAULT_PERCENTILE"]
 
-WEIGHT_SCALES = ("max", "lsq", "frozen")
+WEIGHT_SCALES = ("max", "lsq", "frozen", "als")
 ACT_SCALES = ("frozen", "lsq")
 _BITS_KEYS = ("weight_bits", "act_bits")
 
@@ -80,8 +80,10 @@ class QuantSpec(LayerSelectionSpec):
     weight_bits / act_bits: int 1..16 or None (no quantizer). types: subset of {"conv", "linear"}.
     include / exclude: regexes on qualified names (include None = all). first / last: None, "skip" or
     {"weight_bits"?, "act_bits"?}. overrides: [{"pattern", "weight_bits"?, "act_bits"?}], later wins.
-    weight_scale: "max" | "lsq" | "frozen". act_scale: "frozen" | "lsq". act_signed: "auto" | True |
-    False. act_observer: "minmax" | "percentile". act_percentile: p in (50, 100] (default 99.99).
+    weight_scale: "max" | "lsq" | "frozen" | "als" (MicroNet's alternating-least-squares scale, refit
+    once per epoch by pycompress.quant.ALSRefit; see pycompress.quant.quantizer). act_scale:
+    "frozen" | "lsq". act_signed: "auto" | True | False. act_observer: "minmax" | "percentile".
+    act_percentile: p in (50, 100] (default 99.99).
     calib_batches: batches calibrate() uses by default.
     """
 

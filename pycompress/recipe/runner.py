@@ -404,6 +404,11 @@ class Runner:
             pruner = Pruner(model, stage.prune, log=self.log)
             hooks.append(pruner)
             optimizer = build_masked_optimizer(model, optimizer)
+        from ..quant import ALSRefit, qat_modules
+
+        # MicroNet's ALS weight scales: refit once per epoch (after the pruner re-applied the masks)
+        if any(m.weight_quant is not None and m.weight_quant.mode == "als" for m in qat_modules(model).values()):
+            hooks.append(ALSRefit())
         distiller = None
         if stage.distill is not None:
             from ..distill import Distiller
