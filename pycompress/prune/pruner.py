@@ -141,7 +141,11 @@ class Pruner:
         if self._regrowing():
             opt.set_masks({})  # the dense shadow weights take plain steps
         else:
-            opt.set_masks({m.weight: m._buffers[M.MASK] for m in M.masked_layers(self.model).values()})
+            # frozen layers (a stage's train_only) are not in the optimizer: nothing updates them
+            held = {id(p) for g in opt.param_groups for p in g["params"]}
+            opt.set_masks(
+                {m.weight: m._buffers[M.MASK] for m in M.masked_layers(self.model).values() if id(m.weight) in held}
+            )
 
     def _attach(self, masks: Dict[str, torch.Tensor], what: Optional[str] = None) -> None:
         """Attach newly selected masks (zeroing the pruned weights), record the sparsity, hand the

@@ -360,7 +360,15 @@ class Runner:
                 if isinstance(gen, torch.Generator):
                     gen.manual_seed(self.recipe.seed * 7 + index)
                 seed_everything(self.recipe.seed * 7 + index)
-                calibrate(model, train_loader, num_batches=qspec.calib_batches, device=self.device)
+                # A train_only stage changes nothing outside its layers: only new (or rebuilt)
+                # activation quantizers are calibrated; otherwise every one is, from this model.
+                calibrate(
+                    model,
+                    train_loader,
+                    num_batches=qspec.calib_batches,
+                    device=self.device,
+                    only_uncalibrated=bool(stage.train_only),
+                )
             arch["qat"] = qat_plan(model)
         summary, trainer = self._fit(stage, model, arch, sdir, stage.name, resuming, train_loader)
         # epochs of earlier sessions (resume) + everything this session did (set-up, calibration)
