@@ -20,6 +20,11 @@ from tests.helpers import ROOT, run_cli, write_recipe
 SEED_RECIPES = [
     "micronet_cifar100.yaml",
     "micronet_fashion.yaml",
+    "hw7_food11.yaml",
+    "hw7_fashion.yaml",
+    "deephoyer_lenet300.yaml",
+    "deephoyer_lenet5.yaml",
+    "deephoyer_cifar.yaml",
 ]
 
 
@@ -112,3 +117,78 @@ def test_micronet_cifar100_pipeline_on_generated_cifar100(tmp_path):
     changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("fc.") for k in changed)
     assert "[fc_prune] trains only fc" in res.stdout
+
+
+def _write_food11(root, per_class=2, size=(40, 36)):
+    from PIL import Image
+
+    rng = np.random.RandomState(1)
+    for folder, n in (("training", per_class), ("validation", 1)):
+        (root / folder).mkdir(parents=True)
+        for c in range(11):
+            for k in range(n):
+                px = rng.randint(0, 256, size=size[::-1] + (3,)).astype(np.uint8)
+                Image.fromarray(px).save(root / folder / f"{c}_{k}.jpg")
+    (root / "testing").mkdir()
+
+
+def test_hw7_food11_pipeline_on_a_generated_folder(tmp_path):
+    data = tmp_path / "food"
+    _write_food11(data)
+    raw = yaml.safe_load(open(os.path.join(ROOT, "recipes", "hw7_food11.yaml")))
+    raw["data"].update(batch_size=8, eval_batch_size=11, num_workers=0, options={"image_size": 32})
+    for s in raw["stages"]:
+        if "epochs" in s:
+            s["epochs"] = 1
+        s.pop("schedule", None)
+    path = write_recipe(tmp_path, raw)
+    out = str(tmp_path / "run")
+    res = run_cli(["run", path, "--out", out, "--data-root", str(data), "--no-progress"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    stages = {s["name"]: s for s in report["stages"]}
+    slim = stages["slim"]["slim"]
+    assert len(slim["rounds"]) == 5 and slim["params_ratio"] < 0.9  # 5 rounds of width x 0.95, physically smaller
+    arts = {a["format"]: a for a in report["artifacts"]}
+    assert set(arts) == {"pcz", "fp16", "uint8"}
+    b32, b16, b8 = arts["pcz"]["file_bytes"], arts["fp16"]["file_bytes"], arts["uint8"]["file_bytes"]
+    assert b8 < b16 < b32 and all(a["top1"] is not None for a in arts.values())
+    assert report["data"]["num_classes"] == 11
+
+
+def _write_cifar10(root, n_train=24, n_test=10):
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.RandomState(2)
+
+    def arrays(n):
+        return rng.randint(0, 256, size=(n, 3072)).astype(np.uint8), rng.randint(0, 10, n).tolist()
+
+    for i in range(1, 6):
+        x, y = arrays(n_train // 5 + 1)
+        with open(d / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": x, b"labels": y}, f)
+    x, y = arrays(n_test)
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({b"data": x, b"labels": y}, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+
+
+def test_deephoyer_cifar_pipeline_on_generated_cifar10(tmp_path):
+    data = tmp_path / "data"
+    _write_cifar10(data)
+    raw = yaml.safe_load(open(os.path.join(ROOT, "recipes", "deephoyer_cifar.yaml")))
+    raw["data"].update(batch_size=8, eval_batch_size=10, num_workers=0)
+    raw["model"]["args"] = {"depth": 8}
+    for s in raw["stages"]:
+        if "epochs" in s:
+            s["epochs"] = 1
+        s.pop("schedule", None)
+    path = write_recipe(tmp_path, raw)
+    out = str(tmp_path / "run")
+    res = run_cli(["run", path, "--out", out, "--data-root", str(data), "--no-progress"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["student"]["sparsity"]["selected"] > 0  # the std-ratio threshold pruned something
+    assert os.path.exists(os.path.join(out, "stages", "01-prune", "sparsity.txt"))
