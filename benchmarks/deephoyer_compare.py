@@ -1,6 +1,8 @@
 """DeepHoyer's comparison on data we have: magnitude pruning against the L1, Hoyer and Hoyer-Square
 regularizers (each followed by the std-ratio threshold prune and a fine-tune with the zeros fixed), at
-matched accuracy: the highest sparsity each reaches at most 1 point below the dense model.
+matched accuracy: the highest sparsity each reaches at most 1 point below the dense model; with
+``--methods group_lasso,group_hs`` also the structured regularizers (Group Lasso, Group-HS), whose
+table column gives the filters / rows and channels / columns left alive in each pruned layer.
 
     python benchmarks/deephoyer_compare.py --recipe recipes/deephoyer_lenet300.yaml --out runs/dh300
     python benchmarks/deephoyer_compare.py --recipe recipes/deephoyer_lenet5.yaml --out runs/dh5
@@ -33,14 +35,18 @@ METHODS = {
     "l1": ("hoyer.prune.strength", [1.0e-4, 3.0e-4, 1.0e-3], ["hoyer.prune.regularizer=l1"]),
     "hoyer": ("hoyer.prune.strength", [1.0e-3, 3.0e-3, 1.0e-2], ["hoyer.prune.regularizer=hoyer"]),
     "hoyer_square": ("hoyer.prune.strength", [5.0e-6, 2.0e-5, 5.0e-5], ["hoyer.prune.regularizer=hoyer_square"]),
+    # structured: groups (conv filters and input channels, FC rows and columns) driven to zero
+    "group_lasso": ("hoyer.prune.strength", [3.0e-4, 1.0e-3, 3.0e-3], ["hoyer.prune.regularizer=group_lasso"]),
+    "group_hs": ("hoyer.prune.strength", [1.0e-3, 3.0e-3, 1.0e-2], ["hoyer.prune.regularizer=group_hs"]),
 }
+ELEMENTWISE = ("magnitude", "l1", "hoyer", "hoyer_square")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(ELEMENTWISE), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--fixed", action="append", default=[], help="an override for every run (e.g. hoyer.epochs=4)")
     p.add_argument("--data-root")
     p.add_argument("--threads", type=int)
@@ -68,7 +74,12 @@ def main(argv=None) -> int:
             progress=False,
         )
         results[m] = rows
-    dense = _dense_top1(args.out) if "magnitude" in results else None
+    for m in METHODS:  # methods swept by an earlier call into the same --out
+        rows_json = os.path.join(args.out, m, "sweep.json")
+        if m not in results and os.path.isfile(rows_json):
+            results[m] = json.load(open(rows_json))["rows"]
+    results = {m: results[m] for m in METHODS if m in results}
+    dense = _dense_top1(args.out) if os.path.isdir(os.path.join(args.out, "magnitude")) else None
     write_comparison(args.out, results, dense)
     return 0
 
@@ -86,6 +97,24 @@ def _dense_top1(out: str):
     return max(vals) if vals else None  # the same run each time (same seed): equal values
 
 
+def _structure(out: str, row: dict) -> str:
+    """Alive output / input groups of each pruned weight of a run's final model (its last
+    sparsity.json): conv filters and input channels, FC rows and columns."""
+    run = os.path.join(out, row["method_dir"], row["run_dir"]) if "method_dir" in row else None
+    if run is None or not os.path.isdir(os.path.join(run, "stages")):
+        return ""
+    stages = sorted(d for d in os.listdir(os.path.join(run, "stages")))
+    for d in reversed(stages):
+        f = os.path.join(run, "stages", d, "sparsity.json")
+        if os.path.isfile(f):
+            rows = [r for r in json.load(open(f))["rows"] if r.get("selected") and r.get("alive_out") is not None]
+            return "; ".join(
+                f"{r['name'].rsplit('.', 1)[0]} {r['alive_out']}/{r['total_out']}, {r['alive_in']}/{r['total_in']}"
+                for r in rows
+            )
+    return ""
+
+
 def write_comparison(out: str, results: dict, dense) -> None:
     import matplotlib
 
@@ -94,6 +123,7 @@ def write_comparison(out: str, results: dict, dense) -> None:
 
     table = []
     for m, rows in results.items():
+        rows = [dict(r, method_dir=m) for r in rows]
         pts = [
             (r["sparsity"], r["top1"], r) for r in rows if r.get("status") == "done" and r.get("sparsity") is not None
         ]
@@ -106,6 +136,7 @@ def write_comparison(out: str, results: dict, dense) -> None:
                 "best_sparsity": None if best is None else best[0],
                 "top1": None if best is None else best[1],
                 "setting": None if best is None else {k: v for k, v in best[2].items() if "." in k},
+                "structure": None if best is None else _structure(out, best[2]),
                 "points": [(s, t) for s, t, _ in sorted(pts, key=lambda t: t[0])],
             }
         )
@@ -115,14 +146,15 @@ def write_comparison(out: str, results: dict, dense) -> None:
         if dense is not None
         else "No dense baseline (run the magnitude method).",
         "",
-        "| method | runs | sparsity at <= 1 point loss | top-1 (%) | setting |",
-        "|---|---:|---:|---:|---|",
+        "| method | runs | sparsity at <= 1 point loss | top-1 (%) | setting | alive filters / rows (out), "
+        "channels / columns (in) |",
+        "|---|---:|---:|---:|---|---|",
     ]
     for t in table:
         sp = "-" if t["best_sparsity"] is None else f"{100 * t['best_sparsity']:.2f}%"
         top = "-" if t["top1"] is None else f"{t['top1']:.2f}"
         setting = "-" if not t["setting"] else ", ".join(f"{k}={v}" for k, v in t["setting"].items())
-        lines.append(f"| {t['method']} | {t['runs']} | {sp} | {top} | {setting} |")
+        lines.append(f"| {t['method']} | {t['runs']} | {sp} | {top} | {setting} | {t['structure'] or '-'} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)
