@@ -30,7 +30,9 @@ Parameters (in units of 32-bit parameters: bits / 32):
   scale fold into, as in the MicroNet entry's export);
 * BatchNorm: ``C * 32`` bits (its bias; its scale merges into the neighbouring layer: "batchnorm
   scales are not counted since they can be merged. Bias added for each batch norm", the public
-  counting notebook);
+  counting notebook). A pre-activation BatchNorm (DenseNet's BN-ReLU-conv) cannot always merge
+  into a conv; an export with explicit per-channel scale layers there (as the MicroNet entry's)
+  would count ``C * 32`` more bits and ``n`` more multiplications for each: not counted here;
 * any other leaf's parameters at 32 bits (listed in ``uncounted`` when its type has no rule).
 
 Operations (``mults`` and ``adds`` counted separately, then weighted by bits / 32):
