@@ -168,6 +168,12 @@ def _parser() -> argparse.ArgumentParser:
     _profile.add_arguments(pr)
     pr.set_defaults(func=_profile.cli_main)
 
+    from pycompress import plot as _plot
+
+    pl = sub.add_parser("plot", help="plots of finished runs: pareto (top-1 against the shipped file's bytes)")
+    _plot.add_arguments(pl)
+    pl.set_defaults(func=_plot.cli_main)
+
     from pycompress import sweep as _sweep
 
     sw = sub.add_parser(
