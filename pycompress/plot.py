@@ -127,9 +127,10 @@ def plot_pareto(points: Sequence[dict], path: str, reference: bool = True, title
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    from .train.metrics import save_png
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_png(fig, path, dpi=130)
     plt.close(fig)
     return front
 

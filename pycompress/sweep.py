@@ -560,7 +560,7 @@ def plot_sweep(
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    from .utils import atomic_write_bytes
+    from .train.metrics import save_png
 
     (xlabel, xs), (ylabel, ys) = _axis(x), _axis(y)
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
@@ -575,9 +575,7 @@ def plot_sweep(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(os.fspath(path), buf.getvalue())
+    save_png(fig, path)
     return True
 
 
@@ -720,18 +718,10 @@ def _write_summary(plan: SweepPlan, rows: List[dict], group: str, x: Optional[st
 
 
 # ------------------------------------------------------------------------------------ command line
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `pycompress sweep`'s arguments to ``p`` (a subparser); returns ``p``."""
+    from .profile import _positive_int
+
     p.add_argument("recipe", help="recipe file, e.g. recipes/deephoyer_lenet300.yaml")
     p.add_argument(
         "--set",

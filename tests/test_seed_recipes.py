@@ -47,12 +47,9 @@ def _write_cifar100(root, n_train=32, n_test=12):
         pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f)
 
 
-def _shrunk(raw: dict) -> dict:
-    """The recipe's stages as they are, with tiny models, batches and epochs."""
-    raw = copy.deepcopy(raw)
-    raw["data"].update(batch_size=8, eval_batch_size=12, num_workers=0)
-    raw["model"]["args"] = {"depth": 10, "growth_rate": 4}
-    raw["teacher"]["args"] = {"depth": 10, "growth_rate": 6}
+def _short_stages(raw: dict) -> dict:
+    """The recipe's stages as they are, each one epoch (no schedule), a short BN recalibration and
+    mask regrowth (in place; returns raw)."""
     for s in raw["stages"]:
         if "epochs" in s:
             s["epochs"] = 1
@@ -65,6 +62,28 @@ def _shrunk(raw: dict) -> dict:
     return raw
 
 
+def _shrunk(raw: dict) -> dict:
+    """The MicroNet recipe's stages as they are, with tiny models, batches and epochs."""
+    raw = copy.deepcopy(raw)
+    raw["data"].update(batch_size=8, eval_batch_size=12, num_workers=0)
+    raw["model"]["args"] = {"depth": 10, "growth_rate": 4}
+    raw["teacher"]["args"] = {"depth": 10, "growth_rate": 6}
+    return _short_stages(raw)
+
+
+def _run(tmp_path, raw: dict, data):
+    """Run ``raw`` on the generated ``data``: (run directory, CLI result, report)."""
+    path = write_recipe(tmp_path, raw)
+    out = str(tmp_path / "run")
+    res = run_cli(["run", path, "--out", out, "--data-root", str(data), "--no-progress"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out, res, json.load(open(os.path.join(out, "report.json")))
+
+
+def _recipe(name: str) -> dict:
+    return yaml.safe_load(open(os.path.join(ROOT, "recipes", name)))
+
+
 def _state(out, stage):
     return torch.load(os.path.join(out, "stages", stage, "best.pt"), map_location="cpu", weights_only=False)
 
@@ -72,12 +91,7 @@ def _state(out, stage):
 def test_micronet_cifar100_pipeline_on_generated_cifar100(tmp_path):
     data = tmp_path / "data"
     _write_cifar100(data)
-    raw = yaml.safe_load(open(os.path.join(ROOT, "recipes", "micronet_cifar100.yaml")))
-    path = write_recipe(tmp_path, _shrunk(raw))
-    out = str(tmp_path / "run")
-    res = run_cli(["run", path, "--out", out, "--data-root", str(data), "--no-progress"])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    report = json.load(open(os.path.join(out, "report.json")))
+    out, res, report = _run(tmp_path, _shrunk(_recipe("micronet_cifar100.yaml")), data)
     stages = {s["name"]: s for s in report["stages"]}
     assert all(s["status"] == "done" for s in stages.values())
     # every stage's MicroNet score, and the final one in the report
@@ -135,17 +149,9 @@ def _write_food11(root, per_class=2, size=(40, 36)):
 def test_hw7_food11_pipeline_on_a_generated_folder(tmp_path):
     data = tmp_path / "food"
     _write_food11(data)
-    raw = yaml.safe_load(open(os.path.join(ROOT, "recipes", "hw7_food11.yaml")))
+    raw = _recipe("hw7_food11.yaml")
     raw["data"].update(batch_size=8, eval_batch_size=11, num_workers=0, options={"image_size": 32})
-    for s in raw["stages"]:
-        if "epochs" in s:
-            s["epochs"] = 1
-        s.pop("schedule", None)
-    path = write_recipe(tmp_path, raw)
-    out = str(tmp_path / "run")
-    res = run_cli(["run", path, "--out", out, "--data-root", str(data), "--no-progress"])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    report = json.load(open(os.path.join(out, "report.json")))
+    _, _, report = _run(tmp_path, _short_stages(raw), data)
     stages = {s["name"]: s for s in report["stages"]}
     slim = stages["slim"]["slim"]
     assert len(slim["rounds"]) == 5 and slim["params_ratio"] < 0.9  # 5 rounds of width x 0.95, physically smaller
@@ -178,17 +184,9 @@ def _write_cifar10(root, n_train=24, n_test=10):
 def test_deephoyer_cifar_pipeline_on_generated_cifar10(tmp_path):
     data = tmp_path / "data"
     _write_cifar10(data)
-    raw = yaml.safe_load(open(os.path.join(ROOT, "recipes", "deephoyer_cifar.yaml")))
+    raw = _recipe("deephoyer_cifar.yaml")
     raw["data"].update(batch_size=8, eval_batch_size=10, num_workers=0)
     raw["model"]["args"] = {"depth": 8}
-    for s in raw["stages"]:
-        if "epochs" in s:
-            s["epochs"] = 1
-        s.pop("schedule", None)
-    path = write_recipe(tmp_path, raw)
-    out = str(tmp_path / "run")
-    res = run_cli(["run", path, "--out", out, "--data-root", str(data), "--no-progress"])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    report = json.load(open(os.path.join(out, "report.json")))
+    out, _, report = _run(tmp_path, _short_stages(raw), data)
     assert report["student"]["sparsity"]["selected"] > 0  # the std-ratio threshold pruned something
     assert os.path.exists(os.path.join(out, "stages", "01-prune", "sparsity.txt"))

@@ -287,9 +287,6 @@ class _StageBuilder(Runner):
         )
         return trainer, model
 
-    def _stage_loader(self, stage):
-        return self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
-
 
 def _torch_layers(model: nn.Module) -> nn.Module:
     """pycompress.nn's depthwise layers back to plain nn.Conv2d (same parameters), in place."""

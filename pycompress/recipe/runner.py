@@ -265,10 +265,13 @@ class Runner:
             "std": list(info.std),
         }
 
+    def _stage_loader(self, stage: StageSpec):
+        """The whole training set at the stage's batch size (default: the data section's)."""
+        return self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
+
     def _stage_train_loader(self, stage: StageSpec):
         """A training stage's loader: under torchrun, this process's shard."""
-        loader = self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
-        return D.shard_loader(loader)
+        return D.shard_loader(self._stage_loader(stage))
 
     def _optimizer_spec(self, stage: StageSpec) -> Dict[str, Any]:
         """The stage's optimizer, its learning rate scaled by ``distributed.lr_scale`` under torchrun."""
@@ -561,7 +564,7 @@ class Runner:
 
     def _seeded_train_loader(self, index: int, stage: StageSpec):
         """The stage's training loader, its shuffling seeded from (seed, stage index)."""
-        loader = self.train_loader if stage.batch_size is None else self._train_loader(stage.batch_size)
+        loader = self._stage_loader(stage)
         gen = getattr(loader, "generator", None)
         if isinstance(gen, torch.Generator):
             gen.manual_seed(self.recipe.seed * 7 + index)
@@ -747,6 +750,11 @@ class Runner:
             with ctx, checks:
                 return self._run()
 
+    def _adopt(self, stage: StageSpec, res: Dict[str, Any]) -> None:
+        """A finished stage that ends with a checkpoint makes it its target's current model."""
+        if stage.kind in CHECKPOINT_KINDS:
+            self.current[stage.target] = {"arch": res["arch"], "path": self._p(res["best"]), "fresh": False}
+
     def _run(self) -> Dict[str, Any]:
         self._prepare_dir()
         t_start = time.perf_counter()
@@ -776,9 +784,7 @@ class Runner:
         for i, stage in enumerate(self.recipe.stages):
             st = self.state["stages"].get(stage.name, {})
             if st.get("status") == "done":
-                res = st["result"]
-                if stage.kind in CHECKPOINT_KINDS:
-                    self.current[stage.target] = {"arch": res["arch"], "path": self._p(res["best"]), "fresh": False}
+                self._adopt(stage, st["result"])
                 self.log(f"[{stage.name}] already done, skipped")
                 continue
             self.state["stages"][stage.name] = {"index": i, "kind": stage.kind, "status": "running"}
@@ -793,8 +799,7 @@ class Runner:
                 res = D.on_main(lambda: self._run_export(i, stage))
             else:
                 res = D.on_main(lambda: self._run_evaluate(i, stage))
-            if stage.kind in CHECKPOINT_KINDS:  # the same on every process
-                self.current[stage.target] = {"arch": res["arch"], "path": self._p(res["best"]), "fresh": False}
+            self._adopt(stage, res)  # the same on every process
             self.state["stages"][stage.name] = {
                 "index": i,
                 "kind": stage.kind,

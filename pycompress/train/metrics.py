@@ -103,7 +103,12 @@ def plot_curves(path: str, rows: Sequence[Dict], title: str = "") -> bool:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(os.fspath(path), buf.getvalue())
+    save_png(fig, path)
     return True
+
+
+def save_png(fig, path, dpi=None) -> None:
+    """Write a matplotlib figure as PNG, atomically (temp file + rename)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(os.fspath(path), buf.getvalue())
