@@ -201,11 +201,11 @@ def load_for_profile(
     ):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
 
-    if spec in models.names() and os.sep not in spec:
+    if (spec in models.names() and os.sep not in spec) or models.is_external(spec):
         c, h, w = shape or DEFAULT_INPUT_SIZE
         n = DEFAULT_NUM_CLASSES if num_classes is None else num_classes
         args = dict(model_args or {})
-        if "input_size" in models.accepted_kwargs(spec) and "input_size" not in args and h == w:
+        if "input_size" in (models.accepted_kwargs(spec) or {}) and "input_size" not in args and h == w:
             args["input_size"] = h
         try:
             model = models.build(spec, in_channels=c, num_classes=n, **args)

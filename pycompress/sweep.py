@@ -88,6 +88,7 @@ SWEEP_FORMAT = "pycompress-sweep"
 #: metric columns of a row, in table order, with their axis labels
 METRICS: Dict[str, str] = {
     "top1": "top-1 (%)",
+    "val_top1": "validation top-1 (%)",  # what to choose settings on, with data.validation
     "top5": "top-5 (%)",
     "params": "parameters",
     "size_bytes": "size (bytes)",
@@ -462,6 +463,7 @@ def _row(plan: SweepPlan, run: dict, report: Optional[dict], status: str, second
     row.update(
         {
             "top1": s.get("top1"),
+            "val_top1": s.get("val_top1"),
             "top5": s.get("top5"),
             "params": s.get("params"),
             "size_bytes": s.get("size_bytes"),
@@ -506,7 +508,8 @@ def _fmt(v: Any, spec: str) -> str:
 
 def format_markdown(rows: Sequence[dict], keys: Sequence[str]) -> str:
     """The rows as a markdown table (sparsity in percent)."""
-    head = ["#", "run"] + list(keys) + ["top-1 (%)", "top-5 (%)", "params", "size (bytes)", "sparsity"]
+    head = ["#", "run"] + list(keys) + ["top-1 (%)", "val top-1 (%)", "top-5 (%)", "params", "size (bytes)"]
+    head += ["sparsity"]
     head += ["compression", "time (s)", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -514,6 +517,7 @@ def format_markdown(rows: Sequence[dict], keys: Sequence[str]) -> str:
         cells = [str(r["index"]), f"`{r['run_dir']}`"] + [_show(r.get(k)).replace("|", "\\|") for k in keys]
         cells += [
             _fmt(r.get("top1"), ".2f"),
+            _fmt(r.get("val_top1"), ".2f"),
             _fmt(r.get("top5"), ".2f"),
             _fmt(r.get("params"), ","),
             _fmt(r.get("size_bytes"), ","),

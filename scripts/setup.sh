@@ -16,7 +16,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 ninja numpy pyyaml tqdm matplotlib pytest \
-  onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 torch-pruning==1.6.1 ruff==0.17.6 \
+  onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 torch-pruning==1.6.1 safetensors==0.8.0 ruff==0.17.6 \
   2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c "import torch, onnx, onnxruntime" # fail loudly if the install above did not work
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then

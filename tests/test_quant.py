@@ -402,8 +402,13 @@ def test_selection_errors():
     class MyConv(nn.Conv2d):
         pass
 
-    with pytest.raises(ValueError, match="'1'.*MyConv"):
-        prepare_qat(nn.Sequential(nn.Conv2d(1, 1, 1), MyConv(1, 1, 1)), {})
+    # a subclass with (possibly) its own forward is left float, with a warning naming it (issue 19)
+    net = nn.Sequential(nn.Conv2d(1, 1, 1), MyConv(1, 1, 1))
+    with pytest.warns(UserWarning, match="left float: '1': a MyConv"):
+        assert list(prepare_qat(net, {})) == ["0"]
+    assert type(net[1]) is MyConv
+    with pytest.raises(ValueError, match="'1'.*MyConv"):  # a plan naming it is refused
+        apply_plan(nn.Sequential(nn.Conv2d(1, 1, 1), MyConv(1, 1, 1)), {"1": qat_plan(net)["0"]})
     with pytest.raises(ValueError, match="does not have"):
         apply_plan(
             Net(),

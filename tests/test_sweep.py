@@ -164,6 +164,7 @@ def test_sweep_writes_rows_table_and_plot(done_sweep):
         "train.prune.sparsity",
         "seed",
         "top1",
+        "val_top1",
         "top5",
         "params",
         "size_bytes",

@@ -162,7 +162,8 @@ class _StageBuilder(Runner):
         d = self.recipe.data
         self.info = input_info(d.dataset, d.options, self.data_root)
         self.train_loader = self._train_loader(d.batch_size)
-        self.eval_loader = _Batches(self._synthetic(self.batch_size(d.eval_batch_size)), 1)
+        self.test_loader = _Batches(self._synthetic(self.batch_size(d.eval_batch_size)), 1)
+        self.val_loader = None  # the bench times steps; it selects nothing
         self.data_desc = {
             "dataset": d.dataset,
             "options": dict(d.options),

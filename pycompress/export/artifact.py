@@ -88,8 +88,8 @@ def arch_of(model: nn.Module) -> Dict[str, Any]:
     if not isinstance(arch, dict):
         raise ExportError(
             f"cannot record how to rebuild this {type(model).__name__}: it was not built by "
-            f"pycompress.models.build; pass arch={{'model': <registry name>, 'args': {{...}}, "
-            f"'in_channels': C, 'num_classes': K}}"
+            f"pycompress.models.build; pass arch={{'model': <registry name, torchvision:<name>, "
+            f"timm:<name> or import:<module>:<function>>, 'args': {{...}}, 'in_channels': C, 'num_classes': K}}"
         )
     out = {k: arch[k] for k in ("model", "args", "in_channels", "num_classes")}
     if arch.get("slim"):
@@ -449,7 +449,12 @@ def decode(manifest: Dict[str, Any], payload: bytes, path: str = "<memory>") -> 
         raise _fail(path, f"the manifest is not a {ARTIFACT_FORMAT} manifest")
     arch = manifest.get("arch") or {}
     name = arch.get("model")
-    if name not in models.names():
+    if models.is_external(name):  # torchvision:, timm:, import: (its module must be importable here)
+        try:
+            models.check_name(name)
+        except ValueError as exc:
+            raise _fail(path, f"cannot rebuild the artifact's model: {exc}") from None
+    elif name not in models.names():
         raise _fail(
             path,
             f"the artifact's model {name!r} is not known to this pycompress installation "

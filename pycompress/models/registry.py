@@ -4,17 +4,24 @@ Every factory takes keyword-only ``in_channels`` and ``num_classes`` (the datase
 plus its own architecture arguments. ``build`` checks the arguments against the factory's
 signature before calling it, so a typo is an error naming the model and the argument rather than
 a silent default.
+
+Names with a prefix (``torchvision:<name>``, ``timm:<name>``, ``import:<module>:<function>``) are
+models from outside the zoo, resolved by :mod:`pycompress.models.external`; ``build``,
+``check_name`` and ``accepted_kwargs`` take them too (``names`` lists the zoo only).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.nn as nn
 
-__all__ = ["register", "register_alias", "build", "names", "accepted_kwargs"]
+from . import external
+from .external import is_external
+
+__all__ = ["register", "register_alias", "build", "names", "accepted_kwargs", "check_name", "is_external"]
 
 # The two arguments every model takes; build() supplies them.
 _COMMON = ("in_channels", "num_classes")
@@ -88,12 +95,27 @@ def _lookup(name: str) -> _Entry:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}") from None
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(names())} (or torchvision:<name>, "
+            f"timm:<name>, import:<package.module>:<function>)"
+        ) from None
 
 
-def accepted_kwargs(name: str) -> Dict[str, Any]:
+def check_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is a zoo model or a prefixed name that resolves (a known
+    torchvision / timm model, an importable factory); builds nothing."""
+    if is_external(name):
+        external.check(name)
+    else:
+        _lookup(name)
+
+
+def accepted_kwargs(name: str) -> Optional[Dict[str, Any]]:
     """The architecture arguments ``name`` accepts (besides in_channels / num_classes), with their
-    defaults."""
+    defaults. None for a prefixed name whose arguments cannot be listed (torchvision, timm, a
+    factory taking ``**kwargs``): building it decides."""
+    if is_external(name):
+        return external.accepted_kwargs(name)
     entry = _lookup(name)
     params = inspect.signature(entry.factory).parameters
     return {a: params[a].default for a in _accepted(entry) if a not in _COMMON}
@@ -105,14 +127,19 @@ def _check_positive_int(model: str, arg: str, value: Any) -> None:
 
 
 def build(name: str, *, in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model, or one from outside the zoo (a prefixed name, see
+    :mod:`pycompress.models.external`).
 
     Raises ValueError for an unknown name (listing the known ones) or an invalid argument value,
     and TypeError for an argument the model does not take (naming the model and the argument).
     """
-    entry = _lookup(name)
+    entry = None if is_external(name) else _lookup(name)
     _check_positive_int(name, "in_channels", in_channels)
     _check_positive_int(name, "num_classes", num_classes)
+    if entry is None:
+        model = external.build(name, in_channels=in_channels, num_classes=num_classes, **kwargs)
+        _record(model, name, kwargs, in_channels, num_classes)
+        return model
     allowed = _accepted(entry)
     unknown = sorted(k for k in kwargs if k not in allowed or k in _COMMON)
     if unknown:
@@ -128,6 +155,11 @@ def build(name: str, *, in_channels: int = 3, num_classes: int = 10, **kwargs: A
             f"it accepts: {', '.join(extra) if extra else '(none besides in_channels, num_classes)'}"
         )
     model = entry.factory(in_channels=in_channels, num_classes=num_classes, **entry.fixed, **kwargs)
+    _record(model, name, kwargs, in_channels, num_classes)
+    return model
+
+
+def _record(model: nn.Module, name: str, kwargs: Dict[str, Any], in_channels: int, num_classes: int) -> None:
     # How to build it again (pycompress.export records it in artifacts); a plain attribute, so
     # deepcopy keeps it and state_dict ignores it.
     model._pycompress_build = {
@@ -136,4 +168,3 @@ def build(name: str, *, in_channels: int = 3, num_classes: int = 10, **kwargs: A
         "in_channels": in_channels,
         "num_classes": num_classes,
     }
-    return model

@@ -566,6 +566,9 @@ def _remove_in_place(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], e
     y_dead = _run_eval(_dead_copy(g, model, picks), example)
     mods = dict(model.named_modules())
     masks = {m: M.get_mask(m) for m in M.masked_layers(model).values()}
+    # layers a slim plan cannot describe (ConvTranspose2d, LayerNorm, a custom module's weight...):
+    # if removing channels resizes one, the slimmed network could not be rebuilt from its plan
+    unplanned = {n: (m, _tensor_shapes(m)) for n, m in mods.items() if _shape_of(m) is None and _tensor_shapes(m)}
     for name, idxs in picks.items():
         if not idxs:
             continue
@@ -590,6 +593,13 @@ def _remove_in_place(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], e
                 f"channel indices through, e.g. a view / transpose channel shuffle); nothing was "
                 f"removed"
             ) from None
+        resized = [f"{n!r} ({type(m).__name__})" for n, (m, shapes) in unplanned.items() if _tensor_shapes(m) != shapes]
+        if resized:
+            raise SlimError(
+                f"removing channels of the group of {name!r} resizes {', '.join(resized)}; a slim plan records "
+                f"the channels of nn.Conv2d, nn.Linear and BatchNorm layers only, so the slimmed network "
+                f"could not be rebuilt: keep that group (exclude: ['^{name}$']); nothing was removed"
+            )
         for m, dim, ix in cuts:
             if m in masks:
                 keep = torch.ones(masks[m].shape[dim], dtype=torch.bool)
@@ -630,6 +640,12 @@ def _remove_in_place(g: _Graph, model: nn.Module, picks: Dict[str, List[int]], e
 
 
 # ------------------------------------------------------------------------------------ plans
+def _tensor_shapes(m: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    """The shapes of a module's own parameters and buffers."""
+    own = list(m._parameters.items()) + list(m._buffers.items())
+    return {k: tuple(t.shape) for k, t in own if t is not None}
+
+
 def _shape_of(m: nn.Module) -> Optional[Dict[str, int]]:
     if isinstance(m, nn.Conv2d):
         return {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}

@@ -18,11 +18,12 @@ Activation ranges come from the spec's ``act_observer`` ("minmax", or "percentil
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch.nn as nn
 
-from .qat import calibrate, prepare_qat, qat_plan
+from .qat import _replace, calibrate, prepare_qat, qat_modules, qat_plan
 from .spec import QuantSpec
 
 __all__ = ["quantize_post_training"]
@@ -51,6 +52,27 @@ def quantize_post_training(
     if device is not None:
         model.to(device)
     prepare_qat(model, spec)
-    summary = calibrate(model, batches, num_batches=num_batches, device=device)
+    ran = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args: ran.add(id(mod))) for m in qat_modules(model).values()]
+    try:
+        summary = calibrate(model, batches, num_batches=num_batches, device=device)
+    finally:
+        for h in handles:
+            h.remove()
+    # a layer whose forward never ran (its parent uses the weight directly) would not be quantized
+    # where the model computes: it goes back to float
+    unused = {n: m for n, m in qat_modules(model).items() if id(m) not in ran}
+    if unused:
+        warnings.warn(
+            f"quantize_post_training: left float: {sorted(unused)}: their forward never ran during calibration "
+            f"(their parent uses the weight directly, or they serve training only)",
+            stacklevel=2,
+        )
+        for n, m in unused.items():
+            _replace(model, m, m.to_float(), n)
+            for k in [k for k in summary if k == n or k.startswith(n + ".")]:
+                del summary[k]
+        if not qat_modules(model):
+            raise ValueError("quantize_post_training: no quantized layer ran during calibration; nothing was quantized")
     model.eval()
     return {"plan": qat_plan(model), "calibration": summary}

@@ -27,6 +27,8 @@ __all__ = [
     "model_size",
     "refit_als",
     "ALSRefit",
+    "unquantizable_layers",
+    "layers_not_run",
 ]
 
 _QAT_CLS = {"conv": QuantConv2d, "linear": QuantLinear}
@@ -81,10 +83,14 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module, name: str) -> Non
         raise RuntimeError(f"could not find the parent of layer {name!r}")
 
 
-def _check_swappable(name: str, m: nn.Module) -> None:
+def _swappable(m: nn.Module) -> bool:
     from ..nn import DepthwiseConv2d
 
-    if type(m) in (nn.Conv2d, nn.Linear, DepthwiseConv2d) or isinstance(m, QAT_LAYERS):
+    return type(m) in (nn.Conv2d, nn.Linear, DepthwiseConv2d) or isinstance(m, QAT_LAYERS)
+
+
+def _check_swappable(name: str, m: nn.Module) -> None:
+    if _swappable(m):
         return
     why = (
         "it has torch.nn.utils.parametrize parametrizations; remove them first"
@@ -98,14 +104,64 @@ def _check_swappable(name: str, m: nn.Module) -> None:
     )
 
 
+def layers_not_run(model: nn.Module, example_input: torch.Tensor) -> List[str]:
+    """The conv / linear layers (by qualified name) whose forward does not run when ``model`` (in
+    eval mode, without gradients; modes restored) computes ``example_input``: their parent uses
+    their weight directly (e.g. torchvision's Swin attention) or they serve training only (an
+    auxiliary head), so a QAT layer in their place would not quantize what the model computes."""
+    ran = set()
+    layers = {n: m for n, m in model.named_modules() if layer_type(m) is not None}
+    handles = [m.register_forward_pre_hook(lambda mod, args: ran.add(id(mod))) for m in layers.values()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input.to(model_device(model) or example_input.device))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    return [n for n, m in layers.items() if id(m) not in ran]
+
+
+def unquantizable_layers(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> Dict[str, str]:
+    """``{name: why}``: the conv / linear layers ``prepare_qat`` leaves float whatever the spec
+    says: a subclass of nn.Conv2d / nn.Linear (its own forward, which a QAT layer would replace),
+    a layer with torch.nn.utils.parametrize parametrizations, and, given ``example_input``, a layer
+    whose forward never runs (:func:`layers_not_run`). Layers of other types (ConvTranspose2d,
+    Conv1d, BatchNorm, a custom module with a weight...) are never selected at all."""
+    out: Dict[str, str] = {}
+    for name, m in model.named_modules():
+        t = layer_type(m)
+        if t is None or _swappable(m):
+            continue
+        if _is_parametrized(m):
+            out[name] = "it has torch.nn.utils.parametrize parametrizations"
+        else:
+            base = "nn.Conv2d" if t == "conv" else "nn.Linear"
+            out[name] = (
+                f"a {type(m).__name__} (a subclass of {base} with its own forward); only plain nn.Conv2d / "
+                f"nn.Linear layers are quantized"
+            )
+    if example_input is not None:
+        for name in layers_not_run(model, example_input):
+            out.setdefault(
+                name,
+                "its forward does not run when the model predicts (its parent uses the weight directly, "
+                "or it serves training only), so a QAT layer would not quantize what the model computes",
+            )
+    return out
+
+
 # ------------------------------------------------------------------------------------- plans
 
 
-def _resolve(model: nn.Module, spec: QuantSpec) -> Dict[str, Dict[str, Any]]:
+def _resolve(model: nn.Module, spec: QuantSpec, skip: Optional[Mapping[str, str]] = None) -> Dict[str, Dict[str, Any]]:
     selected: List[Tuple[str, str]] = []
     for name, m in model.named_modules():
         t = layer_type(m)
-        if t is not None and spec.selects(name, t):
+        if t is not None and spec.selects(name, t) and name not in (skip or {}):
             selected.append((name, t))
     if not selected:
         raise ValueError(
@@ -208,17 +264,31 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Mapping[str, Any]]) -> nn.Mo
     return model
 
 
-def prepare_qat(model: nn.Module, spec: Union[QuantSpec, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+def prepare_qat(
+    model: nn.Module, spec: Union[QuantSpec, Mapping[str, Any]], *, example_input: Optional[torch.Tensor] = None
+) -> Dict[str, Dict[str, Any]]:
     """Swap the layers spec selects for QAT layers, in place; returns the plan (see qat_plan).
 
     On a model that is already QAT the spec describes the new complete state: selected layers are
     re-configured (weights kept; a quantizer whose settings changed is rebuilt, so new activation
     quantizers need ``calibrate`` again), QAT layers the spec no longer selects go back to float.
     LSQ scales are Parameters created here: build the optimizer after prepare_qat.
+
+    Layers that cannot be quantized faithfully stay float, with a warning naming them
+    (:func:`unquantizable_layers`: subclasses of nn.Conv2d / nn.Linear, parametrized layers, and,
+    given ``example_input`` (a batch the model takes), layers whose forward never runs); they do
+    not count as the spec's first / last layer.
     """
     if not isinstance(spec, QuantSpec):
         spec = QuantSpec.from_dict(spec)
-    plan = _resolve(model, spec)
+    skip = unquantizable_layers(model, example_input)
+    left = [n for n, m in model.named_modules() if n in skip and spec.selects(n, layer_type(m))]
+    if left:
+        warnings.warn(
+            "prepare_qat: left float: " + "; ".join(f"{n!r}: {skip[n]}" for n in left),
+            stacklevel=2,
+        )
+    plan = _resolve(model, spec, skip)
     apply_plan(model, plan)
     return qat_plan(model)
 

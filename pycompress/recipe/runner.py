@@ -246,13 +246,16 @@ class Runner:
         d = self.recipe.data
         train_set, info = build_dataset(d.dataset, "train", data_root=self.data_root, augment=d.augment, **d.options)
         test_set, _ = build_dataset(d.dataset, "test", data_root=self.data_root, augment=False, **d.options)
+        val_set = None
+        if d.validation:
+            train_set, val_set = self._split_validation(train_set, d)
         self.info = info
         self.train_set = train_set
         self.train_loader = self._train_loader(d.batch_size)
         pin = self.device.type == "cuda"
-        self.eval_loader = make_loader(
-            test_set, d.eval_batch_size, shuffle=False, seed=self.recipe.seed, num_workers=d.num_workers, pin_memory=pin
-        )
+        opts = {"shuffle": False, "seed": self.recipe.seed, "num_workers": d.num_workers, "pin_memory": pin}
+        self.test_loader = make_loader(test_set, d.eval_batch_size, **opts)
+        self.val_loader = None if val_set is None else make_loader(val_set, d.eval_batch_size, **opts)
         self.data_desc = {
             "dataset": d.dataset,
             "options": dict(d.options),
@@ -264,6 +267,32 @@ class Runner:
             "mean": list(info.mean),
             "std": list(info.std),
         }
+        if val_set is not None:
+            self.data_desc["val_samples"] = len(val_set)
+            self.data_desc["validation_seed"] = d.validation_seed
+
+    def _split_validation(self, train_set, d):
+        """(train, validation): ``d.validation`` training images, a random subset drawn with
+        ``d.validation_seed`` (the same for every recipe seed), held out and read without
+        augmentation; the rest, in their original order, train."""
+        from torch.utils.data import Subset
+
+        from ..data import build_dataset
+
+        n = len(train_set)
+        if d.validation >= n:
+            raise RunError(
+                f"data.validation is {d.validation} but the {d.dataset} training split has only {n} images; "
+                "hold out fewer"
+            )
+        gen = torch.Generator().manual_seed(int(d.validation_seed))
+        perm = torch.randperm(n, generator=gen)
+        val_idx = sorted(perm[: d.validation].tolist())
+        train_idx = sorted(perm[d.validation :].tolist())
+        plain = train_set
+        if d.augment:
+            plain, _ = build_dataset(d.dataset, "train", data_root=self.data_root, augment=False, **d.options)
+        return Subset(train_set, train_idx), Subset(plain, val_idx)
 
     def _stage_loader(self, stage: StageSpec):
         """The whole training set at the stage's batch size (default: the data section's)."""
@@ -298,10 +327,47 @@ class Runner:
     def _initial(self, target: str) -> Dict[str, Any]:
         spec = self.recipe.model if target == "student" else self.recipe.teacher
         arch = model_arch(spec.name, spec.args, self.info.in_channels, self.info.num_classes)
-        return {"arch": arch, "path": getattr(spec, "checkpoint", None), "fresh": True}
+        cur = {"arch": arch, "path": getattr(spec, "checkpoint", None), "fresh": True}
+        if spec.weights is not None:
+            cur["weights"] = {"path": spec.weights, "strict": spec.strict}
+        from ..models import is_external
 
-    def _materialize(self, target: str) -> nn.Module:
-        cur = self.current[target]
+        if spec.weights is not None or is_external(spec.name):
+            self._check_initial(target, cur)  # a weights file that does not fit fails now, not mid-run
+        return cur
+
+    def _check_initial(self, target: str, cur: Dict[str, Any]) -> None:
+        """Build the target's starting model once, before any stage: load its weights file (logging
+        what was loaded and skipped) and check that a model from outside the zoo takes the data's
+        images and gives one output per class."""
+        from ..models.weights import WeightsError
+
+        name = cur["arch"]["model"]
+        try:
+            model = self._materialize(target, cur, log=self.log)
+        except WeightsError as exc:  # it names the file and the model
+            raise RunError(str(exc)) from None
+        shape = self._input_shape()
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros([2] + shape))
+        except Exception as exc:  # noqa: BLE001 - any failure here would fail the first stage
+            raise RunError(
+                f"{target} {name!r} cannot run on the data's images ({'x'.join(map(str, shape))}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        k = self.info.num_classes
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, k):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise RunError(
+                f"{target} {name!r} gives {got} for a batch of 2 images; the dataset has {k} classes, so it "
+                f"must give a tensor of shape (2, {k}) (an import: factory receives num_classes when its "
+                f"signature names it)"
+            )
+
+    def _materialize(self, target: str, cur: Optional[Dict[str, Any]] = None, log=None) -> nn.Module:
+        cur = cur or self.current[target]
         # Fresh weights are seeded per target, so they do not depend on what ran before.
         seed_everything(self.recipe.seed * 2 + (target == "teacher"))
         model = build_from_arch(cur["arch"])
@@ -310,6 +376,12 @@ class Runner:
                 _load_teacher_weights(model, cur["path"])
             else:
                 _load_state(model, load_checkpoint(cur["path"])["model"])
+        elif cur.get("fresh") and cur.get("weights"):  # model.weights / teacher.weights
+            from ..models.weights import load_weights
+
+            w = cur["weights"]
+            what = f"the {target} ({cur['arch']['model']})"
+            load_weights(model, w["path"], strict=w["strict"], what=what, log=log)
         return model
 
     # -------------------------------------------------------------------- stages
@@ -318,14 +390,19 @@ class Runner:
 
         model = self._materialize(stage.target)
         t0 = time.perf_counter()
-        ev = evaluate(model, self.eval_loader, self.device, progress=self.progress, desc=f"{stage.name}")
+        ev = evaluate(model, self._test_loader(stage), self.device, progress=self.progress, desc=f"{stage.name}")
         res = {
             "top1": ev["top1"],
             "top5": ev["top5"],
             "loss": ev["loss"],
             "samples": ev["samples"],
-            "seconds": time.perf_counter() - t0,
+            "selection": self.selection,
         }
+        if self.val_loader is not None:
+            loader = self._eval_loader(stage)
+            val = evaluate(model, loader, self.device, progress=self.progress, desc=f"{stage.name} val")
+            res["val_top1"] = val["top1"]
+        res["seconds"] = time.perf_counter() - t0
         res.update(_model_facts(model, self._input_shape()))
         self.log(
             f"[{stage.name}] {stage.target}: top1 {ev['top1']:.2f} top5 {ev['top5']:.2f} "
@@ -350,7 +427,8 @@ class Runner:
             from ..quant import QuantSpec, calibrate, prepare_qat, qat_plan
 
             qspec = QuantSpec.from_dict(stage.quantize)
-            plan = prepare_qat(model, qspec)
+            # a probe batch: layers whose forward does not run stay float (prepare_qat warns)
+            plan = prepare_qat(model, qspec, example_input=torch.zeros([2] + self._input_shape()))
             self.log(
                 f"[{stage.name}] QAT on {len(plan)} layers: "
                 + ", ".join(f"{n} w{p.get('weight_bits')}/a{p.get('act_bits')}" for n, p in list(plan.items())[:4])
@@ -461,15 +539,19 @@ class Runner:
         summary = trainer.fit(resume=resuming)
         best_path = os.path.join(sdir, "best.pt")
         self.current[stage.target] = {"arch": arch, "path": best_path, "fresh": False}
-        summary = D.on_main(lambda: self._stage_facts(summary, best_path, pruner, sdir, name))
+        summary = D.on_main(lambda: self._stage_facts(summary, best_path, pruner, sdir, name, stage))
         summary["best"] = os.path.relpath(best_path, self.out)  # the run directory may move
         summary["arch"] = arch
         return summary, trainer
 
-    def _stage_facts(self, summary: Dict[str, Any], best_path: str, pruner, sdir: str, name: str) -> Dict[str, Any]:
-        """The best model's size, MACs, latency and sparsity report (process 0)."""
+    def _stage_facts(
+        self, summary: Dict[str, Any], best_path: str, pruner, sdir: str, name: str, stage: StageSpec
+    ) -> Dict[str, Any]:
+        """The best model's test metrics (with a validation split), size, MACs, latency and
+        sparsity report (process 0)."""
         summary = dict(summary)
         best_model, _ = load_model(best_path)
+        summary = self._with_test(summary, best_model, stage, summary.get("best_top1"))
         summary.update(_model_facts(best_model, self._input_shape()))
         if pruner is not None:
             from ..prune import sparsity_report
@@ -528,7 +610,8 @@ class Runner:
                     "params": summary["params"],
                     "macs": summary.get("macs"),
                     "latency_ms": summary.get("latency_ms"),
-                    "best_top1": summary.get("best_top1"),
+                    "best_top1": summary.get("best_top1"),  # on the selection split
+                    "top1": summary.get("top1"),  # the test set's, with a validation split
                     "best_epoch": summary.get("best_epoch"),
                     "best": summary["best"],
                 }
@@ -572,10 +655,49 @@ class Runner:
         return loader
 
     def _eval_loader(self, stage: StageSpec, shard: bool = False):
-        """The test loader (``eval_batches`` of it when the stage says so); ``shard``: this
-        process's shard under torchrun (training stages; their evaluation sums over processes)."""
-        loader = D.shard_loader(self.eval_loader, shuffle=False) if shard else self.eval_loader
+        """The loader that selects (best epoch, best round): the validation split when the data
+        section holds one out, else the test set; ``eval_batches`` of it when the stage says so.
+        ``shard``: this process's shard under torchrun (training stages; their evaluation sums over
+        processes)."""
+        base = self.val_loader if self.val_loader is not None else self.test_loader
+        loader = D.shard_loader(base, shuffle=False) if shard else base
         return loader if stage.eval_batches is None else _Limited(loader, stage.eval_batches)
+
+    def _test_loader(self, stage: StageSpec):
+        """The test set (``eval_batches`` of it when the stage says so): reported, never selected on."""
+        loader = self.test_loader
+        return loader if stage.eval_batches is None else _Limited(loader, stage.eval_batches)
+
+    @property
+    def selection(self) -> str:
+        """What chooses best epochs and rounds: "validation" or "test" (no split held out)."""
+        return "test" if self.val_loader is None else "validation"
+
+    def _with_test(self, res: Dict[str, Any], model: nn.Module, stage: StageSpec, val_top1) -> Dict[str, Any]:
+        """With a validation split: evaluate the stage's output model once on the test set; its
+        numbers become the result's top1/top5/loss (the report's), the selection metric stays as
+        ``val_top1``. Without one, the stage's numbers already are test numbers."""
+        res["selection"] = self.selection
+        if self.val_loader is None:
+            return res
+        from ..train import evaluate
+
+        model.to(self.device)
+        ev = evaluate(model, self._test_loader(stage), self.device, progress=self.progress, desc=f"{stage.name} test")
+        res.update(
+            {
+                "val_top1": val_top1,
+                "top1": ev["top1"],
+                "top5": ev["top5"],
+                "loss": ev["loss"],
+                "test_samples": ev["samples"],
+            }
+        )
+        self.log(
+            f"[{stage.name}] test: top1 {ev['top1']:.2f} top5 {ev['top5']:.2f} on {ev['samples']} images "
+            f"(validation top1 {_fmt(val_top1)}, what selected it)"
+        )
+        return res
 
     def _save_stage_model(
         self, index: int, stage: StageSpec, model: nn.Module, arch: Dict[str, Any], history, best: Dict[str, Any]
@@ -622,7 +744,7 @@ class Runner:
         arch["qat"] = res["plan"]
         self.log(
             f"[{stage.name}] post-training quantization of {len(res['plan'])} layers, {batches} calibration "
-            f"batches: top1 {before['top1']:.2f} -> {ev['top1']:.2f}"
+            f"batches: {self.selection} top1 {before['top1']:.2f} -> {ev['top1']:.2f}"
         )
         history = [{"epoch": 1, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"]}]
         best_path = self._save_stage_model(index, stage, model, arch, history, ev)
@@ -635,8 +757,9 @@ class Runner:
             "layers": len(res["plan"]),
             "best": os.path.relpath(best_path, self.out),
             "arch": arch,
-            "seconds": time.perf_counter() - t0,
         }
+        out = self._with_test(out, model, stage, out["top1"])
+        out["seconds"] = time.perf_counter() - t0
         out.update(_model_facts(model, self._input_shape()))
         return out
 
@@ -656,7 +779,7 @@ class Runner:
         ev = evaluate(model, eval_loader, self.device, progress=self.progress, desc=f"{stage.name} before")
         history = [{"round": 0, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "batches": 0}]
         best, best_state = history[0], copy.deepcopy(model.state_dict())
-        self.log(f"[{stage.name}] before recalibration: top1 {ev['top1']:.2f}")
+        self.log(f"[{stage.name}] before recalibration: {self.selection} top1 {ev['top1']:.2f}")
         seen = 0
         for r in range(1, (stage.rounds or 1) + 1):
             info = recalibrate_bn(model, loader, num_batches=batches, device=self.device, reset=r == 1)
@@ -665,7 +788,7 @@ class Runner:
             history.append({"round": r, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "batches": seen})
             self.log(
                 f"[{stage.name}] round {r}: {info['layers']} BatchNorm layers over {seen} batches: "
-                f"top1 {ev['top1']:.2f}"
+                f"{self.selection} top1 {ev['top1']:.2f}"
             )
             if ev["top1"] > best["top1"]:
                 best, best_state = history[-1], copy.deepcopy(model.state_dict())
@@ -673,7 +796,8 @@ class Runner:
         arch = dict(self.current[stage.target]["arch"])
         best_path = self._save_stage_model(index, stage, model, arch, history, best)
         self.log(
-            f"[{stage.name}] kept round {best['round']} (top1 {best['top1']:.2f}; before {history[0]['top1']:.2f})"
+            f"[{stage.name}] kept round {best['round']} ({self.selection} top1 {best['top1']:.2f}; before "
+            f"{history[0]['top1']:.2f})"
         )
         out = {
             "top1": best["top1"],
@@ -684,8 +808,9 @@ class Runner:
             "rounds": history,
             "best": os.path.relpath(best_path, self.out),
             "arch": arch,
-            "seconds": time.perf_counter() - t0,
         }
+        out = self._with_test(out, model, stage, out["top1"])
+        out["seconds"] = time.perf_counter() - t0
         out.update(_model_facts(model, self._input_shape()))
         return out
 
@@ -710,7 +835,7 @@ class Runner:
             arch=arch,
             data=self.data_desc,
             source=source,
-            loader=self._eval_loader(stage),
+            loader=self._test_loader(stage),
             device=self.device,
             fold_bn=True if stage.fold_bn is None else stage.fold_bn,
             force=True,
@@ -750,6 +875,21 @@ class Runner:
             with ctx, checks:
                 return self._run()
 
+    def _final_layers(self) -> Optional[Dict[str, Any]]:
+        """The report's "layers": each layer of the student as the run leaves it and its treatment."""
+        from .layers import layer_treatments
+
+        cur = self.current.get("student")
+        if cur is None:
+            return None
+        model = self._materialize("student")
+        probe = torch.zeros([2] + self._input_shape())
+        path = cur.get("path")
+        return {
+            "stage": os.path.relpath(path, self.out) if path and not cur.get("fresh") else None,
+            "rows": layer_treatments(model, probe),
+        }
+
     def _adopt(self, stage: StageSpec, res: Dict[str, Any]) -> None:
         """A finished stage that ends with a checkpoint makes it its target's current model."""
         if stage.kind in CHECKPOINT_KINDS:
@@ -766,7 +906,9 @@ class Runner:
         self.log(
             f"run {self.recipe.name!r}: {len(self.recipe.stages)} stages on {self.device}, "
             f"kernel backend {self.backend}, data {self.recipe.data.dataset} "
-            f"({self.data_desc['train_samples']} train / {self.data_desc['test_samples']} test) "
+            f"({self.data_desc['train_samples']} train / "
+            + (f"{self.data_desc['val_samples']} validation / " if self.val_loader is not None else "")
+            + f"{self.data_desc['test_samples']} test) "
             f"-> {self.out}"
         )
         if D.is_distributed():
@@ -812,11 +954,20 @@ class Runner:
         self.state["session_seconds"] = time.perf_counter() - t_start
         self._save_state()
         report = build_report(self.recipe, self.state, self.data_desc, str(self.device), self.backend)
+        report["layers"] = D.on_main(self._final_layers)
         if D.is_main():
             write_report(self.out, report)
         D.barrier()
         self.log(f"report: {self._p('report.md')}")
         return report
+
+
+def _treatment_section(report: Dict[str, Any]) -> list:
+    """report.md's "## Layers": every layer of the final student with its treatment (quantized with
+    its bits / pruned with its sparsity / left float and why); see pycompress.recipe.layers."""
+    from .layers import treatment_lines
+
+    return treatment_lines(report.get("layers"))
 
 
 def dist_backend() -> str:
@@ -912,6 +1063,8 @@ def build_report(
         "source": recipe.source,
         "description": recipe.description,
         "data": data,
+        # what chose best epochs / rounds: a held-out validation split, or (none held out) the test set
+        "selection": "validation" if data.get("val_samples") else "test",
         "device": device,
         "world_size": int(state.get("world_size", 1)),
         "kernel_backend": backend,
@@ -926,6 +1079,14 @@ def build_report(
         else {
             "top1": acc(final, "top1"),
             "top5": acc(final, "top5"),
+            "val_top1": next(
+                (
+                    x["val_top1"]
+                    for x in reversed(stages)
+                    if x["target"] == "student" and x.get("status") == "done" and x.get("val_top1") is not None
+                ),
+                None,
+            ),
             "params": final.get("params"),
             "size_bytes": final.get("size_bytes"),
             "fp32_bytes": final.get("fp32_bytes"),
@@ -982,9 +1143,19 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
     if report.get("description"):
         lines += [report["description"].strip(), ""]
     d = report["data"]
+    val = d.get("val_samples")
     lines += [
-        f"- data: {d['dataset']} ({d['train_samples']} train / {d['test_samples']} test images, "
-        f"{d['num_classes']} classes)",
+        f"- data: {d['dataset']} ({d['train_samples']} train / "
+        + (f"{val} validation / " if val else "")
+        + f"{d['test_samples']} test images, {d['num_classes']} classes)",
+        (
+            f"- model selection: best epochs and rounds chosen on the validation split ({val} training images "
+            f"held out, seed {d.get('validation_seed', 0)}); the test set is evaluated once per stage, for this "
+            "report only"
+            if val
+            else "- model selection: best epochs and rounds chosen on the test set (no validation split held out: "
+            "`data.validation` in the recipe), so the top-1 figures are optimistic"
+        ),
         f"- device: {report['device']}, kernel backend: {report['kernel_backend']}, "
         f"torch {report['torch']}, {report['machine']}",
         f"- started {report['started']}, finished {report['finished']}, stage time "
@@ -1005,7 +1176,8 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
         lines += [
             "## Result",
             "",
-            f"| model | top-1 (%) | top-5 (%) | parameters | {size_head} | fp32 size | compression |",
+            f"| model | {'test ' if report.get('selection') == 'validation' else ''}top-1 (%) | top-5 (%) | "
+            f"parameters | {size_head} | fp32 size | compression |",
             "|---|---|---|---|---|---|---|",
             f"| student ({s['stage']}) | {_fmt(s['top1'])} | {_fmt(s['top5'])} | {s['params']:,} | "
             f"{s['size_bytes']:,} | {s['fp32_bytes']:,} | {_fmt(s['compression'], '.2f')}x |",
@@ -1082,16 +1254,22 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
             + "."
         )
         lines.append("")
+    lines += _treatment_section(report)
+    validated = report.get("selection") == "validation"
+    heads = "val top-1 (selected) | test top-1" if validated else "best top-1 | final top-1"
     lines += [
         "## Stages",
         "",
-        "| # | stage | kind | target | epochs | best top-1 | final top-1 | sparsity | size (bytes) | MACs (M) | "
+        f"| # | stage | kind | target | epochs | {heads} | sparsity | size (bytes) | MACs (M) | "
         "latency b64 (ms) | MicroNet score | time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, st in enumerate(report["stages"]):
-        best = st.get("best_top1", st.get("top1"))
-        final = st.get("final_top1", st.get("top1"))
+        if validated:
+            best, final = st.get("val_top1"), st.get("top1")
+        else:
+            best = st.get("best_top1", st.get("top1"))
+            final = st.get("final_top1", st.get("top1"))
         size = st.get("size_bytes")
         sp = (st.get("sparsity") or {}).get("selected")
         macs = st.get("macs")

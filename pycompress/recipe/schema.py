@@ -12,7 +12,8 @@ Layout (see recipes/quickstart.yaml for a full example)::
     device: auto                # auto | cpu | cuda
     data:    {dataset: fashion_mnist, batch_size: 128, eval_batch_size: 1000, augment: true,
               num_workers: 0, options: {}}
-    model:   {name: mobilenet_student, args: {width_mult: 1.0}}
+    model:   {name: mobilenet_student, args: {width_mult: 1.0}}   # also torchvision:<name>, timm:<name>,
+                                #   import:<module>:<function>; weights: FILE, strict: true
     teacher: {name: lenet5, args: {}, checkpoint: null}     # optional
     distributed: {lr_scale: none, sync_bn: false, find_unused_parameters: false}  # torchrun runs only
     stages:
@@ -98,6 +99,11 @@ class DataSpec:
     augment: bool = True
     num_workers: int = 0
     options: Dict[str, Any] = field(default_factory=dict)
+    # training images held out as a validation split (a seeded random subset of the train split,
+    # never augmented): best checkpoints and bn_recalibrate rounds are chosen on it and the test
+    # set is evaluated once per stage for the report. 0: no split (selection on the test set).
+    validation: int = 0
+    validation_seed: int = 0
 
 
 @dataclass
@@ -115,8 +121,10 @@ class DistributedSpec:
 
 @dataclass
 class ModelSpec:
-    name: str
+    name: str  # a zoo name, or torchvision:<name> | timm:<name> | import:<package.module>:<function>
     args: Dict[str, Any] = field(default_factory=dict)
+    weights: Optional[str] = None  # start from this weights file (.safetensors or a torch state_dict)
+    strict: bool = True  # false: load the tensors of `weights` that fit, skip (and log) the rest
 
 
 @dataclass
@@ -124,6 +132,8 @@ class TeacherSpec:
     name: str
     args: Dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None
+    weights: Optional[str] = None
+    strict: bool = True
 
 
 @dataclass
@@ -174,6 +184,13 @@ class Recipe:
         d.pop("source", None)
         if self.distributed == DistributedSpec():
             d.pop("distributed")  # the default is left out, so runs started before it existed resume
+        for key in ("model", "teacher"):  # likewise weights / strict when not used
+            if d.get(key) is not None and d[key].get("weights") is None and d[key].get("strict", True) is True:
+                d[key].pop("weights", None)
+                d[key].pop("strict", None)
+        if not self.data.validation:  # likewise the data section without a validation split
+            d["data"].pop("validation", None)
+            d["data"].pop("validation_seed", None)
         return d
 
     def stage(self, name: str) -> StageSpec:
@@ -273,6 +290,8 @@ def _data(ctx, raw) -> DataSpec:
         raise ctx.fail(
             w, f"'dataset': unknown dataset {ds!r}{_suggest(ds, data_names())}; known: {', '.join(data_names())}"
         ) from None
+    if raw.get("validation_seed") not in (None, 0) and not raw.get("validation"):
+        raise ctx.fail(w, "'validation_seed' is set but 'validation' (the number of held-out images) is 0 or missing")
     return DataSpec(
         dataset=ds,
         batch_size=_want(ctx, w, "batch_size", raw.get("batch_size", 128), int, low=1),
@@ -280,6 +299,8 @@ def _data(ctx, raw) -> DataSpec:
         augment=_want(ctx, w, "augment", raw.get("augment", True), bool),
         num_workers=_want(ctx, w, "num_workers", raw.get("num_workers", 0), int, low=0),
         options=_want(ctx, w, "options", raw.get("options") or {}, dict),
+        validation=_want(ctx, w, "validation", raw.get("validation", 0), int, low=0),
+        validation_seed=_want(ctx, w, "validation_seed", raw.get("validation_seed", 0), int, low=0),
     )
 
 
@@ -299,20 +320,28 @@ def _distributed(ctx, raw) -> DistributedSpec:
 
 def _model(ctx, raw, cls, where):
     _section(ctx, raw, cls, where)
-    from ..models import accepted_kwargs
+    from ..models import accepted_kwargs, check_name, is_external
     from ..models import names as model_names
 
     name = _want(ctx, where, "name", raw["name"], str)
-    if name not in model_names():
+    external = is_external(name)
+    if external:  # torchvision:, timm:, import: (an unknown name, no timm, a module that does not import)
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise ctx.fail(where, f"'name': {exc}") from None
+    elif name not in model_names():
         raise ctx.fail(
-            where, f"'name': unknown model {name!r}{_suggest(name, model_names())}; known: {', '.join(model_names())}"
+            where,
+            f"'name': unknown model {name!r}{_suggest(name, model_names())}; known: {', '.join(model_names())} "
+            f"(or torchvision:<name>, timm:<name>, import:<package.module>:<function>)",
         )
     args = _want(ctx, where, "args", raw.get("args") or {}, dict)
-    accepted = accepted_kwargs(name)
+    accepted = accepted_kwargs(name)  # None: a model whose arguments cannot be listed (the build decides)
     for k in args:
         if k in ("in_channels", "num_classes"):
             raise ctx.fail(f"{where}.args", f"{k!r} is set from the dataset; remove it")
-        if k not in accepted:
+        if accepted is not None and k not in accepted:
             raise ctx.fail(
                 f"{where}.args",
                 f"model {name!r} takes no argument {k!r}"
@@ -320,15 +349,25 @@ def _model(ctx, raw, cls, where):
                 f"{', '.join(accepted) or '(none)'}",
             )
     from ..models import build
+    from ..models.external import check_device
 
     try:  # catches impossible values (negative widths, bad depths) now, not after training
-        build(name, in_channels=3, num_classes=10, **args)
+        with check_device(name):  # torchvision / timm: on the meta device, costing nothing
+            build(name, in_channels=3, num_classes=10, **args)
     except (TypeError, ValueError) as exc:
-        raise ctx.fail(f"{where}.args", str(exc)) from None
+        raise ctx.fail(f"{where}.args" if args or not external else where, str(exc)) from None
+    weights = _want(ctx, where, "weights", raw.get("weights"), str, optional=True)
+    strict = _want(ctx, where, "strict", raw.get("strict", True), bool)
+    if weights is not None and not os.path.isfile(weights):
+        raise ctx.fail(where, f"'weights': file {weights!r} not found")
+    if weights is None and not strict:
+        raise ctx.fail(where, "'strict' applies to a 'weights' file, and there is none")
     if cls is ModelSpec:
-        return ModelSpec(name=name, args=dict(args))
+        return ModelSpec(name=name, args=dict(args), weights=weights, strict=strict)
     ckpt = _want(ctx, where, "checkpoint", raw.get("checkpoint"), str, optional=True)
-    return TeacherSpec(name=name, args=dict(args), checkpoint=ckpt)
+    if ckpt is not None and weights is not None:
+        raise ctx.fail(where, "give either 'checkpoint' (a trained teacher) or 'weights' (a file to start from)")
+    return TeacherSpec(name=name, args=dict(args), checkpoint=ckpt, weights=weights, strict=strict)
 
 
 def _stage(ctx, raw, index) -> StageSpec:
@@ -573,7 +612,7 @@ def _recipe(ctx, raw) -> Recipe:
         if s.name in seen:
             raise ctx.fail(f"stages[{i}] {s.name!r}", f"duplicate stage name (also stages[{seen[s.name]}])")
         seen[s.name] = i
-    teacher_ready = r.teacher is not None and r.teacher.checkpoint is not None
+    teacher_ready = r.teacher is not None and (r.teacher.checkpoint is not None or r.teacher.weights is not None)
     quantized = None
     for i, s in enumerate(r.stages):
         where = f"stages[{i}] {s.name!r}"
@@ -605,7 +644,7 @@ def _recipe(ctx, raw) -> Recipe:
                 where,
                 "'distill' needs a trained teacher: add a 'teacher' section and "
                 "either train it in an earlier stage (target: teacher) or set "
-                "teacher.checkpoint",
+                "teacher.checkpoint (or teacher.weights)",
             )
     compresses = any(
         s.target == "student" and (s.quantize is not None or s.prune is not None or s.slim is not None)
@@ -623,10 +662,12 @@ def _check_prune_layers(ctx, where, model: "ModelSpec", prune: Dict[str, Any]) -
     """A prune section must select at least one layer of the student (names do not depend on the
     dataset's channels and classes, and QAT keeps them)."""
     from ..models import build
+    from ..models.external import check_device
     from ..prune import PruneSpec
 
     spec = PruneSpec.from_dict(prune)
-    net = build(model.name, in_channels=3, num_classes=10, **model.args)
+    with check_device(model.name):
+        net = build(model.name, in_channels=3, num_classes=10, **model.args)
     if not spec.select_layers(net):
         raise ctx.fail(
             f"{where}: prune",

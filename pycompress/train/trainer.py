@@ -172,6 +172,13 @@ def _progress(iterable, total, desc, enabled):
 
 
 @torch.no_grad()
+def epoch_seed(seed: int, name: str, epoch: int) -> int:
+    """The seed of epoch ``epoch`` (0-based) of a loop named ``name`` with base seed ``seed``: the
+    :class:`Trainer` re-seeds every RNG and its train loader's generator from it at the start of
+    each epoch (a recipe stage's Trainer: the recipe's seed and the stage's name)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(str(name).encode()) * 7_919 + int(epoch)) % (2**63)
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable,
@@ -454,7 +461,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- loop
     def _seed_epoch(self, epoch: int) -> None:
-        s = (self.seed * 1_000_003 + zlib.crc32(self.name.encode()) * 7_919 + epoch) % (2**63)
+        s = epoch_seed(self.seed, self.name, epoch)
         # Process r of a DDP run draws its own augmentation and dropout (process 0 as one process
         # would); the loader's generator, the epoch's data permutation, is the same on all.
         seed_everything((s + self.rank * 104_729) % (2**63))
