@@ -1178,3 +1178,11 @@ def test_resume_refuses_a_different_seed_or_batch_count(tmp_path):
     tr16, _, _ = make_loaders("synthetic", batch_size=16, length=32, image_size=8, in_channels=1, num_classes=4)
     with pytest.raises(ValueError, match="steps_per_epoch 4, this run has 2"):
         trainer(0, tr16).try_resume()
+
+
+def test_evaluate_records_no_autograd_graph():
+    seen = []
+    model = nn.Linear(4, 3)
+    model.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.requires_grad)))
+    evaluate(model, [(torch.randn(5, 4), torch.arange(5) % 3)])
+    assert seen == [(False, False)]

@@ -171,7 +171,6 @@ def _progress(iterable, total, desc, enabled):
     )
 
 
-@torch.no_grad()
 def epoch_seed(seed: int, name: str, epoch: int) -> int:
     """The seed of epoch ``epoch`` (0-based) of a loop named ``name`` with base seed ``seed``: the
     :class:`Trainer` re-seeds every RNG and its train loader's generator from it at the start of
@@ -179,6 +178,7 @@ def epoch_seed(seed: int, name: str, epoch: int) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(str(name).encode()) * 7_919 + int(epoch)) % (2**63)
 
 
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable,
