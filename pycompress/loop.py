@@ -54,27 +54,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .train.trainer import epoch_seed
+from .train.trainer import calibration_seed, epoch_seed, seed_loader
 
 __all__ = ["Compression", "epoch_seed", "calibration_seed", "seed_loader"]
-
-
-def calibration_seed(seed: int, stage_index: int) -> int:
-    """The seed a recipe run gives a quantize stage's calibration batches: the recipe's ``seed``
-    and the stage's position in the recipe's ``stages`` (0-based, every kind counted)."""
-    return int(seed) * 7 + int(stage_index)
-
-
-def seed_loader(loader: Any, seed: int) -> None:
-    """Seed python, numpy and torch (:func:`pycompress.train.seed_everything`) and, when ``loader``
-    has one, its shuffling ``torch.Generator`` (``DataLoader(generator=...)``) from ``seed``: the
-    next pass over ``loader`` then draws the same batches as any other pass seeded the same way."""
-    from .train.checkpoint import seed_everything
-
-    gen = getattr(loader, "generator", None)
-    if isinstance(gen, torch.Generator):
-        gen.manual_seed(int(seed) % (2**63))
-    seed_everything(seed)
 
 
 def _positive_int(what: str, value: Any) -> int:

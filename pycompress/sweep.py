@@ -509,8 +509,7 @@ def _fmt(v: Any, spec: str) -> str:
 def format_markdown(rows: Sequence[dict], keys: Sequence[str]) -> str:
     """The rows as a markdown table (sparsity in percent)."""
     head = ["#", "run"] + list(keys) + ["top-1 (%)", "val top-1 (%)", "top-5 (%)", "params", "size (bytes)"]
-    head += ["sparsity"]
-    head += ["compression", "time (s)", "status"]
+    head += ["sparsity", "compression", "time (s)", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sp = r.get("sparsity")

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["PREFIXES", "is_external", "check", "accepted_kwargs", "build", "check_device"]
+__all__ = ["PREFIXES", "is_external", "check", "accepted_kwargs", "build", "check_device", "adapt_stem"]
 
 PREFIXES = ("torchvision", "timm", "import")
 TIMM_HINT = "pip install 'pycompress[timm]'"
@@ -49,6 +49,8 @@ _TIMM_RESERVED = (
     "in_chans",
 )
 _COMMON = ("in_channels", "num_classes")
+# prefix -> (builder arguments refused in args, the builder's name for the input channels)
+_RESERVED = {"torchvision": (_TORCHVISION_RESERVED, "in_channels"), "timm": (_TIMM_RESERVED, "in_chans")}
 
 
 def is_external(name: Any) -> bool:
@@ -88,7 +90,7 @@ def _torchvision_builder(name: str, target: str) -> Callable[..., nn.Module]:
     return torchvision.models.get_model_builder(target)
 
 
-def _adapt_stem(model: nn.Module, name: str, in_channels: int) -> None:
+def adapt_stem(model: nn.Module, name: str, in_channels: int) -> None:
     """Replace the first nn.Conv2d taking 3 channels by the same conv taking ``in_channels``."""
     for qual, m in model.named_modules():
         if type(m) is nn.Conv2d and m.in_channels == 3 and m.groups == 1:
@@ -123,7 +125,7 @@ def _build_torchvision(name: str, target: str, in_channels: int, num_classes: in
     except TypeError as exc:  # an argument the model class does not take
         raise TypeError(f"model {name!r}: {exc}") from None
     if in_channels != 3:
-        _adapt_stem(model, name, in_channels)
+        adapt_stem(model, name, in_channels)
     return model
 
 
@@ -245,22 +247,16 @@ def accepted_kwargs(name: str) -> Optional[Dict[str, Any]]:
 def build(name: str, *, in_channels: int, num_classes: int, **args: Any) -> nn.Module:
     """Build the model a prefixed name describes (see the module docstring)."""
     prefix, target = _split(name)
-    if prefix == "torchvision":
-        bad = sorted(k for k in args if k in _TORCHVISION_RESERVED)
+    if prefix in _RESERVED:
+        reserved, channels = _RESERVED[prefix]
+        bad = sorted(k for k in args if k in reserved)
         if bad:
             raise ValueError(
-                f"model {name!r}: {bad} cannot be set in args (in_channels and num_classes come from the "
+                f"model {name!r}: {bad} cannot be set in args ({channels} and num_classes come from the "
                 f"dataset; weights are never downloaded: start from a file with 'weights: PATH')"
             )
-        return _build_torchvision(name, target, in_channels, num_classes, args)
-    if prefix == "timm":
-        bad = sorted(k for k in args if k in _TIMM_RESERVED)
-        if bad:
-            raise ValueError(
-                f"model {name!r}: {bad} cannot be set in args (in_chans and num_classes come from the "
-                f"dataset; weights are never downloaded: start from a file with 'weights: PATH')"
-            )
-        return _build_timm(name, target, in_channels, num_classes, args)
+        builder = _build_torchvision if prefix == "torchvision" else _build_timm
+        return builder(name, target, in_channels, num_classes, args)
     return _build_import(name, target, in_channels, num_classes, args)
 
 

@@ -14,8 +14,9 @@ def resnet18(*, in_channels: int, num_classes: int) -> nn.Module:
     Input: any H, W >= 1 (adaptive pool; 224 or 256 is the design, 28x28 ends at 1x1)."""
     import torchvision  # lazy: importing torchvision costs seconds
 
+    from .external import adapt_stem
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     if in_channels != 3:
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        adapt_stem(model, "resnet18", in_channels)  # conv1, as torchvision:<name> models get it
     return model

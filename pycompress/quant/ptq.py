@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch.nn as nn
 
-from .qat import _replace, calibrate, prepare_qat, qat_modules, qat_plan
+from .qat import _replace, calibrate, forwards_run, prepare_qat, qat_modules, qat_plan
 from .spec import QuantSpec
 
 __all__ = ["quantize_post_training"]
@@ -52,13 +52,8 @@ def quantize_post_training(
     if device is not None:
         model.to(device)
     prepare_qat(model, spec)
-    ran = set()
-    handles = [m.register_forward_pre_hook(lambda mod, args: ran.add(id(mod))) for m in qat_modules(model).values()]
-    try:
+    with forwards_run(qat_modules(model).values()) as ran:
         summary = calibrate(model, batches, num_batches=num_batches, device=device)
-    finally:
-        for h in handles:
-            h.remove()
     # a layer whose forward never ran (its parent uses the weight directly) would not be quantized
     # where the model computes: it goes back to float
     unused = {n: m for n, m in qat_modules(model).items() if id(m) not in ran}

@@ -3,10 +3,11 @@ once-per-epoch refit of "als" weight scales (refit_als, the trainer hook ALSRefi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -109,20 +110,29 @@ def layers_not_run(model: nn.Module, example_input: torch.Tensor) -> List[str]:
     eval mode, without gradients; modes restored) computes ``example_input``: their parent uses
     their weight directly (e.g. torchvision's Swin attention) or they serve training only (an
     auxiliary head), so a QAT layer in their place would not quantize what the model computes."""
-    ran = set()
     layers = {n: m for n, m in model.named_modules() if layer_type(m) is not None}
-    handles = [m.register_forward_pre_hook(lambda mod, args: ran.add(id(mod))) for m in layers.values()]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
+        with forwards_run(layers.values()) as ran, torch.no_grad():
             model(example_input.to(model_device(model) or example_input.device))
     finally:
-        for h in handles:
-            h.remove()
         for m, training in modes:
             m.training = training
     return [n for n, m in layers.items() if id(m) not in ran]
+
+
+@contextlib.contextmanager
+def forwards_run(modules: Iterable[nn.Module]) -> Iterator[Set[int]]:
+    """The ids of those of ``modules`` whose forward runs inside the ``with`` block (forward
+    pre-hooks, removed on exit)."""
+    ran: Set[int] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args: ran.add(id(mod))) for m in modules]
+    try:
+        yield ran
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def unquantizable_layers(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> Dict[str, str]:

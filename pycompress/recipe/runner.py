@@ -36,7 +36,9 @@ import yaml
 from .. import backends
 from ..train import distributed as D
 from ..train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
+from ..train.trainer import calibration_seed, seed_loader
 from ..utils import atomic_write_text
+from .layers import treatment_lines
 from .schema import CHECKPOINT_KINDS, DEFAULT_EXPORT_FORMATS, TRAINING_KINDS, Recipe, StageSpec, dump_recipe
 
 RUN_FORMAT = "pycompress-run"
@@ -437,10 +439,7 @@ class Runner:
             model.to(self.device)
             if not resuming:
                 # Calibration batches come from the train loader in a seeded order.
-                gen = getattr(train_loader, "generator", None)
-                if isinstance(gen, torch.Generator):
-                    gen.manual_seed(self.recipe.seed * 7 + index)
-                seed_everything(self.recipe.seed * 7 + index)
+                seed_loader(train_loader, calibration_seed(self.recipe.seed, index))
                 # A train_only stage changes nothing outside its layers: only new (or rebuilt)
                 # activation quantizers are calibrated; otherwise every one is, from this model.
                 calibrate(
@@ -648,10 +647,7 @@ class Runner:
     def _seeded_train_loader(self, index: int, stage: StageSpec):
         """The stage's training loader, its shuffling seeded from (seed, stage index)."""
         loader = self._stage_loader(stage)
-        gen = getattr(loader, "generator", None)
-        if isinstance(gen, torch.Generator):
-            gen.manual_seed(self.recipe.seed * 7 + index)
-        seed_everything(self.recipe.seed * 7 + index)
+        seed_loader(loader, calibration_seed(self.recipe.seed, index))
         return loader
 
     def _eval_loader(self, stage: StageSpec, shard: bool = False):
@@ -962,14 +958,6 @@ class Runner:
         return report
 
 
-def _treatment_section(report: Dict[str, Any]) -> list:
-    """report.md's "## Layers": every layer of the final student with its treatment (quantized with
-    its bits / pruned with its sparsity / left float and why); see pycompress.recipe.layers."""
-    from .layers import treatment_lines
-
-    return treatment_lines(report.get("layers"))
-
-
 def dist_backend() -> str:
     import torch.distributed as dist
 
@@ -1254,7 +1242,7 @@ def write_report(out_dir: str, report: Dict[str, Any]) -> None:
             + "."
         )
         lines.append("")
-    lines += _treatment_section(report)
+    lines += treatment_lines(report.get("layers"))  # "## Layers": each layer of the final student
     validated = report.get("selection") == "validation"
     heads = "val top-1 (selected) | test top-1" if validated else "best top-1 | final top-1"
     lines += [

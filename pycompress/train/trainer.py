@@ -178,6 +178,23 @@ def epoch_seed(seed: int, name: str, epoch: int) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(str(name).encode()) * 7_919 + int(epoch)) % (2**63)
 
 
+def calibration_seed(seed: int, stage_index: int) -> int:
+    """The seed a recipe run gives the batches a stage draws outside training (calibration,
+    post-training quantization, BatchNorm recalibration): the recipe's ``seed`` and the stage's
+    position in the recipe's ``stages`` (0-based, every kind counted)."""
+    return int(seed) * 7 + int(stage_index)
+
+
+def seed_loader(loader: Any, seed: int) -> None:
+    """Seed ``loader``'s shuffling ``torch.Generator`` (``DataLoader(generator=...)``), when it has
+    one, and python, numpy and torch (:func:`seed_everything`) from ``seed``: the next pass over
+    ``loader`` then draws the same batches as any other pass seeded the same way."""
+    gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(int(seed) % (2**63))
+    seed_everything(seed)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
