@@ -158,6 +158,20 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
     bm.set_defaults(func=_bench_model)
 
+    tc = bench_sub.add_parser(
+        "triton-compile",
+        help="compile every Triton kernel (every launcher strategy, dtype and autotune config) for a GPU "
+        "architecture on any machine, no GPU needed: compile errors, registers, spills, shared memory",
+    )
+    tc.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
+    tc.add_argument("--quick", action="store_true", help="a subset that still compiles every kernel (~20 s)")
+    tc.add_argument(
+        "--op", action="append", help="only this op's kernels (repeatable: sparse_mask, fake_quantize, depthwise)"
+    )
+    tc.add_argument("--case", help="only cases whose name contains this text")
+    tc.add_argument("--json", metavar="FILE", help="also write the rows and facts as JSON")
+    tc.set_defaults(func=_bench_triton_compile)
+
     from pycompress import profile as _profile
 
     pr = sub.add_parser(
@@ -643,6 +657,40 @@ def _export_artifact(args) -> int:
     facts = onnx_export.export_onnx(model, args.output, shape, force=args.force)
     print(f"wrote {args.output}: {facts['file_bytes']:,} bytes")
     return 0
+
+
+def _bench_triton_compile(args) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton decorates its kernels (and its own library's) for the interpreter when it is imported:
+        # the compiler needs a process started without the variable.
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = ["bench", "triton-compile", "--arch", str(args.arch)] + (["--quick"] if args.quick else [])
+        argv += [a for op in args.op or () for a in ("--op", op)]
+        argv += (["--case", args.case] if args.case else []) + (["--json", args.json] if args.json else [])
+        return subprocess.run([sys.executable, "-m", "pycompress.cli", *argv], env=env).returncode
+    from pycompress.bench import triton_compile
+
+    print(triton_compile.HEADER, flush=True)
+    try:
+        rows, facts = triton_compile.run(
+            args.arch, args.quick, args.case, args.op, printer=lambda line: print(line, flush=True)
+        )
+    except (ValueError, RuntimeError) as exc:
+        print(f"pycompress bench triton-compile: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(triton_compile.summary(rows, facts))
+    if args.json:
+        triton_compile.write_json(args.json, rows, facts)
+        print(f"wrote {args.json}")
+    if not rows:
+        print("pycompress bench triton-compile: no case matched", file=sys.stderr)
+        return 2
+    failed = [r for r in rows if r.status != "ok"]
+    missing = triton_compile.missing_kernels(rows, facts)
+    return 1 if failed or missing else 0
 
 
 def _bench_model(args) -> int:

@@ -12,6 +12,8 @@
 #
 # Steps (limits in seconds, overridable as STEP_LIMIT_<name>):
 #   build      python3 setup.py build_ext --inplace (CUDA kernels for this GPU's architecture)
+#   compile    (rehearsal only) pycompress bench triton-compile --quick: the Triton kernels through
+#              Triton's compiler and ptxas for sm_90, without a GPU
 #   ops        pytest tests/ops (every op, every backend incl. cuda and compiled triton)
 #   gpu        pytest -m gpu over the whole suite (artifacts, benchmarks, QAT, pruning on CUDA)
 #   memcheck   compute-sanitizer memcheck on the CUDA kernels' parity tests
@@ -66,6 +68,9 @@ else
 fi
 
 if [ "$DRY" = "1" ]; then
+  # Without a GPU, the Triton kernels still go through Triton's compiler and ptxas for sm_90 (every
+  # kernel, registers and spills); on the GPU the op tests below compile them for real.
+  step compile 300 triton-compile.md "$PY" -m pycompress.cli bench triton-compile --quick --json "$OUT/triton-compile.json"
   export TRITON_INTERPRET=1
   step ops 600 ops-tests.log "$PY" -m pytest -q -p no:cacheprovider tests/ops -x -k "sparse_mask and pack"
   skip gpu "dry run"
