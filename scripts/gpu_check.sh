@@ -13,6 +13,11 @@
 #                                                           # second call on the still-warm machine
 #                                                           # (the built extension is kept there)
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh               # rehearsal without a GPU: the CPU parts
+#   GPU_CHECK_DRY=1 GPU_CHECK_DRY_BUILD=1 PYTHON=/path/to/other/python3 bash scripts/gpu_check.sh
+#                                                           # the same, building with another python
+#                                                           # (e.g. the GPU machine's torch / triton);
+#                                                           # in a copy of the tree: the build
+#                                                           # replaces the checkout's extension
 #
 # What comes back ($OUT keeps at most 8 files on the device tool): summary.txt (each step's status
 # and seconds), logs.tar.gz (every log: gpu.txt, build.log, ops-tests.log, gpu-tests.log,
@@ -21,7 +26,8 @@
 # last, so the reply's output tail holds it.
 #
 # Steps, in this order (limits in seconds, overridable as STEP_LIMIT_<name>):
-#   build      python3 setup.py build_ext --inplace (CUDA kernels for this GPU's architecture)
+#   build      pip install --no-build-isolation --no-deps --no-index -e . with that python3 (CUDA kernels
+#              for this GPU's architecture); see BUILD below
 #   compile    (rehearsal only) pycompress bench triton-compile --quick: the Triton kernels through
 #              Triton's compiler and ptxas for sm_90, without a GPU
 #   ops        pytest tests/ops (every op, every backend incl. cuda and compiled triton), in
@@ -97,14 +103,29 @@ if [ "$DRY" != "1" ] && "$PY" -c "import xdist" 2>/dev/null; then
 fi
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16}
-if [ "$DRY" = "1" ]; then
-  # the rehearsal keeps the checkout's extension (built by scripts/setup.sh)
-  skip build "dry run: using the extension scripts/setup.sh built"
+# The build: pycompress installed editable into that python (the extension compiled in place, and
+# the Triton kernels' directory kernels/ importable as pycompress.kernels, which `setup.py
+# build_ext --inplace` alone does not give). pip is kept off the network (--no-index) and off the
+# dependencies (already there). If that pip or setuptools cannot do an editable install, the
+# extension is built in place and pycompress/kernels becomes a link to kernels/ in this copy of
+# the tree. GPU_CHECK_BUILD=inplace takes the second way directly.
+BUILD='set -e
+rm -rf build pycompress/_C*.so
+if [ "${GPU_CHECK_BUILD:-editable}" = editable ] && "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; then
+  echo "installed editable"
+else
+  echo "building in place, pycompress/kernels -> ../kernels"
+  "$PY" setup.py build_ext --inplace
+  [ -e pycompress/kernels ] || ln -s ../kernels pycompress/kernels
+fi
+"$PY" -c "import pycompress.kernels.sparse_mask, pycompress._ext as e; print(\"pycompress from\", pycompress.__file__, \"CUDA kernels compiled:\", e.cuda_built()); assert e.cuda_built()"'
+if [ "$DRY" = "1" ] && [ "${GPU_CHECK_DRY_BUILD:-0}" != "1" ]; then
+  # the rehearsal keeps the checkout's extension (built by scripts/setup.sh) unless asked to build
+  skip build "dry run: using the extension scripts/setup.sh built (GPU_CHECK_DRY_BUILD=1 builds)"
 elif selected build; then
-  rm -rf build pycompress/_C*.so
-  step build 300 build.log "$PY" setup.py build_ext --inplace
-elif ! ls pycompress/_C*.so >/dev/null 2>&1; then
-  echo "the extension is not built here (add 'build' to GPU_CHECK_STEPS)" | tee -a "$LOGS/summary.txt"; FAILED=1
+  step build 300 build.log env PY="$PY" bash -c "$BUILD"
+elif ! "$PY" -c "import pycompress.kernels, pycompress._C" 2>/dev/null; then
+  echo "pycompress is not built here (add 'build' to GPU_CHECK_STEPS)" | tee -a "$LOGS/summary.txt"; FAILED=1
 fi
 
 if [ "$DRY" = "1" ]; then
