@@ -34,6 +34,12 @@ _CHOICES = BACKENDS + ("auto",)
 
 _current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("pycompress_backend", default=None)
 
+# torch.compile traces ContextVar.get, guarding on its value (a graph compiled under use("cpu") is
+# recompiled under use("reference")), from torch 2.14 on; torch 2.11 refuses it ("Unsupported
+# method call"), 2.12 and 2.13 are untested. Before 2.14 the backend that use() asks for is read
+# once, when dynamo traces, and stays a constant of that graph (torch._dynamo.reset() forgets it).
+_DYNAMO_TRACES_CONTEXTVAR = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
 # op name -> backend name -> supports(**inputs) -> None if it can run them, else the reason.
 _SUPPORT: dict[str, dict[str, Callable[..., Optional[str]]]] = {}
 
@@ -145,9 +151,17 @@ def use(name: str) -> Iterator[str]:
         _current.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _requested_when_traced() -> Optional[str]:
+    return _current.get()
+
+
 def current() -> str:
     """The backend requested by use() or PYCOMPRESS_BACKEND, or "auto"."""
-    ctx = _current.get()
+    if not _DYNAMO_TRACES_CONTEXTVAR and torch.compiler.is_compiling():
+        ctx = _requested_when_traced()
+    else:
+        ctx = _current.get()
     if ctx is not None:
         return ctx
     env = os.environ.get("PYCOMPRESS_BACKEND", "").strip()

@@ -5,6 +5,7 @@ when it is imported, and the suite runs under TRITON_INTERPRET=1)."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,8 @@ triton = pytest.importorskip("triton")
 
 from pycompress import cli  # noqa: E402
 from pycompress.bench import triton_compile as tc  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _has_nvidia_backend() -> bool:
@@ -133,6 +136,8 @@ def test_a_kernel_the_compiler_rejects_is_reported(tmp_path):
         )
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the checkout first: pycompress importable from the script's directory without an install too
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "raised CompilationError" in r.stdout

@@ -446,9 +446,11 @@ def fake_quantize(
     length = x.shape[axis] if per_channel else 1
     scale_t = _as_param(scale, "scale", x, per_channel, length)
     zp_t = _as_param(zero_point, "zero_point", x, per_channel, length)
-    if check_values is None:
-        check_values = _value_checks_enabled()
-    check_tensors = check_values and not torch.compiler.is_compiling()
+    # skipped inside torch.compile (before reading their setting: a ContextVar, which dynamo
+    # traces only from torch 2.14 on)
+    check_tensors = not torch.compiler.is_compiling() and (
+        _value_checks_enabled() if check_values is None else check_values
+    )
     if not isinstance(scale, torch.Tensor):
         _check_python_scale(scale)
     elif check_tensors:

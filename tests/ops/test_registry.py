@@ -235,3 +235,38 @@ def test_compile_sees_one_node_per_op():
     targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("pycompress.fake_quantize" in t for t in targets), targets
     assert any("pycompress.apply_mask" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("traces_contextvar", [True, False], ids=["torch>=2.14", "older torch"])
+def test_compile_takes_the_backend_use_asks_for(monkeypatch, traces_contextvar):
+    """Under torch.compile the backend comes from use() as in eager. torch >= 2.14 traces the
+    ContextVar and recompiles when use() changes it; older torch cannot trace it, so the value read
+    when dynamo traces stays a constant of the graph until torch._dynamo.reset()."""
+    if traces_contextvar and not backends._DYNAMO_TRACES_CONTEXTVAR:
+        pytest.skip(f"torch {torch.__version__} does not trace ContextVar.get")
+    if not {"cpu", "reference"} <= set(backends.available("fake_quantize")):
+        pytest.skip("needs the cpu backend")
+    monkeypatch.setattr(backends, "_DYNAMO_TRACES_CONTEXTVAR", traces_contextvar)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend_fn(gm, inputs):
+        graphs.append([a for n in gm.graph.nodes if "fake_quantize" in str(n.target) for a in n.args])
+        return gm
+
+    f = torch.compile(lambda x: fq.fake_quantize(x, 0.1, 0, -8, 7), backend=backend_fn, fullgraph=True)
+    x = torch.randn(64)
+    with backends.use("reference"):
+        assert torch.equal(f(x), fq.fake_quantize(x, 0.1, 0, -8, 7, backend="reference"))
+    assert len(graphs) == 1 and "reference" in graphs[0]
+    with backends.use("cpu"):
+        f(x)
+    if traces_contextvar:
+        assert len(graphs) == 2 and "cpu" in graphs[1]  # recompiled for the new backend
+    else:
+        assert len(graphs) == 1  # the traced constant
+        torch._dynamo.reset()
+        with backends.use("cpu"):
+            f(x)
+        assert len(graphs) == 2 and "cpu" in graphs[1]
+    torch._dynamo.reset()
