@@ -413,8 +413,13 @@ def run(
 ) -> tuple[list[Row], dict]:
     """Compile the cases; returns (rows, facts). cache_dir: Triton's cache for this run (default: a
     fresh temporary directory, so every compile is real and timed)."""
-    import triton
-
+    try:
+        import triton
+        from triton.backends import backends as triton_backends
+    except ImportError as exc:
+        raise RuntimeError(f"Triton is not installed ({exc}); it comes with torch's CUDA builds") from exc
+    if "nvidia" not in triton_backends:
+        raise RuntimeError(f"this Triton has no CUDA backend (it has: {', '.join(sorted(triton_backends)) or 'none'})")
     if arch not in ARCH_LIMITS:
         raise ValueError(f"--arch {arch}: one of {sorted(ARCH_LIMITS)} (compute capability x 10)")
     for op in ops or ():
