@@ -80,6 +80,20 @@ def test_quick_compiles_every_kernel_for_sm90(tmp_path):
     i64 = {r["kernel"].split(":")[1].rstrip(")") for r in rows if "I64=1" in r["config"]}
     assert {"_pack_mask_kernel", "_apply_mask_kernel", "_masked_sgd_step_kernel", "_fake_quantize_fwd_kernel"} <= i64
     assert "0 failed; 16 kernels" in r.stdout
+    # the bandwidth-bound kernels' full tiles move 16 bytes per load and store (LDG.E.128 /
+    # STG.E.128 in the SASS), as copy speed on the GPU needs
+    for name in (
+        "_apply_mask_kernel",
+        "_masked_sgd_step_kernel",
+        "_fake_quantize_fwd_kernel",
+        "_fake_quantize_fwd_cols_kernel",
+        "_fake_quantize_bwd_kernel",
+        "_fake_quantize_bwd_learnable_kernel",
+    ):
+        kernel_rows = [r for r in rows if r["kernel"].endswith(f":{name})")]
+        assert kernel_rows, name
+        for r in kernel_rows:
+            assert r["loads_16b"] > 0 and r["stores_16b"] > 0, (name, r["case"], r["config"])
 
 
 @needs_nvidia

@@ -14,8 +14,9 @@ equal), so every tile shape a GPU could pick has passed ptxas.
 For each compiled specialization the table gives the kernel, the case that reached it, its constexpr
 meta-parameters, warps, registers per thread, local-memory (spill) and stack bytes (from the cubin,
 via cuobjdump), shared memory, how many programs fit one SM by registers, warps and shared memory,
-and the compile time. A specialization fails the check when it does not compile or would not launch
-(more registers or shared memory than one block may have); the command then exits non-zero.
+how many of its global loads and stores in the SASS move 16 bytes, and the compile time. A
+specialization fails the check when it does not compile or would not launch (more registers or
+shared memory than one block may have); the command then exits non-zero.
 
 Not checked: results (only a GPU runs the kernels: ``scripts/gpu_check.sh``), occupancy limits other
 than the three above, and Triton versions other than the installed one.
@@ -23,6 +24,8 @@ than the three above, and Triton versions other than the installed one.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -67,6 +70,12 @@ class Row:
     programs_per_sm: Optional[int]
     compile_s: float
     status: str  # "ok" or what failed
+    # global-memory instructions in the SASS (static counts, every path of the kernel: full tiles and
+    # edges): loads / stores in all, and how many move 16 bytes (LDG.E.128 / STG.E.128)
+    loads: Optional[int] = None
+    loads_16b: Optional[int] = None
+    stores: Optional[int] = None
+    stores_16b: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -181,20 +190,38 @@ def _cuobjdump() -> Optional[str]:
 
 
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_GLOBAL_ACCESS = re.compile(r"\b(LDG|STG)\.E(\.[\w.]*)?")
 
 
-def cubin_resources(cubin: bytes, tool: Optional[str]) -> Optional[tuple[int, int, int]]:
-    """(registers, stack bytes, local bytes) of the cubin's one kernel, or None without cuobjdump."""
+def cubin_facts(cubin: bytes, tool: Optional[str]) -> Optional[dict]:
+    """What the cubin's one kernel uses, read with one cuobjdump call (None without cuobjdump):
+    registers, stack and local bytes, and its global-memory instructions in the SASS: loads and
+    stores in all, and how many move 16 bytes (LDG.E.128 / STG.E.128). A bandwidth-bound kernel
+    reaches copy speed only with 16-byte accesses on its full tiles."""
     if tool is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-    m = _RES.search(out.stdout)
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    m = _RES.search(out)
     if m is None:
-        raise RuntimeError(f"cuobjdump printed no resource line:\n{out.stdout}{out.stderr}")
-    return int(m.group(1)), int(m.group(2)), int(m.group(4))
+        raise RuntimeError(f"cuobjdump printed no resource line:\n{out}")
+    counts = {"LDG": [0, 0], "STG": [0, 0]}
+    for g in _GLOBAL_ACCESS.finditer(out):
+        counts[g.group(1)][0] += 1
+        counts[g.group(1)][1] += ".128" in (g.group(2) or "")
+    return {
+        "regs": int(m.group(1)),
+        "stack_bytes": int(m.group(2)),
+        "local_bytes": int(m.group(4)),
+        "loads": counts["LDG"][0],
+        "loads_16b": counts["LDG"][1],
+        "stores": counts["STG"][0],
+        "stores_16b": counts["STG"][1],
+    }
 
 
 def programs_per_sm(arch: int, regs: int, num_warps: int, shared: int) -> int:
@@ -435,6 +462,27 @@ def run(
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     t_start = time.perf_counter()
     seen: set = set()
+    # cuobjdump's disassembly (~0.3 s for a large kernel) runs beside the next compiles; rows are
+    # completed and printed in order
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    pending: collections.deque = collections.deque()
+
+    def flush(wait: bool) -> None:
+        while pending and (wait or pending[0][1] is None or pending[0][1].done()):
+            row, future = pending.popleft()
+            used = future.result() if future is not None else None
+            if used is not None:
+                for key, value in used.items():
+                    setattr(row, key, value)
+                row.programs_per_sm = programs_per_sm(arch, row.regs, row.num_warps, row.shared_bytes)
+                if row.programs_per_sm == 0:
+                    row.status = (
+                        f"FAILED (does not launch: {row.regs} registers x {row.num_warps * 32} threads, "
+                        f"{row.shared_bytes} B shared)"
+                    )
+            if printer:
+                printer(_format_row(row))
+
     try:
         for group in ops or list(CASE_GROUPS):
             for case in CASE_GROUPS[group]():
@@ -450,30 +498,23 @@ def run(
                         error = exc
                 for kname, config, dtypes, warps, kernel, secs in records:
                     row = Row(kname, case.name, config, dtypes, warps, None, None, None, 0, None, secs, "ok")
+                    rows.append(row)
                     if isinstance(kernel, Exception):
                         row.status = f"FAILED ({_error_text(kernel)})"
+                        pending.append((row, None))
                     else:
-                        res = cubin_resources(kernel.asm["cubin"], tool)
                         row.shared_bytes = int(kernel.metadata.shared)
-                        if res is not None:
-                            row.regs, row.stack_bytes, row.local_bytes = res
-                            row.programs_per_sm = programs_per_sm(arch, row.regs, warps, row.shared_bytes)
-                            if row.programs_per_sm == 0:
-                                row.status = (
-                                    f"FAILED (does not launch: {row.regs} registers x {warps * 32} threads, "
-                                    f"{row.shared_bytes} B shared)"
-                                )
-                    rows.append(row)
-                    if printer:
-                        printer(_format_row(row))
-                if error is not None and not any(r.case == case.name and r.status != "ok" for r in rows):
+                        pending.append((row, pool.submit(cubin_facts, kernel.asm["cubin"], tool)))
+                if error is not None and not any(isinstance(r[4], Exception) for r in records):
                     # the launcher failed before or after its kernels compiled (a check, a host-side bug)
                     row = Row("(launcher)", case.name, "", "", 0, None, None, None, 0, None, 0.0, "")
                     row.status = f"FAILED ({_error_text(error)})"
                     rows.append(row)
-                    if printer:
-                        printer(_format_row(row))
+                    pending.append((row, None))
+                flush(wait=False)
+        flush(wait=True)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if old_cache is None:
             os.environ.pop("TRITON_CACHE_DIR", None)
         else:
@@ -508,16 +549,18 @@ def _format_row(r: Row) -> str:
     def v(x):
         return "-" if x is None else str(x)
 
+    wide = "-" if r.loads is None else f"{r.loads_16b}/{r.loads} {r.stores_16b}/{r.stores}"
     return (
         f"| {_short_kernel(r.kernel)} | {r.case} | {r.config} | {r.dtypes} | {r.num_warps} | {v(r.regs)} | "
-        f"{v(r.local_bytes)} | {r.shared_bytes} | {v(r.programs_per_sm)} | {r.compile_s:.2f} | {r.status} |"
+        f"{v(r.local_bytes)} | {r.shared_bytes} | {v(r.programs_per_sm)} | {wide} | {r.compile_s:.2f} | "
+        f"{r.status} |"
     )
 
 
 HEADER = (
     "| kernel | case | meta-parameters | dtypes | warps | regs | local B | shared B | programs/SM "
-    "| compile s | status |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| 16-B loads, stores | compile s | status |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
