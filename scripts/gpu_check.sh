@@ -91,7 +91,7 @@ step() {
 skip() { selected "$1" && printf '%-10s %-40s\n' "$1" "skipped ($2)" | tee -a "$LOGS/summary.txt"; return 0; }
 
 { if [ "$DRY" = "1" ]; then echo "dry run (no GPU)"; else
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv; fi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; fi
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   command -v nvcc >/dev/null && nvcc --version | tail -2
   echo "steps:$STEPS budget ${BUDGET}s"; } > "$LOGS/gpu.txt" 2>&1
