@@ -178,7 +178,7 @@ def test_bad_arguments_are_usage_errors(capsys):
 @needs_nvidia
 @pytest.mark.slow
 def test_every_case_compiles_for_sm90(tmp_path):
-    """Every launcher strategy, dtype, geometry and autotune config (about 250 specializations, 2-3
+    """Every launcher strategy, dtype, geometry and autotune config (about 250 specializations, about 3
     minutes on two cores)."""
     out = tmp_path / "full.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
