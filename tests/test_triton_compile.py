@@ -32,6 +32,11 @@ def _has_nvidia_backend() -> bool:
 needs_nvidia = pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton without its CUDA backend")
 
 
+def _without_interpreter() -> dict:
+    """This process's environment less TRITON_INTERPRET (the compiler needs a process without it)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def _command(*args, timeout=900, env=None):
     return subprocess.run(
         [sys.executable, "-m", "pycompress.cli", "bench", "triton-compile", *args],
@@ -149,7 +154,7 @@ def test_a_kernel_the_compiler_rejects_is_reported(tmp_path):
             """
         )
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _without_interpreter()
     # the checkout first: pycompress importable from the script's directory without an install too
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
@@ -167,7 +172,7 @@ def test_compile_only_refuses_the_interpreter():
 
 
 def test_bad_arguments_are_usage_errors(capsys):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _without_interpreter()
     r = _command("--arch", "75", env=env, timeout=300)
     assert r.returncode == 2 and "--arch 75" in r.stderr
     r = _command("--op", "conv", env=env, timeout=300)
@@ -181,7 +186,7 @@ def test_every_case_compiles_for_sm90(tmp_path):
     """Every launcher strategy, dtype, geometry and autotune config (about 250 specializations, about 3
     minutes on two cores)."""
     out = tmp_path / "full.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _without_interpreter()
     r = _command("--json", str(out), env=env, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]

@@ -227,14 +227,14 @@ def cubin_facts(cubin: bytes, tool: Optional[str]) -> Optional[dict]:
 def programs_per_sm(arch: int, regs: int, num_warps: int, shared: int) -> int:
     """Resident programs (CTAs) per SM by registers (allocated per warp in units of 256), warps and
     shared memory; 0 when one program does not fit."""
-    regfile, max_warps, max_blocks, max_shared = ARCH_LIMITS.get(arch, ARCH_LIMITS[90])
+    regfile, max_warps, max_blocks, max_shared = ARCH_LIMITS[arch]
+    if regs > MAX_REGS_PER_THREAD or shared > max_shared:
+        return 0
     per_warp = -(-max(regs, 1) * 32 // 256) * 256
     by_regs = regfile // (per_warp * num_warps)
     by_warps = max_warps // num_warps
-    by_shared = max_blocks if shared == 0 else min(max_blocks, max_shared // shared)
-    if regs > MAX_REGS_PER_THREAD or shared > max_shared:
-        return 0
-    return max(0, min(by_regs, by_warps, by_shared, max_blocks))
+    by_shared = max_shared // shared if shared else max_blocks
+    return min(by_regs, by_warps, by_shared, max_blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,10 +564,6 @@ HEADER = (
 )
 
 
-def format_rows(rows: list[Row]) -> str:
-    return "\n".join([HEADER] + [_format_row(r) for r in rows])
-
-
 def summary(rows: list[Row], facts: dict) -> str:
     ok = [r for r in rows if r.status == "ok"]
     failed = [r for r in rows if r.status != "ok"]
@@ -594,5 +590,6 @@ def summary(rows: list[Row], facts: dict) -> str:
 
 
 def write_json(path: str, rows: list[Row], facts: dict) -> None:
-    with open(path, "w") as f:
-        json.dump({"facts": facts, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    from ..utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"facts": facts, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
